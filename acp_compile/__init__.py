@@ -1,0 +1,10 @@
+"""acp-compile: Forgetting Transformer attention with Adaptive Computation Pruning, as a torch.compile pass.
+
+    torch.compile(model, backend="acp")          # rewrite FoX attention found in the graph
+    acp_compile.fox_attention(q, k, v, log_fgate) # the op itself
+"""
+from acp_compile.api import fox_attention
+from acp_compile.config import ACPConfig
+
+__all__ = ["fox_attention", "ACPConfig"]
+__version__ = "0.1.0"

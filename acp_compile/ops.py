@@ -1,0 +1,83 @@
+"""The torch.library custom ops that the compiler pass and the functional API call.
+
+  acp::fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound) -> (o, lse)
+  acp::fox_attention_bwd(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound) -> (dq, dk, dv, dc)
+
+Shapes: q, o, do, dq (B, Hq, Tq, D); k, v, dk, dv (B, Hkv, Tk, D); c, dc (B, Hq, Tk) fp32;
+lse (B, Hq, Tq) fp32 natural-log log-sum-exp. Outputs take the strides of the matching input
+(torch.empty_like), so a transposed (B, T, H, D) view stays copy-free. sm_scale None means
+1/sqrt(D), computed here so that a graph does not pin the head dim; log_eps None or -inf means
+dense. u_bound, optional, broadcasts to (B, Hq) and replaces the computed bound U. lse carries no
+gradient (it is marked non-differentiable). The ops are opaque to torch.compile: the real
+implementation picks a Triton kernel or the blocked PyTorch path in kernels/dispatch.py.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from acp_compile.checks import check_attention_inputs, check_log_eps, check_scale
+from acp_compile.kernels import dispatch
+
+DEFAULT_LOG_EPS = -10.0
+
+
+def _lse_like(q: Tensor) -> Tensor:
+    B, Hq, Tq, _ = q.shape
+    return q.new_empty((B, Hq, Tq), dtype=torch.float32)
+
+
+def _check(q, k, v, c, sm_scale, log_eps, u_bound) -> None:
+    check_attention_inputs(q, k, v, c, u_bound)
+    check_scale(sm_scale)
+    check_log_eps(log_eps)
+
+
+@torch.library.custom_op("acp::fox_attention_fwd", mutates_args=())
+def fox_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, c: Tensor,
+    sm_scale: Optional[float] = None, log_eps: Optional[float] = DEFAULT_LOG_EPS, u_bound: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    _check(q, k, v, c, sm_scale, log_eps, u_bound)
+    return dispatch.forward(q, k, v, c, sm_scale, log_eps, u_bound)
+
+
+@fox_attention_fwd.register_fake
+def _fox_attention_fwd_fake(q, k, v, c, sm_scale=None, log_eps=DEFAULT_LOG_EPS, u_bound=None):
+    _check(q, k, v, c, sm_scale, log_eps, u_bound)
+    return torch.empty_like(q), _lse_like(q)
+
+
+@torch.library.custom_op("acp::fox_attention_bwd", mutates_args=())
+def fox_attention_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, o: Tensor, lse: Tensor,
+    sm_scale: Optional[float] = None, log_eps: Optional[float] = DEFAULT_LOG_EPS, u_bound: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check(q, k, v, c, sm_scale, log_eps, u_bound)
+    return dispatch.backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound)
+
+
+@fox_attention_bwd.register_fake
+def _fox_attention_bwd_fake(do, q, k, v, c, o, lse, sm_scale=None, log_eps=DEFAULT_LOG_EPS, u_bound=None):
+    _check(q, k, v, c, sm_scale, log_eps, u_bound)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(c, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, c, sm_scale, log_eps, u_bound = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, c, o, lse, u_bound)
+    ctx.sm_scale, ctx.log_eps = sm_scale, log_eps
+    ctx.c_dtype = c.dtype
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, c, o, lse, u_bound = ctx.saved_tensors
+    dq, dk, dv, dc = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, ctx.sm_scale, ctx.log_eps, u_bound)
+    return dq, dk, dv, dc.to(ctx.c_dtype), None, None, None
+
+
+fox_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,1 @@
+"""Triton kernels for FoX attention with ACP (plan, forward, backward)."""

@@ -1,0 +1,61 @@
+"""fp64 reference for FoX attention: the definition of correctness.
+
+Notation (one batch element b, query head h):
+  q: (B, Hq, Tq, D)   k, v: (B, Hkv, Tk, D)   c: (B, Hq, Tk) cumulative log forget gate
+  queries are the last Tq positions: query i sits at position p_i = Tk - Tq + i
+  s_ij = scale * q_i . k_j + c[p_i] - c[j]   for j <= p_i (causal), -inf otherwise
+  o_i  = sum_j softmax_j(s_ij) v_j ;  lse_i = logsumexp_j s_ij (natural log)
+
+This module runs on any device in fp64 and never imports a kernel. `keep` (optional) is a
+(B, Hq, Tq, Tk) boolean of the entries that a pruned computation visits; the reference then
+computes exactly the pruned attention, so a kernel can be checked against it tightly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def repeat_kv(x: Tensor, n_q_heads: int) -> Tensor:
+    """(B, Hkv, T, D) -> (B, Hq, T, D) by repeating each kv head Hq // Hkv times."""
+    group = n_q_heads // x.shape[1]
+    return x.repeat_interleave(group, dim=1) if group > 1 else x
+
+
+def logits(q: Tensor, k: Tensor, c: Tensor, sm_scale: float | None = None) -> Tensor:
+    """fp64 logits s (B, Hq, Tq, Tk) with the causal mask applied as -inf."""
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    q64, k64, c64 = q.double(), repeat_kv(k.double(), Hq), c.double()
+    s = scale * (q64 @ k64.transpose(-1, -2))                       # (B, Hq, Tq, Tk)
+    c_rows = c64[..., Tk - Tq:]                                     # (B, Hq, Tq)
+    s = s + c_rows[..., :, None] - c64[..., None, :]
+    return s.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
+
+
+def causal_mask(Tq: int, Tk: int, device=None) -> Tensor:
+    """(Tq, Tk) boolean, True where key j is visible to query i (j <= Tk - Tq + i)."""
+    rows = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)
+    cols = torch.arange(Tk, device=device)[None, :]
+    return cols <= rows
+
+
+def fox_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float | None = None, keep: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Returns (o, lse) in fp64: o (B, Hq, Tq, D), lse (B, Hq, Tq)."""
+    s = logits(q, k, c, sm_scale)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)                                 # (B, Hq, Tq)
+    p = torch.exp(s - lse[..., None])
+    o = p @ repeat_kv(v.double(), q.shape[1])
+    return o, lse
+
+
+def attention_probs(q: Tensor, k: Tensor, c: Tensor, sm_scale: float | None = None) -> Tensor:
+    """Dense fp64 attention probabilities (B, Hq, Tq, Tk)."""
+    return torch.softmax(logits(q, k, c, sm_scale), dim=-1)
