@@ -5,36 +5,34 @@ import torch
 from torch import Tensor
 
 import acp_compile.ops  # noqa: F401  (registers torch.ops.acp.*)
+from acp_compile.checks import LAYOUTS, check_api_inputs  # noqa: F401  (LAYOUTS re-exported)
 from acp_compile.ops import DEFAULT_LOG_EPS
-
-LAYOUTS = ("bhtd", "bthd")
 
 
 def fox_attention(
     q: Tensor, k: Tensor, v: Tensor, log_fgate: Tensor, *,
     sm_scale: float | None = None, log_eps: float | None = DEFAULT_LOG_EPS,
-    u_bound: Tensor | None = None, layout: str = "bhtd",
+    u_bound: Tensor | float | None = None, layout: str = "bhtd",
 ) -> Tensor:
     """Causal FoX attention, o_i = sum_j softmax_j(scale q_i.k_j + c_i - c_j) v_j with c = cumsum(log_fgate).
 
     layout "bhtd": q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D), log_fgate (B, Hq, Tk), output (B, Hq, Tq, D).
     layout "bthd": q (B, Tq, Hq, D), k and v (B, Tk, Hkv, D), log_fgate (B, Tk, Hq), output (B, Tq, Hq, D).
     Hq must be a multiple of Hkv (grouped-query attention); with Tq < Tk the queries are the last Tq
-    positions. log_fgate is the per-token log forget gate (<= 0), summed in fp32. sm_scale defaults to
+    positions. log_fgate is the per-token log forget gate (<= 0), summed in fp32 (fp64 for fp64 input)
+    into c; gradients flow to q, k, v and log_fgate. sm_scale defaults to
     1/sqrt(D). log_eps (default -10) bounds the attention mass that pruning drops in each row by
     exp(log_eps); None or -inf computes every tile. u_bound, broadcastable to (B, Hq), replaces the
-    bound on |scale q.k| that is otherwise computed from the data (for example from QK-norm weights).
+    bound on |scale q.k| that is otherwise computed from the data (for example from QK-norm weights);
+    it must hold, or the eps guarantee is lost. Output: like q, in q's dtype.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"fox_attention: layout must be one of {LAYOUTS}, got {layout!r}")
-    if not isinstance(log_fgate, Tensor):
-        raise TypeError(f"fox_attention: log_fgate must be a tensor, got {type(log_fgate).__name__}")
-    if log_fgate.dim() != 3:
-        expected = "(B, Hq, Tk)" if layout == "bhtd" else "(B, Tk, Hq)"
-        raise ValueError(f"fox_attention: log_fgate must have shape {expected}, got {tuple(log_fgate.shape)}")
+    check_api_inputs(q, k, log_fgate, layout)
     if layout == "bthd":
-        q, k, v = (t.transpose(1, 2) if t.dim() == 4 else t for t in (q, k, v))   # views, no copy
+        q, k, v = (t.transpose(1, 2) if isinstance(t, Tensor) and t.dim() == 4 else t for t in (q, k, v))  # views
         log_fgate = log_fgate.transpose(1, 2)
-    c = torch.cumsum(log_fgate.float(), dim=-1)                                       # (B, Hq, Tk)
+    if isinstance(u_bound, (int, float)) and not isinstance(u_bound, bool):
+        u_bound = torch.tensor(float(u_bound), device=q.device)
+    c_dtype = torch.float64 if log_fgate.dtype == torch.float64 else torch.float32
+    c = torch.cumsum(log_fgate, dim=-1, dtype=c_dtype)                                # (B, Hq, Tk)
     o, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound)
     return o.transpose(1, 2) if layout == "bthd" else o

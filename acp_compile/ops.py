@@ -10,6 +10,7 @@ lse (B, Hq, Tq) fp32 natural-log log-sum-exp. Outputs take the strides of the ma
 dense. u_bound, optional, broadcasts to (B, Hq) and replaces the computed bound U. lse carries no
 gradient (it is marked non-differentiable). The ops are opaque to torch.compile: the real
 implementation picks a Triton kernel or the blocked PyTorch path in kernels/dispatch.py.
+Values of u_bound (finite, >= 0) are checked on CPU only, where reading them costs no sync.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from acp_compile.checks import check_attention_inputs, check_log_eps, check_scale
+from acp_compile.checks import check_attention_inputs, check_log_eps, check_scale, check_u_bound_values
 from acp_compile.kernels import dispatch
 
 DEFAULT_LOG_EPS = -10.0
@@ -41,6 +42,7 @@ def fox_attention_fwd(
     sm_scale: Optional[float] = None, log_eps: Optional[float] = DEFAULT_LOG_EPS, u_bound: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     _check(q, k, v, c, sm_scale, log_eps, u_bound)
+    check_u_bound_values(u_bound)
     return dispatch.forward(q, k, v, c, sm_scale, log_eps, u_bound)
 
 

@@ -1,46 +1,223 @@
-"""TEMPORARY dense-masked stand-in for the blocked path (being replaced by the real blocked
-implementation that visits only kept tiles). It computes exactly the pruned attention of the plan."""
+"""Blocked PyTorch forward and backward of FoX attention that visits only the tiles an ACP plan keeps.
+
+This is the CPU implementation and the fallback on CUDA for shapes the Triton kernels do not cover.
+
+Notation (one batch element b, query head h, kv head h // g with g = Hq // Hkv):
+  q (B, Hq, Tq, D)   k, v (B, Hkv, Tk, D)   c (B, Hq, Tk) cumulative log forget gate
+  off = Tk - Tq      query row i sits at key position p_i = off + i
+  query block m: rows [r0, r1) = [m*BM, min((m+1)*BM, Tq))
+  kept key range of (b, h, m): [k0, k1) = [start[b,h,m] * BN, off + r1)
+      every key below k0 lies in a skipped tile; every key at or past k1 is above the diagonal
+  s = scale * q k^T + c[p_i] - c[j] on (rows of m) x [k0, k1)       (BMa, L) per head, L = k1 - k0
+  the causal mask touches only the last BMa columns of that range (keys off+r0 .. off+r1-1)
+
+Forward, per query block m and group of heads sharing start[b,h,m]: ONE matmul against the kept
+key range, a direct softmax over it in fp32 (fp64 for fp64 inputs), o = P V and lse = logsumexp.
+No (Tq, Tk) matrix is ever built; the largest temporary is (heads in group, BM, L).
+
+Backward, per query block likewise: P = exp(s - lse), dP = dO V^T, dS = P * (dP - Delta) with
+Delta_i = dO_i . O_i; dq = scale dS K is written once per query block; dk += scale dS^T Q,
+dv += P^T dO and dc -= colsum(dS) are accumulated per query block into fp32 (fp64) buffers.
+dc needs only the column sum: the row term sum_j dS_ij is zero because each row of P sums to one
+over the kept entries (tests/test_blocked.py checks this against the fp64 reference).
+GQA: the g query heads of one kv head are stacked as rows of one matmul, k and v are never repeated
+when every head of the call is in the group; in a partial group they are gathered per head.
+
+Host sync: the loop bounds come from plan.start, read with ONE .tolist() per call. On CUDA that is
+a device-to-host synchronisation; the Triton path has none. Inputs of any strides are accepted
+(no copy is forced); outputs are torch.empty_like of the matching input and are fully written.
+"""
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from acp_compile.kernels.plan import Plan, kept_entries
-from acp_compile.kernels.reference import logits, repeat_kv
+import torch
+from torch import Tensor
+
+from acp_compile.kernels.plan import Plan
 
 BLOCK_M = 64
 BLOCK_N = 64
 
 
-def forward(q, k, v, c, sm_scale: float, plan: Plan):
-    Tq, Tk = q.shape[2], k.shape[2]
-    s = logits(q.float(), k.float(), c.float(), sm_scale).float()
-    s = s.masked_fill(~kept_entries(plan, Tq, Tk), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse[..., None])
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class _Heads:
+    """A set of (b, h) query heads processed by one matmul; index tensors are None for all heads."""
+    b: Tensor | None        # (G,) batch index of each query head
+    h: Tensor | None        # (G,) query head index
+    h_kv: Tensor | None     # (G,) kv head index, h // g
+    flat_q: Tensor | None   # (G,) b * Hq + h
+    flat_kv: Tensor | None  # (G,) b * Hkv + h // g
+
+    @property
+    def all(self) -> bool:
+        return self.b is None
+
+    def q_rows(self, x: Tensor, t0: int, t1: int, dtype: torch.dtype) -> Tensor:
+        """x (B, Hq, T, ...) -> (G, t1 - t0, ...) for the selected query heads."""
+        part = x[:, :, t0:t1].flatten(0, 1) if self.all else x[self.b, self.h, t0:t1]
+        return part.to(dtype)
+
+    def kv_rows(self, x: Tensor, t0: int, t1: int, dtype: torch.dtype) -> Tensor:
+        """x (B, Hkv, T, D) -> (B*Hkv, L, D) when all heads are selected, else (G, L, D) per query head."""
+        part = x[:, :, t0:t1].flatten(0, 1) if self.all else x[self.b, self.h_kv, t0:t1]
+        return part.to(dtype)
+
+    def write_q_rows(self, out: Tensor, t0: int, t1: int, value: Tensor) -> None:
+        """out[b, h, t0:t1] = value for the selected heads; value (G, t1 - t0, ...)."""
+        if self.all:
+            out[:, :, t0:t1] = value.reshape(*out.shape[:2], *value.shape[1:])
+        else:
+            out[self.b, self.h, t0:t1] = value.to(out.dtype)
+
+    def add_q_rows(self, acc: Tensor, t0: int, t1: int, value: Tensor) -> None:
+        """acc (B*Hq, T, ...) [heads, t0:t1] += value (G, t1 - t0, ...)."""
+        if self.all:
+            acc[:, t0:t1] += value
+        else:
+            acc[:, t0:t1].index_add_(0, self.flat_q, value)
+
+    def add_kv_rows(self, acc: Tensor, t0: int, t1: int, value: Tensor) -> None:
+        """acc (B*Hkv, T, D) [kv heads, t0:t1] += value, value (B*Hkv or G, L, D); repeated heads add up."""
+        if self.all:
+            acc[:, t0:t1] += value
+        else:
+            acc[:, t0:t1].index_add_(0, self.flat_kv, value)
+
+
+def _head_groups(starts_m: list[list[int]], Hq: int, Hkv: int, device) -> list[tuple[int, _Heads]]:
+    """Groups the (b, h) heads of one query block by their start; starts_m[b][h]."""
+    by_start: dict[int, list[tuple[int, int]]] = {}
+    for b, row in enumerate(starts_m):
+        for h, s in enumerate(row):
+            by_start.setdefault(s, []).append((b, h))
+    if len(by_start) == 1:
+        (s,) = by_start
+        return [(s, _Heads(None, None, None, None, None))]
+    g = Hq // Hkv
+    groups = []
+    for s, heads in by_start.items():
+        b = torch.tensor([bh[0] for bh in heads], device=device)
+        h = torch.tensor([bh[1] for bh in heads], device=device)
+        h_kv = torch.div(h, g, rounding_mode="floor")
+        groups.append((s, _Heads(b, h, h_kv, b * Hq + h, b * Hkv + h_kv)))
+    return groups
+
+
+def _matmul_heads(a: Tensor, b: Tensor, transpose_b: bool) -> Tensor:
+    """(Gq, R, X) x per-kv-head (Gk, Y, X) or (Gk, X, Y) -> (Gq, R, Y), stacking Gq // Gk heads as rows."""
+    Gq, R = a.shape[0], a.shape[1]
+    Gk = b.shape[0]
+    rhs = b.transpose(-1, -2) if transpose_b else b
+    out = a.reshape(Gk, (Gq // Gk) * R, a.shape[-1]) @ rhs
+    return out.view(Gq, R, out.shape[-1])
+
+
+def _matmul_heads_t(a: Tensor, b: Tensor, Gk: int) -> Tensor:
+    """sum over the stacked heads of a^T b: a (Gq, R, L), b (Gq, R, D) -> (Gk, L, D)."""
+    Gq, R = a.shape[0], a.shape[1]
+    a2 = a.reshape(Gk, (Gq // Gk) * R, a.shape[-1])
+    b2 = b.reshape(Gk, (Gq // Gk) * R, b.shape[-1])
+    return a2.transpose(-1, -2) @ b2
+
+
+@dataclass
+class _Block:
+    """One (query block, head group) visit: rows [r0, r1), kept keys [k0, k1)."""
+    r0: int
+    r1: int
+    k0: int
+    k1: int
+    heads: _Heads
+
+
+def _blocks(q: Tensor, k: Tensor, plan: Plan):
+    """Yields every (query block, head group) visit of the plan; ONE host read of plan.start."""
+    B, Hq, Tq, _ = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    off = Tk - Tq
+    starts = plan.start.tolist()                                         # (B, Hq, Mq): the one sync
+    for m in range(-(-Tq // plan.block_m)):
+        r0, r1 = m * plan.block_m, min((m + 1) * plan.block_m, Tq)
+        k1 = off + r1
+        starts_m = [[starts[b][h][m] for h in range(Hq)] for b in range(B)]
+        for start, heads in _head_groups(starts_m, Hq, Hkv, q.device):
+            # A valid plan never skips a tile holding a diagonal entry; min() keeps the diagonal
+            # columns inside the range even for a hand-made plan.
+            k0 = min(start * plan.block_n, off + r0)
+            yield _Block(r0, r1, k0, k1, heads)
+
+
+def _scores(blk: _Block, q: Tensor, k: Tensor, c: Tensor, sm_scale: float, dt: torch.dtype):
+    """Returns q rows (G, BMa, D), k rows, and masked scores s (G, BMa, L) of one block visit."""
+    off = k.shape[2] - q.shape[2]
+    q_blk = blk.heads.q_rows(q, blk.r0, blk.r1, dt)                       # (G, BMa, D)
+    k_blk = blk.heads.kv_rows(k, blk.k0, blk.k1, dt)                      # (Gk, L, D)
+    s = _matmul_heads(q_blk, k_blk, transpose_b=True)                     # (G, BMa, L)
+    c_rows = blk.heads.q_rows(c, off + blk.r0, off + blk.r1, dt)          # (G, BMa)
+    c_cols = blk.heads.q_rows(c, blk.k0, blk.k1, dt)                      # (G, L)
+    s = s.mul_(sm_scale).add_(c_rows[:, :, None]).sub_(c_cols[:, None, :])
+    bma = blk.r1 - blk.r0
+    above_diagonal = torch.ones(bma, bma, dtype=torch.bool, device=q.device).triu_(1)
+    s[:, :, -bma:].masked_fill_(above_diagonal, float("-inf"))          # keys off+r0 .. off+r1-1
+    return q_blk, k_blk, s
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, plan: Plan) -> tuple[Tensor, Tensor]:
+    """o (B, Hq, Tq, D) like q, lse (B, Hq, Tq) fp32; computes exactly the entries the plan keeps."""
+    dt = _compute_dtype(q)
     o = torch.empty_like(q)
-    o.copy_(p @ repeat_kv(v.float(), q.shape[1]))
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    for blk in _blocks(q, k, plan):
+        _, _, s = _scores(blk, q, k, c, sm_scale, dt)
+        row_max = s.amax(dim=-1, keepdim=True)                            # (G, BMa, 1)
+        p = torch.exp(s.sub_(row_max))                                    # (G, BMa, L)
+        row_sum = p.sum(dim=-1, keepdim=True)
+        v_blk = blk.heads.kv_rows(v, blk.k0, blk.k1, dt)                  # (Gk, L, D)
+        o_blk = _matmul_heads(p, v_blk, transpose_b=False) / row_sum       # (G, BMa, D)
+        blk.heads.write_q_rows(o, blk.r0, blk.r1, o_blk)
+        blk.heads.write_q_rows(lse, blk.r0, blk.r1, (row_max + torch.log(row_sum)).squeeze(-1))
     return o, lse
 
 
-def backward(do, q, k, v, c, o, lse, sm_scale: float, plan: Plan):
-    Hq, Hkv = q.shape[1], k.shape[1]
-    Tq, Tk = q.shape[2], k.shape[2]
-    s = logits(q.float(), k.float(), c.float(), sm_scale).float()
-    s = s.masked_fill(~kept_entries(plan, Tq, Tk), float("-inf"))
-    p = torch.exp(s - lse[..., None])
-    kr, vr = repeat_kv(k.float(), Hq), repeat_kv(v.float(), Hq)
-    dof = do.float()
-    dv_full = p.transpose(-1, -2) @ dof
-    dp = dof @ vr.transpose(-1, -2)
-    delta = (dof * o.float()).sum(-1, keepdim=True)
-    ds = p * (dp - delta)
-    dq_ = sm_scale * ds @ kr
-    dk_full = sm_scale * ds.transpose(-1, -2) @ q.float()
-    dc = -ds.sum(-2)
-    B, _, _, D = q.shape
-    g = Hq // Hkv
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dq.copy_(dq_)
-    dk.copy_(dk_full.view(B, Hkv, g, Tk, D).sum(2))
-    dv.copy_(dv_full.view(B, Hkv, g, Tk, D).sum(2))
+def backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, o: Tensor, lse: Tensor, sm_scale: float, plan: Plan
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq like q, dk like k, dv like v, dc (B, Hq, Tk) fp32 with c's strides) of the pruned attention.
+
+    fp64 inputs recompute the row normalisation in fp64 (the saved lse is fp32 by contract).
+    """
+    dt = _compute_dtype(q)
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    do_dot_o = (do.to(dt) * o.to(dt)).sum(dim=-1)                         # (B, Hq, Tq): Delta
+    dq = torch.empty_like(q)
+    dk_acc = torch.zeros(B * Hkv, Tk, D, dtype=dt, device=q.device)
+    dv_acc = torch.zeros(B * Hkv, Tk, D, dtype=dt, device=q.device)
+    dc_acc = torch.zeros(B * Hq, Tk, dtype=dt, device=q.device)
+    for blk in _blocks(q, k, plan):
+        heads, r0, r1, k0, k1 = blk.heads, blk.r0, blk.r1, blk.k0, blk.k1
+        q_blk, k_blk, s = _scores(blk, q, k, c, sm_scale, dt)
+        if dt == torch.float64:
+            p = torch.exp(s - torch.logsumexp(s, dim=-1, keepdim=True))
+        else:
+            p = torch.exp(s.sub_(heads.q_rows(lse, r0, r1, dt)[:, :, None]))   # (G, BMa, L)
+        do_blk = heads.q_rows(do, r0, r1, dt)                             # (G, BMa, D)
+        v_blk = heads.kv_rows(v, k0, k1, dt)                              # (Gk, L, D)
+        dp = _matmul_heads(do_blk, v_blk, transpose_b=True)               # (G, BMa, L)
+        ds = p * dp.sub_(heads.q_rows(do_dot_o, r0, r1, dt)[:, :, None])
+        heads.write_q_rows(dq, r0, r1, _matmul_heads(ds, k_blk, transpose_b=False).mul_(sm_scale))
+        Gk = k_blk.shape[0]
+        heads.add_kv_rows(dk_acc, k0, k1, _matmul_heads_t(ds, q_blk, Gk).mul_(sm_scale))
+        heads.add_kv_rows(dv_acc, k0, k1, _matmul_heads_t(p, do_blk, Gk))
+        heads.add_q_rows(dc_acc, k0, k1, -ds.sum(dim=1))                  # column sums, (G, L)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dk.copy_(dk_acc.view(B, Hkv, Tk, D))
+    dv.copy_(dv_acc.view(B, Hkv, Tk, D))
+    dc = torch.empty_like(c, dtype=torch.float32)
+    dc.copy_(dc_acc.view(B, Hq, Tk))
     return dq, dk, dv, dc

@@ -2,7 +2,7 @@
 
 Notation (per batch element b and query head h; GQA maps h to kv head h // (Hq // Hkv)):
   U      bound on |scale * q_i . k_j|: scale * max_i ||q_i|| * max_j ||k_j||, or the caller's u_bound
-  delta  log_eps - log(Tk) - 2U ; -inf when pruning is off (log_eps None or -inf)
+  delta  log_eps - log(Tk) - 2U ; -inf when pruning is off (log_eps None or -inf) or U is not >= 0
   tile (m, n): query rows [m*BM, (m+1)*BM) of Tq, keys [n*BN, (n+1)*BN) of Tk
   tile_max(m, n) = max_{i in m} c[p_i] - min_{j in n} c[j]   (exact block extrema: safe for any c)
   n_hi(m) last key block holding a causal entry of query block m (it holds a diagonal entry)
@@ -66,7 +66,10 @@ def threshold(q: Tensor, k: Tensor, sm_scale: float, log_eps: float | None, u_bo
     if not pruning_enabled(log_eps):
         return torch.full((B, Hq), float("-inf"), device=q.device, dtype=torch.float32)
     u = qk_bound(q, k, sm_scale) if u_bound is None else u_bound.to(q.device, torch.float32).expand(B, Hq)
-    return (log_eps - math.log(Tk)) - 2.0 * u
+    delta = (float(log_eps) - math.log(Tk)) - 2.0 * u
+    # The guarantee needs U >= 0 (so delta <= 0 and no diagonal tile is ever skipped). A negative
+    # or NaN U (a wrong u_bound, or NaN in q or k) turns pruning off for that head, on the device.
+    return torch.where(u >= 0, delta, float("-inf"))
 
 
 def causal_last_key_block(Tq: int, Tk: int, block_m: int, block_n: int, device=None) -> Tensor:
