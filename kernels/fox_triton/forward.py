@@ -1,0 +1,188 @@
+"""Triton forward kernel of FoX attention with ACP tile skipping.
+
+Notation (one program = one query block m of one (batch b, query head h)):
+  q (B, Hq, Tq, D), k, v (B, Hkv, Tk, D), c (B, Hq, Tk) fp32, o (B, Hq, Tq, D), lse (B, Hq, Tq) fp32
+  kv head = h // G with G = Hq // Hkv (grouped-query attention without repeating k, v)
+  query i sits at position p_i = Tk - Tq + i;  rows of block m: i in [m*BM, (m+1)*BM)
+  s_ij = scale q_i.k_j + c[p_i] - c[j]   (j <= p_i)
+  Softmax ignores a per-row shift, so the kernel works with the shifted logits, in base 2:
+    t_ij = log2(e) * (scale q_i.k_j - (c[j] - c_ref))        c_ref = c[p_first] of the block
+  (one fused multiply-add per entry; subtracting c_ref keeps t small where it matters, so the fp32
+  rounding of a large |c| does not enter), and adds the row term back to the log-sum-exp at the end:
+    lse_i = ln2 * (m_i + log2 l_i) + (c[p_i] - c_ref)
+  with m_i the running max of t and l_i = sum_j 2^(t_ij - m_i) (online softmax).
+
+Key blocks visited by block m (BN keys each):
+  [start[m], n_full)         full tiles (every key j <= p_first): no mask
+  [max(start[m], n_full), n_hi]   diagonal tiles: causal mask j <= p_i (and j < Tk)
+  n_full = (p_first + 1) // BN, n_hi = p_last // BN; start[m] = 0 without pruning (PRUNE=False
+  does not even read the plan). Query blocks run heaviest-first (m reversed) to shorten the tail.
+
+Compile-time specialisation: head dim and its power-of-two padding, dtype (through the pointers),
+GQA group, pruning on/off, whether Tq divides the block (EVEN_M); strides equal to 1 and divisibility
+by 16 are specialised by Triton itself. Offsets that can exceed 2^31 (batch, head, row * stride)
+are computed in int64. fp32 inputs: tl.dot runs in TF32 (see support.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from acp_compile.kernels.fox_triton.configs import FwdConfig, forward_config, padded_head_dim
+from acp_compile.kernels.fox_triton.plan import compute_plan, num_blocks
+from acp_compile.kernels.plan import pruning_enabled
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _attend_block(
+    acc, l_i, m_i, q, k_base, v_base, c_base, n, pos, c_ref, qk_scale2, Tk,
+    sk_t, sk_d, sv_t, sv_d, sc_t,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+):
+    """One key block n for the BM queries of this program; returns the updated (acc, l_i, m_i)."""
+    rn = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D_PAD)
+    key0 = n * BLOCK_N
+    cols = key0 + rn                                                   # (BN,) key index j
+    row0 = key0.to(tl.int64)
+    k_ptrs = k_base + row0 * sk_t + rn[:, None] * sk_t + d[None, :] * sk_d
+    v_ptrs = v_base + row0 * sv_t + rn[:, None] * sv_t + d[None, :] * sv_d
+    if MASKED:
+        kv_mask = (cols[:, None] < Tk) & (d[None, :] < HEAD_DIM)
+        ck = tl.load(c_base + cols * sc_t, mask=cols < Tk, other=0.0).to(tl.float32)
+    else:
+        kv_mask = d[None, :] < HEAD_DIM                                 # all-true when D == D_PAD
+        ck = tl.load(c_base + cols * sc_t).to(tl.float32)
+    if HEAD_DIM == D_PAD and not MASKED:
+        k = tl.load(k_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)                     # (BN, D_PAD)
+    ck2 = (ck - c_ref) * 1.4426950408889634                              # (BN,) log2 units
+    t = tl.dot(q, tl.trans(k)) * qk_scale2 - ck2[None, :]               # (BM, BN) shifted log2 logits
+    if MASKED:
+        visible = (cols[None, :] <= pos[:, None]) & (cols[None, :] < Tk)
+        t = tl.where(visible, t, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(t, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(t - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if HEAD_DIM == D_PAD and not MASKED:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)                     # (BN, D_PAD)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fox_fwd_kernel(
+    Q, K, V, C, START, O, LSE,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    sc_b, sc_h, sc_t,
+    so_b, so_h, so_t, so_d,
+    Hq, Tq, Tk, Mq, qk_scale2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRUNE: tl.constexpr, EVEN_M: tl.constexpr,
+):
+    m = Mq - 1 - tl.program_id(0)                 # heaviest query blocks first
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    hk64 = (h // GROUP).to(tl.int64)
+    offset = Tk - Tq
+
+    rm = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D_PAD)
+    q_row0 = m * BLOCK_M
+    rows = q_row0 + rm                                                   # (BM,) query index i
+    pos = offset + rows                                                  # (BM,) position p_i
+    row_ok = rows < Tq
+    q_ptrs = Q + b64 * sq_b + h64 * sq_h + q_row0.to(tl.int64) * sq_t + rm[:, None] * sq_t + d[None, :] * sq_d
+    if EVEN_M and HEAD_DIM == D_PAD:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)   # (BM, D_PAD)
+
+    c_base = C + b64 * sc_b + h64 * sc_h
+    p_first = offset + q_row0
+    c_ref = tl.load(c_base + p_first * sc_t).to(tl.float32)
+    k_base = K + b64 * sk_b + hk64 * sk_h
+    v_base = V + b64 * sv_b + hk64 * sv_h
+
+    p_last = offset + tl.minimum(q_row0 + BLOCK_M, Tq) - 1
+    n_full = (p_first + 1) // BLOCK_N
+    n_hi = p_last // BLOCK_N
+    if PRUNE:
+        lo = tl.load(START + (b64 * Hq + h) * Mq + m)
+    else:
+        lo = 0
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+    for n in range(lo, n_full):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_base, v_base, c_base, n, pos, c_ref, qk_scale2, Tk,
+                                      sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N, False)
+    for n in range(tl.maximum(lo, n_full), n_hi + 1):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_base, v_base, c_base, n, pos, c_ref, qk_scale2, Tk,
+                                      sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N, True)
+
+    if EVEN_M:
+        cq = tl.load(c_base + pos * sc_t).to(tl.float32)
+    else:
+        cq = tl.load(c_base + pos * sc_t, mask=row_ok, other=0.0).to(tl.float32)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453 + (cq - c_ref)
+    o = acc / l_i[:, None]
+    o_ptrs = O + b64 * so_b + h64 * so_h + q_row0.to(tl.int64) * so_t + rm[:, None] * so_t + d[None, :] * so_d
+    lse_ptrs = LSE + (b64 * Hq + h) * Tq + rows
+    if EVEN_M and HEAD_DIM == D_PAD:
+        tl.store(o_ptrs, o.to(O.dtype.element_ty))
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < HEAD_DIM))
+        tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+def launch_forward(
+    q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, start: Tensor | None, config: FwdConfig,
+    o: Tensor | None = None, lse: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Runs the kernel with a given plan (start None = dense). o/lse may be passed (tests poison them)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    bm, bn = config.block_m, config.block_n
+    Mq = num_blocks(Tq, bm)
+    o = torch.empty_like(q) if o is None else o
+    lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device) if lse is None else lse
+    prune = start is not None
+    _fox_fwd_kernel[(Mq, Hq, B)](
+        q, k, v, c, start if prune else lse, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), *c.stride(), *o.stride(),
+        Hq, Tq, Tk, Mq, float(sm_scale) * LOG2E,
+        GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=padded_head_dim(D), BLOCK_M=bm, BLOCK_N=bn,
+        PRUNE=prune, EVEN_M=(Tq % bm == 0),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return o, lse
+
+
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, log_eps: float | None,
+    u_bound: Tensor | None, config: FwdConfig | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(o, lse): o like q (its strides), lse (B, Hq, Tq) fp32 natural log. Plan and kernel on device."""
+    config = forward_config(q) if config is None else config
+    start = None
+    if pruning_enabled(log_eps):
+        start, _ = compute_plan(q, k, c, sm_scale, log_eps, u_bound, config.block_m, config.block_n)
+    return launch_forward(q, k, v, c, sm_scale, start, config)
+

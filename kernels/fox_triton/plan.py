@@ -1,0 +1,175 @@
+"""The ACP plan on the device in Triton: per (batch, head) bound U, threshold delta, start and end.
+
+Same semantics as kernels/plan.py's make_plan (read its header for the math); notation:
+  q (B, Hq, Tq, D), k (B, Hkv, Tk, D), c (B, Hq, Tk) cumulative log forget gate, G = Hq // Hkv
+  Mq = ceil(Tq / BM) query blocks, Nk = ceil(Tk / BN) key blocks; query i sits at p_i = Tk - Tq + i
+  U        scale * max_i ||q_i|| * max_j ||k_j||   (or the caller's u_bound)
+  delta    (log_eps - log Tk) - 2U      (fp32, the same expression as the torch plan)
+  skip(m,n)  (max_{i in m} c[p_i]) - (min_{j in n} c[j]) < delta
+  start[m] = min(n_hi(m) + 1, first n with not skip(m, n))        (B, Hq, Mq) int32
+  end[n]   = 1 + max{m : start[m] <= n <= n_hi(m)}, 0 if none      (B, Hq, Nk) int32
+
+Launches (static grids, no host synchronisation, CUDA-graph safe):
+  1. _row_norm_partials  only when U is computed from the data: grid (chunks, Hq + Hkv, B); each
+     program takes ROWS rows of q or k and writes the largest row norm of its chunk (fp32).
+  2. _plan_kernel        grid (Hq, B): reduces the partial maxima to U, then writes start for every
+     query block and, after a barrier, end for every key block (reading start back).
+Pruning off (log_eps None or -inf): no launch at all; start = 0 and end = Mq (every tile kept).
+
+The norms are summed in a different order than torch.linalg.vector_norm, so U (and delta) may differ
+from the torch plan in the last bit; with the same u_bound the two plans are identical.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from acp_compile.kernels.fox_triton.configs import padded_head_dim
+from acp_compile.kernels.plan import pruning_enabled
+
+NORM_ROWS = 64          # rows of q or k per program of the norm pass
+PLAN_CHUNK_M = 32       # query blocks per step of the plan program
+PLAN_CHUNK_N = 64       # key blocks per step of the plan program
+
+
+@triton.jit
+def _store_chunk_max_norm(base, s_t, s_d, T, out, chunk, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr):
+    d = tl.arange(0, D_PAD)
+    r = tl.arange(0, ROWS)
+    row0 = chunk * ROWS
+    ptrs = base + row0.to(tl.int64) * s_t + r[:, None] * s_t + d[None, :] * s_d
+    mask = ((row0 + r)[:, None] < T) & (d[None, :] < HEAD_DIM)
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)          # (ROWS, D_PAD)
+    norms = tl.sqrt(tl.sum(x * x, axis=1))                            # (ROWS,)
+    tl.store(out, tl.max(norms, axis=0))                              # 0 for a chunk past T
+
+
+@triton.jit
+def _row_norm_partials(
+    Q, K, QPART, KPART,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    Hq, Hkv, Tq, Tk, n_chunks,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    head = tl.program_id(1)          # 0 .. Hq-1: q heads; Hq .. Hq+Hkv-1: k heads
+    b = tl.program_id(2).to(tl.int64)
+    if head < Hq:
+        _store_chunk_max_norm(Q + b * sq_b + head.to(tl.int64) * sq_h, sq_t, sq_d, Tq,
+                              QPART + (b * Hq + head) * n_chunks + chunk, chunk, HEAD_DIM, D_PAD, ROWS)
+    else:
+        hk = head - Hq
+        _store_chunk_max_norm(K + b * sk_b + hk.to(tl.int64) * sk_h, sk_t, sk_d, Tk,
+                              KPART + (b * Hkv + hk) * n_chunks + chunk, chunk, HEAD_DIM, D_PAD, ROWS)
+
+
+@triton.jit
+def _plan_kernel(
+    C, U_IN, QPART, KPART, START, END,
+    sc_b, sc_h, sc_t, su_b, su_h,
+    Hq, Tq, Tk, Mq, Nk, n_chunks, group,
+    sm_scale, delta_offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, AUTO_U: tl.constexpr,
+    CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr, PART_CHUNK: tl.constexpr,
+):
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    bh = b.to(tl.int64) * Hq + h
+    if AUTO_U:
+        qn = tl.zeros((PART_CHUNK,), tl.float32)
+        kn = tl.zeros((PART_CHUNK,), tl.float32)
+        hk = h // group
+        bhk = b.to(tl.int64) * (Hq // group) + hk
+        for i in range(0, n_chunks, PART_CHUNK):
+            idx = i + tl.arange(0, PART_CHUNK)
+            qn = tl.maximum(qn, tl.load(QPART + bh * n_chunks + idx, mask=idx < n_chunks, other=0.0))
+            kn = tl.maximum(kn, tl.load(KPART + bhk * n_chunks + idx, mask=idx < n_chunks, other=0.0))
+        u = (sm_scale * tl.max(qn, axis=0)) * tl.max(kn, axis=0)
+    else:
+        u = tl.load(U_IN + b.to(tl.int64) * su_b + h * su_h).to(tl.float32)
+    delta = delta_offset - 2.0 * u
+
+    c_base = C + b.to(tl.int64) * sc_b + h.to(tl.int64) * sc_h
+    offset = Tk - Tq
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    # start[m] for every query block, CHUNK_M blocks at a time
+    for m0 in range(0, Mq, CHUNK_M):
+        ms = m0 + tl.arange(0, CHUNK_M)                                    # (CM,)
+        qi = ms[:, None] * BLOCK_M + rm[None, :]                           # (CM, BM) query index
+        cq = tl.load(c_base + (offset + qi) * sc_t, mask=qi < Tq, other=float("-inf")).to(tl.float32)
+        c_max_q = tl.max(cq, axis=1)                                        # (CM,)
+        last_row = tl.minimum((ms + 1) * BLOCK_M, Tq) - 1
+        n_hi = (offset + last_row) // BLOCK_N                               # (CM,)
+        first_kept = n_hi + 1
+        for n0 in range(0, Nk, CHUNK_N):
+            ns = n0 + tl.arange(0, CHUNK_N)                                 # (CN,)
+            kj = ns[:, None] * BLOCK_N + rn[None, :]                        # (CN, BN) key index
+            ck = tl.load(c_base + kj * sc_t, mask=kj < Tk, other=float("inf")).to(tl.float32)
+            c_min_k = tl.min(ck, axis=1)                                    # (CN,)
+            skip = (c_max_q[:, None] - c_min_k[None, :]) < delta            # (CM, CN)
+            cand = tl.where(skip | (ns[None, :] >= Nk), 2147483647, ns[None, :])
+            first_kept = tl.minimum(first_kept, tl.min(cand, axis=1))
+        tl.store(START + bh * Mq + ms, first_kept.to(tl.int32), mask=ms < Mq)
+    tl.debug_barrier()   # start written by all threads of this program before they read it back
+    # end[n] = 1 + last m with start[m] <= n <= n_hi(m)
+    for n0 in range(0, Nk, CHUNK_N):
+        ns = n0 + tl.arange(0, CHUNK_N)
+        last = tl.zeros((CHUNK_N,), tl.int32)
+        for m0 in range(0, Mq, CHUNK_M):
+            ms = m0 + tl.arange(0, CHUNK_M)
+            st = tl.load(START + bh * Mq + ms, mask=ms < Mq, other=2147483647)
+            last_row = tl.minimum((ms + 1) * BLOCK_M, Tq) - 1
+            n_hi = (offset + last_row) // BLOCK_N
+            kept = (st[:, None] <= ns[None, :]) & (ns[None, :] <= n_hi[:, None]) & (ms[:, None] < Mq)
+            last = tl.maximum(last, tl.max(tl.where(kept, ms[:, None] + 1, 0), axis=0))
+        tl.store(END + bh * Nk + ns, last, mask=ns < Nk)
+
+
+def num_blocks(t: int, block: int) -> int:
+    return -(-t // block)
+
+
+def compute_plan(
+    q: Tensor, k: Tensor, c: Tensor, sm_scale: float, log_eps: float | None, u_bound: Tensor | None,
+    block_m: int, block_n: int,
+) -> tuple[Tensor, Tensor]:
+    """start (B, Hq, Mq) and end (B, Hq, Nk), int32 on q's device; see the module header."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    Mq, Nk = num_blocks(Tq, block_m), num_blocks(Tk, block_n)
+    if not pruning_enabled(log_eps):
+        start = torch.zeros((B, Hq, Mq), dtype=torch.int32, device=q.device)
+        end = torch.full((B, Hq, Nk), Mq, dtype=torch.int32, device=q.device)
+        return start, end
+    start = torch.empty((B, Hq, Mq), dtype=torch.int32, device=q.device)
+    end = torch.empty((B, Hq, Nk), dtype=torch.int32, device=q.device)
+    auto_u = u_bound is None
+    if auto_u:
+        n_chunks = num_blocks(max(Tq, Tk), NORM_ROWS)
+        q_part = torch.empty((B, Hq, n_chunks), dtype=torch.float32, device=q.device)
+        k_part = torch.empty((B, Hkv, n_chunks), dtype=torch.float32, device=q.device)
+        _row_norm_partials[(n_chunks, Hq + Hkv, B)](
+            q, k, q_part, k_part, *q.stride(), *k.stride(), Hq, Hkv, Tq, Tk, n_chunks,
+            HEAD_DIM=D, D_PAD=padded_head_dim(D), ROWS=NORM_ROWS, num_warps=4,
+        )
+        u_in, su_b, su_h = q_part, 0, 0          # unused by the kernel when AUTO_U
+    else:
+        n_chunks = 1
+        q_part = k_part = None
+        u_in = u_bound.to(device=q.device, dtype=torch.float32).expand(B, Hq)
+        su_b, su_h = u_in.stride()
+    _plan_kernel[(Hq, B)](
+        c, u_in, q_part if auto_u else u_in, k_part if auto_u else u_in, start, end,
+        *c.stride(), su_b, su_h,
+        Hq, Tq, Tk, Mq, Nk, n_chunks, Hq // Hkv,
+        float(sm_scale), float(log_eps - math.log(Tk)),
+        BLOCK_M=block_m, BLOCK_N=block_n, AUTO_U=auto_u,
+        CHUNK_M=PLAN_CHUNK_M, CHUNK_N=PLAN_CHUNK_N, PART_CHUNK=64, num_warps=4,
+    )
+    return start, end
