@@ -7,12 +7,16 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 
+INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
 @dataclass(frozen=True)
 class ACPConfig:
     log_eps: float | None = -10.0   # natural log of the per-row pruned-mass tolerance; None: dense
     prune: bool = True              # False: the op runs dense (same kernels, no tile skipped)
     strict: bool = False            # True: a near-miss (attention not proven FoX) raises instead of falling back
     report: bool = False            # True: record the skipped-tile fraction per site and call (costs a sync)
+    inner_backend: str = "inductor"  # what compiles the rewritten graph: "inductor" | "aot_eager" | "eager"
 
     def __post_init__(self) -> None:
         if self.log_eps is not None:
@@ -24,6 +28,10 @@ class ACPConfig:
                     f"got {self.log_eps!r}"
                 )
             object.__setattr__(self, "log_eps", float(self.log_eps))
+        if self.inner_backend not in INNER_BACKENDS:
+            raise ValueError(
+                f"acp option inner_backend must be one of {INNER_BACKENDS}, got {self.inner_backend!r}"
+            )
         for name in ("prune", "strict", "report"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"acp option {name} must be True or False, got {getattr(self, name)!r}")

@@ -1,0 +1,144 @@
+"""Every private torch API the package uses, in one place (torch 2.11 to 2.13).
+
+Nothing else in acp_compile imports `torch._dynamo`, `torch._inductor`, `torch._logging` or
+`torch.fx.experimental`; when torch moves one of these, this file is the only one to fix.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+LOG_NAME = "acp_compile"          # TORCH_LOGS="+acp_compile" shows debug lines, "acp_compile" info lines
+
+
+def register_torch_log() -> None:
+    """Makes TORCH_LOGS="+acp_compile" reach the `acp_compile` logger (idempotent)."""
+    try:
+        from torch._logging import _internal as logging_internal
+    except ImportError:  # pragma: no cover - torch without the logging registry
+        return
+    registry = logging_internal.log_registry
+    if LOG_NAME in getattr(registry, "log_alias_to_log_qnames", {}):
+        return
+    logging_internal.register_log(LOG_NAME, LOG_NAME)
+    # TORCH_LOGS was parsed when torch was imported, before this alias existed: parse it again.
+    try:
+        logging_internal._init_logs()
+    except Exception:  # pragma: no cover - never let logging setup break compilation
+        pass
+
+
+def acp_counters() -> "Any":
+    """torch._dynamo.utils.counters["acp"]: a Counter keyed by event name."""
+    from torch._dynamo.utils import counters
+    return counters["acp"]
+
+
+def compile_fx_inner_backend(name: str) -> Callable:
+    """The backend that compiles the rewritten graph: "inductor" (compile_fx), "aot_eager" or "eager"."""
+    if name == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx
+    from torch._dynamo.backends.registry import lookup_backend
+    return lookup_backend(name)
+
+
+def inductor_mode_options(mode: str | None) -> dict | None:
+    """Inductor config overrides of torch.compile's `mode` (what the inductor backend itself does)."""
+    if mode is None or mode == "default":
+        return None
+    from torch._inductor import list_mode_options
+    return list_mode_options(mode)
+
+
+def concrete_int(value: Any) -> int:
+    """A Python int for an int or a SymInt, read from its hint: never adds a guard or specialises."""
+    if isinstance(value, torch.SymInt):
+        hint = value.node.hint
+        if hint is None:
+            hint = value.node.shape_env.size_hint(value.node.expr)
+        return int(hint)
+    return int(value)
+
+
+def sym_expr(value: Any):
+    """The sympy expression of a SymInt/SymFloat, or a sympy number for a Python number."""
+    import sympy
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+        return value.node.expr
+    if isinstance(value, bool):
+        raise TypeError("a bool is not a size or a scale")
+    if isinstance(value, int):
+        return sympy.Integer(value)
+    if isinstance(value, float):
+        return sympy.Float(value)
+    raise TypeError(f"not a number or symbolic number: {value!r}")
+
+
+def is_symbolic(value: Any) -> bool:
+    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def sym_sqrt_functions() -> tuple:
+    """The callables Dynamo records for math.sqrt of a symbolic size."""
+    import math
+    fns = [math.sqrt]
+    sym_sqrt = getattr(torch, "_sym_sqrt", None)
+    if sym_sqrt is not None:
+        fns.append(sym_sqrt)
+    return tuple(fns)
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """The in-place modification counter of a tensor (host side, no device sync)."""
+    return t._version
+
+
+def example_value(node: torch.fx.Node) -> Any:
+    """The fake value Dynamo recorded for a node (a FakeTensor, SymInt, tuple ...), or None."""
+    meta = node.meta
+    if "example_value" in meta:
+        return meta["example_value"]
+    return meta.get("val")
+
+
+def fx_graph_cache_counters() -> dict:
+    """Hit/miss counts of inductor's FX graph cache (tests use them)."""
+    from torch._dynamo.utils import counters
+    return counters["inductor"]
+
+
+def reset_dynamo() -> None:
+    torch._dynamo.reset()
+
+
+def logger() -> logging.Logger:
+    return logging.getLogger(LOG_NAME)
+
+
+def to_plain_sympy(expr):
+    """Rewrites torch's own sympy functions (OpaqueUnaryFn_sqrt, ToFloat, FloatTrueDiv, FloatPow,
+    PowByNatural, IntTrueDiv) into plain sympy so that sympy can simplify the expression.
+    Raises ValueError for a function it does not know (the caller then stays unsure)."""
+    import sympy
+
+    def conv(e):
+        if e.is_Atom:
+            return e
+        args = [conv(a) for a in e.args]
+        name = type(e).__name__
+        if name == "ToFloat":
+            return args[0]
+        if name == "OpaqueUnaryFn_sqrt":
+            return sympy.sqrt(args[0])
+        if name in ("FloatTrueDiv", "IntTrueDiv"):
+            return args[0] / args[1]
+        if name in ("FloatPow", "PowByNatural"):
+            return args[0] ** args[1]
+        if isinstance(e, (sympy.Add, sympy.Mul, sympy.Pow)):
+            return e.func(*args)
+        raise ValueError(f"unknown symbolic function {name}")
+
+    return conv(expr)

@@ -1,0 +1,90 @@
+"""The torch.compile backend `acp`: rewrite FoX attention in the Dynamo graph, then compile.
+
+    torch.compile(model, backend="acp")                             # found through the entry point
+    torch.compile(model, backend="acp", options={"log_eps": -8.0})  # options: see ACPConfig
+    torch.compile(model, backend="acp", mode="max-autotune")        # mode goes on to inductor
+
+Steps, once per graph Dynamo hands over:
+  1. options -> frozen ACPConfig (unknown keys raise, listing the valid ones)
+  2. patterns.rewrite_graph: a rewritten copy of the graph (the input graph is not modified)
+  3. the inner backend compiles the rewritten graph: inductor's compile_fx (default, with the
+     mode's config), or "aot_eager"/"eager" (option inner_backend, for fast tests and debugging)
+  4. when a proof depends on data (a causal mask read from a buffer), the compiled function is
+     wrapped by host-side guards; a call whose mask is no longer causal runs the original graph
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping
+
+import torch.fx as fx
+
+from acp_compile import _torch_private as tp
+from acp_compile.config import ACPConfig
+from acp_compile.patterns.rewrite import rewrite_graph
+
+tp.register_torch_log()
+log = tp.logger()
+
+# Seconds spent in the rewrite for each graph compiled in this process (benchmarks read it).
+pass_seconds: list[float] = []
+
+
+def acp(gm: fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | None = None,
+        mode: str | None = None) -> Callable:
+    """Dynamo backend entry point (declared under the torch_dynamo_backends entry-point group)."""
+    config = options if isinstance(options, ACPConfig) else ACPConfig.from_options(options)
+    return compile_graph(gm, example_inputs, config, mode)
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: list, config: ACPConfig, mode: str | None = None) -> Callable:
+    if config.report and mode in ("reduce-overhead", "max-autotune"):
+        raise ValueError(
+            f"acp option report=True reads the plan back to the host on every call, which CUDA graphs "
+            f"(mode={mode!r}) cannot replay; use report=False with this mode, or mode='default' to report"
+        )
+    t0 = time.perf_counter()
+    result = rewrite_graph(gm, example_inputs, config)
+    pass_seconds.append(time.perf_counter() - t0)
+    log.debug("acp: pass took %.1f ms on a graph of %d nodes", 1e3 * pass_seconds[-1], len(gm.graph.nodes))
+    compiled = _inner_compile(result.gm, example_inputs, config, mode)
+    if not result.guards:
+        return compiled
+    for g in result.guards:
+        g.seed(list(example_inputs))
+    return _guarded(compiled, result.guards, gm)
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: ACPConfig, mode: str | None) -> Callable:
+    inner = tp.compile_fx_inner_backend(config.inner_backend)
+    if config.inner_backend == "inductor":
+        patches = tp.inductor_mode_options(mode)
+        if patches:
+            return inner(gm, example_inputs, config_patches=patches)
+        return inner(gm, example_inputs)
+    return inner(gm, example_inputs)
+
+
+def _guarded(compiled: Callable, guards: list, original: fx.GraphModule) -> Callable:
+    """Runs `compiled` while every guard holds; otherwise the original (unrewritten) graph, eagerly."""
+    boxed = bool(getattr(compiled, "_boxed_call", False))
+
+    def call_original(inputs: list):
+        return original(*inputs)
+
+    if boxed:
+        def run_boxed(args: list):
+            if all(g.check(args) for g in guards):
+                return compiled(args)
+            inputs = list(args)
+            args.clear()
+            return call_original(inputs)
+        run_boxed._boxed_call = True  # type: ignore[attr-defined]
+        return run_boxed
+
+    def run(*args):
+        inputs = list(args)
+        if all(g.check(inputs) for g in guards):
+            return compiled(*args)
+        return call_original(inputs)
+    return run

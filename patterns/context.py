@@ -1,0 +1,201 @@
+"""What an anchor may ask while it proves a match: fake shapes, and concrete evaluation of small
+producer subgraphs (a causal mask, the views that turn c into c_i and c_j) on concrete inputs.
+
+evaluate(node, leaves, sizes) runs the nodes that `node` depends on, in graph order, with
+  placeholders      -> the example inputs Dynamo handed to the backend (buffers hold real values)
+  SymInt inputs     -> their hints, or the values given in `sizes` (to try other sequence lengths)
+  nodes in `leaves` -> the given tensors (e.g. random stand-ins for c)
+It refuses (NotProven) subgraphs that are large, contain heavy ops or read big inputs, so a
+proof never costs more than a few small tensor ops.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.fx as fx
+
+from acp_compile import _torch_private as tp
+from acp_compile.config import ACPConfig
+from acp_compile.patterns import graph_utils as gu
+from acp_compile.patterns.match import NotProven
+
+MAX_EVAL_NODES = 64
+MAX_EVAL_INPUT_NUMEL = 1 << 26
+_HEAVY = {"matmul", "bmm", "einsum", "softmax", "sdpa"}
+
+
+@dataclass
+class MatchContext:
+    gm: fx.GraphModule
+    example_inputs: list
+    config: ACPConfig
+    position: dict = field(default_factory=dict)          # node -> index in graph order
+    placeholders: dict = field(default_factory=dict)      # placeholder node -> example input
+    placeholder_index: dict = field(default_factory=dict) # placeholder node -> input index
+    claimed: set = field(default_factory=set)             # nodes already used by a match
+
+    @classmethod
+    def build(cls, gm: fx.GraphModule, example_inputs: Iterable, config: ACPConfig) -> "MatchContext":
+        ex = list(example_inputs)
+        ctx = cls(gm, ex, config, gu.order(gm.graph))
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for i, n in enumerate(phs):
+            if i < len(ex):
+                ctx.placeholders[n] = ex[i]
+                ctx.placeholder_index[n] = i
+        return ctx
+
+    # -- fake values -------------------------------------------------------------------------
+    def shape(self, node: Any) -> tuple:
+        s = gu.shape(node)
+        if s is None:
+            raise NotProven(f"no tensor shape recorded for {getattr(node, 'name', node)}")
+        return s
+
+    def dim(self, node: Any) -> int:
+        return len(self.shape(node))
+
+    # -- concrete evaluation ------------------------------------------------------------------
+    def dependencies(self, node: fx.Node, leaves: Mapping[fx.Node, Any] = ()) -> list[fx.Node]:
+        """Nodes `node` depends on (itself included, leaves and placeholders as boundaries), plus
+        in-place writers of those nodes recorded before their readers; in graph order."""
+        seen: set[fx.Node] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n in leaves or n.op in ("placeholder", "get_attr"):
+                continue
+            for a in n.all_input_nodes:
+                stack.append(gu.effective_value(a, n, self.position))
+            if len(seen) > MAX_EVAL_NODES:
+                raise NotProven(f"the producer of {node.name} is too large to evaluate at compile time")
+        return sorted(seen, key=self.position.__getitem__)
+
+    def symbol_inputs(self, node: fx.Node) -> list[fx.Node]:
+        """SymInt placeholders that `node` depends on (the sizes it is built from)."""
+        return [n for n in self.dependencies(node) if n.op == "placeholder" and gu.is_scalar_value(n)]
+
+    def tensor_inputs(self, node: fx.Node, leaves: Mapping[fx.Node, Any] = ()) -> list[fx.Node]:
+        """Tensor placeholders and get_attr nodes that `node` depends on (buffers, user inputs)."""
+        return [n for n in self.dependencies(node, leaves)
+                if n not in leaves and n.op in ("placeholder", "get_attr") and not gu.is_scalar_value(n)]
+
+    def evaluate(self, node: fx.Node, leaves: Mapping[fx.Node, Any] = (), sizes: Mapping[fx.Node, int] = (),
+                 inputs: list | None = None) -> Any:
+        """The concrete value of `node` (see the module notes). `inputs` replaces the example inputs."""
+        leaves = dict(leaves)
+        sizes = dict(sizes)
+        env: dict[fx.Node, Any] = {}
+        with torch.no_grad():
+            for n in self.dependencies(node, leaves):
+                env[n] = self._run(n, env, leaves, sizes, inputs)
+        return env[node]
+
+    def _run(self, n: fx.Node, env: dict, leaves: dict, sizes: dict, inputs: list | None) -> Any:
+        if n in leaves:
+            return leaves[n]
+        if n.op == "placeholder":
+            if n in sizes:
+                return sizes[n]
+            if n not in self.placeholder_index:
+                raise NotProven(f"no example input for {n.name}")
+            v = (inputs if inputs is not None else self.example_inputs)[self.placeholder_index[n]]
+            if isinstance(v, torch.Tensor) and v.numel() > MAX_EVAL_INPUT_NUMEL:
+                raise NotProven(f"{n.name} is too large to read at compile time")
+            return tp.concrete_int(v) if isinstance(v, torch.SymInt) else v
+        if n.op == "get_attr":
+            obj: Any = self.gm
+            for part in n.target.split("."):
+                obj = getattr(obj, part)
+            return obj
+        if n.op not in ("call_function", "call_method"):
+            raise NotProven(f"cannot evaluate {n.op} {n.name}")
+        if any(gu.is_op(n, h) for h in _HEAVY):
+            raise NotProven(f"{n.name} ({n.target}) is not a cheap op to evaluate at compile time")
+
+        def sub(a):
+            if isinstance(a, fx.Node):
+                src = a
+                if src not in env:
+                    raise NotProven(f"{src.name} was not evaluated")
+                return env[src]
+            return a
+
+        args = fx.node.map_aggregate(n.args, sub)
+        kwargs = fx.node.map_aggregate(n.kwargs, sub)
+        # In-place writers update the tensor of their first argument: copy it first when it is a
+        # leaf or an input, so evaluation never changes user data.
+        if gu.is_inplace(n) and isinstance(args[0], torch.Tensor):
+            first = n.args[0]
+            if first in leaves or first.op in ("placeholder", "get_attr"):
+                raise NotProven(f"{n.name} writes into an input; not evaluated")
+        try:
+            if n.op == "call_method":
+                return getattr(args[0], n.target)(*args[1:], **kwargs)
+            return n.target(*args, **kwargs)
+        except NotProven:
+            raise
+        except Exception as err:  # a size that does not fit a buffer, a dtype error ...
+            raise NotProven(f"evaluating {n.name} failed: {type(err).__name__}: {err}") from None
+
+    # -- numbers --------------------------------------------------------------------------------
+    def scalar(self, x: Any) -> Any:
+        """A factor of the scale: a Python number, or the SymInt/SymFloat a node produces."""
+        if isinstance(x, fx.Node):
+            v = gu.fake(x)
+            if isinstance(v, (torch.SymInt, torch.SymFloat, int, float)) and not isinstance(v, bool):
+                return v
+            raise NotProven(f"{x.name} is not a number")
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            return x
+        raise NotProven(f"{x!r} is not a number")
+
+
+def product(factors: list) -> Any:
+    out: Any = 1
+    for f in factors:
+        out = out * f
+    return out
+
+
+def concrete_number(x: Any) -> float:
+    if tp.is_symbolic(x):
+        if isinstance(x, torch.SymInt):
+            return float(tp.concrete_int(x))
+        hint = x.node.hint
+        if hint is None:
+            raise NotProven("a symbolic scale without a hint")
+        return float(hint)
+    return float(x)
+
+
+def is_default_scale(factors: list, head_dim: Any) -> bool:
+    """True when the product of `factors` equals 1/sqrt(head_dim) for every value of the symbols.
+
+    Static: compared in floating point (1/math.sqrt(d) and d ** -0.5 may differ in the last bit).
+    Symbolic: proven with sympy on the product's expression; falls back to False when unsure.
+    """
+    import math
+    if not any(tp.is_symbolic(f) for f in factors) and not tp.is_symbolic(head_dim):
+        value = 1.0
+        for f in factors:
+            value *= float(f)
+        return abs(value * math.sqrt(int(head_dim)) - 1.0) < 1e-6
+    import sympy
+    try:
+        expr = sympy.Integer(1)
+        for f in factors:
+            expr = expr * tp.to_plain_sympy(tp.sym_expr(f))
+        d = tp.to_plain_sympy(tp.sym_expr(head_dim))
+        # scale^2 * d == 1 and scale > 0 (sizes are positive symbols in torch's shape env).
+        positive = {s: sympy.Symbol(s.name, positive=True) for s in expr.free_symbols | d.free_symbols}
+        expr, d = expr.xreplace(positive), d.xreplace(positive)
+        return sympy.simplify(expr * expr * d - 1) == 0 and expr.is_positive is True
+    except Exception:
+        return False

@@ -1,0 +1,107 @@
+"""The pass: run every anchor over a Dynamo graph, emit the op for each proven site, count and log.
+
+    result = rewrite_graph(gm, example_inputs, config)
+    result.gm          a new GraphModule (the input graph module is left untouched)
+    result.sites       names of the rewritten sites, in graph order
+    result.near_misses NearMiss records (also counted and logged; strict mode raised on the first)
+    result.guards      run-time guards the compiled graph needs (patterns/guards.py)
+
+Counters: torch._dynamo.utils.counters["acp"]["fox_attention"] += 1 per rewritten site and
+["near_miss"] += 1 per near-miss. Log: logger "acp_compile" (TORCH_LOGS="+acp_compile").
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from acp_compile import _torch_private as tp
+from acp_compile.config import ACPConfig
+from acp_compile.patterns.context import MatchContext
+from acp_compile.patterns.emit import emit_fox_attention
+from acp_compile.patterns.match import FoxMatch, NearMiss
+from acp_compile.patterns.registry import anchors
+
+log = tp.logger()
+
+
+class NearMissError(RuntimeError):
+    """Raised in strict mode when attention was found but not proven to be FoX attention."""
+
+
+@dataclass
+class RewriteResult:
+    gm: fx.GraphModule
+    sites: list = field(default_factory=list)
+    near_misses: list = field(default_factory=list)
+    guards: list = field(default_factory=list)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of gm's graph (node meta shared, parameters shared)."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    return new
+
+
+def site_name(node: fx.Node, taken: set) -> str:
+    """A stable, readable name: the module path of the attention ("layers.3.attn"), else the node."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = ""
+    if stack:
+        last = list(stack.values())[-1]
+        path = last[0] if isinstance(last, tuple) else str(last)
+        path = re.sub(r"^L\['self'\]\.?", "", path)
+        path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path).strip(".")
+        path = re.sub(r"^(L|self)\.", "", path)
+    name = path or node.name
+    base, i = name, 1
+    while name in taken:
+        i += 1
+        name = f"{base}#{i}"
+    taken.add(name)
+    return name
+
+
+
+def rewrite_graph(gm: fx.GraphModule, example_inputs, config: ACPConfig) -> RewriteResult:
+    new = copy_graph_module(gm)
+    ctx = MatchContext.build(new, example_inputs, config)
+    result = RewriteResult(new)
+    counters = tp.acp_counters()
+    taken: set = set()
+    for anchor in anchors():
+        for node in list(anchor.candidates(new.graph)):
+            if node.graph is not new.graph or node in ctx.claimed:
+                continue
+            found = anchor.match(node, ctx)
+            if found is None:
+                continue
+            if isinstance(found, NearMiss):
+                counters["near_miss"] += 1
+                result.near_misses.append(found)
+                log.info("acp near-miss: %s", found)
+                if config.strict:
+                    raise NearMissError(
+                        f"acp (strict): {found}. Rewrite the attention in a supported spelling "
+                        f"(see README), or pass options={{'strict': False}} to let it fall back."
+                    )
+                continue
+            assert isinstance(found, FoxMatch)
+            site = site_name(found.replace, taken)
+            emit_fox_attention(new, found, config, site)
+            for g in found.guards:
+                g.site = site
+            result.guards.extend(found.guards)
+            result.sites.append(site)
+            counters["fox_attention"] += 1
+            log.debug("acp: rewrote %s (%s anchor, sm_scale=%s)", site, found.anchor, found.sm_scale)
+            ctx.position = {n: i for i, n in enumerate(new.graph.nodes)}
+    if result.sites:
+        new.graph.lint()
+        new.recompile()
+        log.info("acp: rewrote %d FoX attention site(s): %s", len(result.sites), ", ".join(result.sites))
+    return result
