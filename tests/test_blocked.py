@@ -1,0 +1,171 @@
+"""The blocked PyTorch path against the fp64 reference of exactly the attention the plan keeps.
+
+Outputs are poisoned (NaN-filled torch.empty) so a tile the path forgets to write shows as NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from acp_compile.kernels import blocked
+from acp_compile.kernels.plan import kept_entries, kept_tiles, make_plan, skipped_fraction
+from acp_compile.kernels.reference import fox_attention_reference
+from conftest import fox_inputs, requires_cuda
+
+# Tolerances of the blocked path against the pruned fp64 reference, by input dtype (outputs are
+# rounded to the input dtype; the compute is fp32, fp64 for fp64).
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def run_forward(q, k, v, c, log_eps=-10.0, bm=16, bn=16, u_bound=None):
+    scale = 1 / math.sqrt(q.shape[-1])
+    plan = make_plan(q, k, c, scale, log_eps, u_bound, bm, bn)
+    o, lse = blocked.forward(q, k, v, c, scale, plan)
+    keep = kept_entries(plan, q.shape[2], k.shape[2])
+    o_ref, lse_ref = fox_attention_reference(q, k, v, c, scale, keep=keep)
+    return plan, scale, (o, lse), (o_ref, lse_ref), keep
+
+
+def reference_grads(q, k, v, c, scale, keep, do):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, c)]
+    o, _ = fox_attention_reference(*leaves, scale, keep=keep)
+    o.backward(do.double())
+    return [t.grad for t in leaves]
+
+
+def assert_close_scaled(actual, expected, tol, name):
+    err = (actual.double() - expected).abs().max().item()
+    ref = max(expected.abs().max().item(), 1.0)
+    assert err <= tol * ref, f"{name}: max error {err:.3g} > {tol:.1g} * {ref:.3g}"
+
+
+SHAPES = [
+    # B, Hq, Hkv, Tq, Tk, D, strength
+    (1, 2, 2, 100, 100, 16, 1.0),
+    (2, 4, 2, 77, 77, 32, 0.5),
+    (1, 6, 3, 45, 150, 64, 0.7),      # Tq < Tk, GQA
+    (1, 3, 1, 1, 99, 80, 2.0),        # one decode step, MQA
+    (1, 2, 1, 33, 65, 96, 0.3),
+    (2, 2, 2, 70, 70, 128, 1.5),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Tq,Tk,D,strength", SHAPES)
+def test_forward_and_backward_match_pruned_reference(poison, B, Hq, Hkv, Tq, Tk, D, strength):
+    q, k, v, c = fox_inputs(B, Hq, Hkv, Tq, Tk, D, strength=strength, qk_scale=0.5, seed=D + Tq)
+    plan, scale, (o, lse), (o_ref, lse_ref), keep = run_forward(q, k, v, c)
+    assert_close_scaled(o, o_ref, TOL[torch.float32], "o")
+    assert_close_scaled(lse, lse_ref, TOL[torch.float32], "lse")
+    do = torch.randn_like(o)
+    grads = blocked.backward(do, q, k, v, c, o, lse, scale, plan)
+    for name, got, want in zip(("dq", "dk", "dv", "dc"), grads, reference_grads(q, k, v, c, scale, keep, do)):
+        assert got.shape == want.shape
+        assert_close_scaled(got, want, 5 * TOL[torch.float32], name)
+    if strength >= 0.7 and Tk > 64:
+        assert skipped_fraction(plan).mean() > 0.2, "meant to prune: check the test inputs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_dtypes(poison, dtype):
+    q, k, v, c = fox_inputs(2, 4, 2, 50, 90, 24, dtype=dtype, strength=1.0, qk_scale=0.5, seed=3)
+    plan, scale, (o, lse), (o_ref, lse_ref), keep = run_forward(q, k, v, c)
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    assert_close_scaled(o, o_ref, TOL[dtype], "o")
+    do = torch.randn_like(o)
+    grads = blocked.backward(do, q, k, v, c, o, lse, scale, plan)
+    assert [g.dtype for g in grads] == [dtype, dtype, dtype, torch.float32]
+    # The backward reads o and lse rounded to the output dtype; allow a few roundings.
+    for name, got, want in zip(("dq", "dk", "dv", "dc"), grads, reference_grads(q, k, v, c, scale, keep, do)):
+        assert_close_scaled(got, want, max(8 * TOL[dtype], 1e-6), name)
+
+
+def test_dense_plan_equals_dense_reference(poison):
+    q, k, v, c = fox_inputs(1, 2, 1, 90, 90, 16, strength=3.0, seed=4)
+    plan, _, (o, _), _, keep = run_forward(q, k, v, c, log_eps=None)
+    assert keep.sum() == 2 * 90 * 91 // 2
+    o_dense, _ = fox_attention_reference(q, k, v, c)
+    assert_close_scaled(o, o_dense, TOL[torch.float32], "o")
+
+
+def test_transposed_inputs_need_no_copy_and_outputs_follow_strides(poison):
+    """(B, T, H, D) storage seen as (B, H, T, D): outputs keep the input's strides."""
+    q, k, v, c = fox_inputs(2, 4, 2, 40, 40, 8, strength=1.0, seed=5)
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not qt.is_contiguous()
+    plan, scale, (o, lse), (o_ref, _), keep = run_forward(qt, kt, vt, c)
+    assert o.stride() == qt.stride()
+    assert_close_scaled(o, o_ref, TOL[torch.float32], "o")
+    grads = blocked.backward(torch.randn_like(o), qt, kt, vt, c, o, lse, scale, plan)
+    assert grads[0].stride() == qt.stride() and grads[1].stride() == kt.stride() and grads[2].stride() == vt.stride()
+    assert not any(torch.isnan(g).any() for g in grads)
+
+
+def test_only_kept_tiles_are_read():
+    """NaN in v of key block 0: query blocks that skip that block stay finite, the others see the NaN."""
+    q, k, v, c = fox_inputs(1, 2, 2, 128, 128, 8, strength=1.0, qk_scale=0.3, seed=6)
+    v[:, :, 3] = float("nan")                                             # inside key block 0
+    scale = 1 / math.sqrt(8)
+    plan = make_plan(q, k, c, scale, -10.0, None, 16, 16)
+    o, _ = blocked.forward(q, k, v, c, scale, plan)
+    reads_block0 = kept_tiles(plan)[..., :, 0]                            # (B, Hq, Mq)
+    assert reads_block0.any() and (~reads_block0).any(), "inputs must make some query blocks skip key block 0"
+    rows_nan = torch.isnan(o).any(-1).view(1, 2, 8, 16)                   # per query block, per row
+    rows_nan[..., 0, :3] = True                                           # rows 0..2 never see key 3
+    assert torch.equal(rows_nan.all(-1), reads_block0)
+
+
+def test_work_is_the_kept_area_and_never_t_by_t(monkeypatch):
+    q, k, v, c = fox_inputs(1, 4, 2, 200, 200, 8, strength=1.0, qk_scale=0.3, gate="mixed", seed=7)
+    computed, largest = [0], [0]
+    original = blocked._scores
+
+    def counting_scores(blk, *args):
+        qb, kb, s = original(blk, *args)
+        computed[0] += s.numel()
+        largest[0] = max(largest[0], s.shape[-2] * s.shape[-1])
+        return qb, kb, s
+
+    monkeypatch.setattr(blocked, "_scores", counting_scores)
+    plan = make_plan(q, k, c, 1 / math.sqrt(8), -10.0, None, 16, 16)
+    blocked.forward(q, k, v, c, 1 / math.sqrt(8), plan)
+    kept_area = int(kept_tiles(plan).sum()) * 16 * 16                   # upper bound on computed scores
+    dense_area = 4 * 200 * 200
+    assert computed[0] <= kept_area
+    assert computed[0] < 0.6 * dense_area                                 # half the heads are local: real skipping
+    assert largest[0] <= 16 * 200                                         # one query block by at most Tk keys
+    assert 0.3 < skipped_fraction(plan).mean() < 0.6
+
+
+def test_heads_with_different_starts_are_grouped_correctly(poison):
+    """Local and global heads in one call: several head groups per query block, GQA across them."""
+    q, k, v, c = fox_inputs(2, 6, 2, 120, 120, 16, strength=1.0, qk_scale=0.3, gate="mixed", seed=8)
+    plan, scale, (o, lse), (o_ref, _), keep = run_forward(q, k, v, c)
+    assert len({tuple(r) for r in plan.start[..., -1].tolist()}) > 1 or plan.start[..., -1].unique().numel() > 1
+    assert_close_scaled(o, o_ref, TOL[torch.float32], "o")
+    do = torch.randn_like(o)
+    grads = blocked.backward(do, q, k, v, c, o, lse, scale, plan)
+    for name, got, want in zip(("dq", "dk", "dv", "dc"), grads, reference_grads(q, k, v, c, scale, keep, do)):
+        assert_close_scaled(got, want, 5 * TOL[torch.float32], name)
+
+
+def test_nan_in_gives_nan_out_like_eager():
+    q, k, v, c = fox_inputs(1, 2, 2, 64, 64, 8, strength=1.0, seed=9)
+    q[0, 0, 10, 0] = float("nan")
+    c[0, 1, 20] = float("nan")
+    plan, _, (o, _), (o_ref, _), _ = run_forward(q, k, v, c)
+    assert torch.equal(torch.isnan(o), torch.isnan(o_ref))
+    assert torch.isnan(o[0, 0, 10]).all() and torch.isnan(o[0, 1, 20:]).all() and not torch.isnan(o[0, 0, 11:]).any()
+
+
+@requires_cuda
+def test_blocked_runs_on_cuda():
+    q, k, v, c = fox_inputs(2, 4, 2, 100, 300, 64, strength=0.5, qk_scale=0.5, seed=10, device="cuda")
+    plan, scale, (o, lse), (o_ref, _), keep = run_forward(q, k, v, c, bm=64, bn=64)
+    assert o.device.type == "cuda"
+    assert_close_scaled(o, o_ref, 1e-4, "o")
+    do = torch.randn_like(o)
+    grads = blocked.backward(do, q, k, v, c, o, lse, scale, plan)
+    for name, got, want in zip(("dq", "dk", "dv", "dc"), grads, reference_grads(q, k, v, c, scale, keep, do)):
+        assert_close_scaled(got, want, 5e-4, name)
