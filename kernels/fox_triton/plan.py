@@ -4,7 +4,8 @@ Same semantics as kernels/plan.py's make_plan (read its header for the math); no
   q (B, Hq, Tq, D), k (B, Hkv, Tk, D), c (B, Hq, Tk) cumulative log forget gate, G = Hq // Hkv
   Mq = ceil(Tq / BM) query blocks, Nk = ceil(Tk / BN) key blocks; query i sits at p_i = Tk - Tq + i
   U        scale * max_i ||q_i|| * max_j ||k_j||   (or the caller's u_bound)
-  delta    (log_eps - log Tk) - 2U      (fp32, the same expression as the torch plan)
+  delta    (log_eps - log Tk) - 2U      (fp32, the same expression as the torch plan); -inf (no
+           pruning for that head) when U is negative or NaN
   skip(m,n)  (max_{i in m} c[p_i]) - (min_{j in n} c[j]) < delta
   start[m] = min(n_hi(m) + 1, first n with not skip(m, n))        (B, Hq, Mq) int32
   end[n]   = 1 + max{m : start[m] <= n <= n_hi(m)}, 0 if none      (B, Hq, Nk) int32
@@ -93,6 +94,7 @@ def _plan_kernel(
     else:
         u = tl.load(U_IN + b.to(tl.int64) * su_b + h * su_h).to(tl.float32)
     delta = delta_offset - 2.0 * u
+    delta = tl.where(u >= 0, delta, float("-inf"))      # negative or NaN U: pruning off for this head
 
     c_base = C + b.to(tl.int64) * sc_b + h.to(tl.int64) * sc_h
     offset = Tk - Tq
