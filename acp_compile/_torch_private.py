@@ -142,3 +142,14 @@ def to_plain_sympy(expr):
         raise ValueError(f"unknown symbolic function {name}")
 
     return conv(expr)
+
+
+def statically_equal(a: Any, b: Any) -> bool:
+    """a == b for ints or SymInts, decided on their expressions: adds no guard, False when unsure."""
+    if not is_symbolic(a) and not is_symbolic(b):
+        return a == b
+    try:
+        import sympy
+        return sympy.expand(sym_expr(a) - sym_expr(b)) == 0
+    except Exception:
+        return False

@@ -67,20 +67,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: ACPConfig, 
 
 def _guarded(compiled: Callable, guards: list, original: fx.GraphModule) -> Callable:
     """Runs `compiled` while every guard holds; otherwise the original (unrewritten) graph, eagerly."""
-    boxed = bool(getattr(compiled, "_boxed_call", False))
-
     def call_original(inputs: list):
         return original(*inputs)
-
-    if boxed:
-        def run_boxed(args: list):
-            if all(g.check(args) for g in guards):
-                return compiled(args)
-            inputs = list(args)
-            args.clear()
-            return call_original(inputs)
-        run_boxed._boxed_call = True  # type: ignore[attr-defined]
-        return run_boxed
 
     def run(*args):
         inputs = list(args)

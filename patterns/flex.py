@@ -1,0 +1,310 @@
+"""Anchor: flex_attention whose score_mod adds the FoX bias c[b, h, q_idx] - c[b, h, kv_idx] under a causal mask.
+
+The Dynamo graph holds one higher-order op node
+    flex_attention(q, k, v, score_mod_gm, block_mask, scale, kernel_options, score_buffers, mask_buffers)
+q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D); block_mask is a tuple whose last entry is the mask_mod graph;
+score_buffers / mask_buffers are the tensors the two closures read (c, perhaps twice). The node returns
+(o, lse, ...); a site is rewritten only when nothing but o is used.
+
+Proof by meaning, not spelling. With off = Tk - Tq (queries are the last Tq positions) and fresh random
+values for c and for the scores, the effective logit of flex_attention at a point p = (b, h, i, j) is
+    eff(p) = score_mod(s, p)  if mask_mod(p) else -inf
+and the site is FoX attention when, on a sample of points covering both sides of the diagonal,
+    eff(p) finite  <=>  i + off >= j                    (causal, diagonal visible; -inf from score_mod counts)
+    eff(p) - s     =  X[b, h, i + off] - Y[b, h, j]     (the same for two different s: the bias ignores s)
+where X and Y are score buffers holding the same tensor (one node, or a clone/contiguous copy of it) laid
+out (B, Hq, Tk) or (B, Tk, Hq). flex's own `scale` multiplies q.k before score_mod and becomes sm_scale.
+Assumption: the BlockMask's block tables agree with its mask_mod (create_block_mask builds them so); a
+hand-edited BlockMask that drops causal blocks is outside what the proof sees.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+
+from acp_compile._torch_private import concrete_int, example_value, sym_expr
+from acp_compile.patterns.match import FoxMatch, NearMiss, NotProven
+from acp_compile.patterns.registry import register_anchor
+
+ANCHOR = "flex"
+_ROW_SAMPLES = 40          # query rows probed (always including the first and the last)
+_COL_SAMPLES = 160         # key columns probed per row when Tk is large (the diagonal band always included)
+_FULL_COLS = 512           # up to this many keys every column is probed
+_ATOL = 1e-4               # random c lies in [-4, 0] and scores are N(0, 1): fp32 errors stay far below
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    B: int
+    Hq: int
+    Hkv: int
+    Tq: int
+    Tk: int
+    D: int
+
+
+class FlexAnchor:
+    name = ANCHOR
+
+    def candidates(self, graph: fx.Graph) -> Iterable[fx.Node]:
+        flex = torch.ops.higher_order.flex_attention
+        return [n for n in graph.nodes if n.op == "call_function" and n.target is flex]
+
+    def match(self, node: fx.Node, ctx=None) -> FoxMatch | NearMiss | None:
+        try:
+            return _prove(node)
+        except NotProven as err:
+            return NearMiss(ANCHOR, node.name, str(err))
+
+
+def _prove(node: fx.Node) -> FoxMatch:
+    q, k, v, score_node, block_mask, scale, _kernel_options, score_bufs, mask_bufs = _unpack(node)
+    out_node, dead_getitems = _output_use(node)
+    sizes = _sizes(q, k, v)
+    score_gm = _subgraph(node, score_node, "score_mod")
+    mask_gm = _subgraph(node, block_mask[-1], "mask_mod")
+
+    rng = torch.Generator().manual_seed(0x5EED)
+    score_values, classes = _random_buffers(score_bufs, rng, "score_mod")
+    mask_values, _ = _random_buffers(mask_bufs, rng, "mask_mod")
+    b, h, i, j = _probe_points(sizes, rng)
+    off = sizes.Tk - sizes.Tq
+    s1 = torch.randn(b.shape, generator=rng)
+    s2 = torch.randn(b.shape, generator=rng) * 3.0
+    m = _evaluate(mask_gm, (b, h, i, j), mask_values, "mask_mod").to(torch.bool)
+    e1 = torch.where(m, _evaluate(score_gm, (s1, b, h, i, j), score_values, "score_mod").float(), -math.inf)
+    e2 = torch.where(m, _evaluate(score_gm, (s2, b, h, i, j), score_values, "score_mod").float(), -math.inf)
+
+    causal = i + off >= j
+    visible = e1 != -math.inf
+    if not torch.equal(visible, causal) or not torch.equal(e2 != -math.inf, causal):
+        hidden_diag = bool((~visible & (i + off == j)).any())
+        raise NotProven("the mask is not causal" + (" (it hides the diagonal)" if hidden_diag else "")
+                        + "; only causal FoX attention (key j visible iff j <= query position) is rewritten")
+    if not bool(torch.isfinite(e1[visible]).all()):
+        raise NotProven("score_mod gives NaN or +inf on visible entries")
+    bias = (e1 - s1)[visible]
+    if not torch.allclose(bias, (e2 - s2)[visible], atol=_ATOL, rtol=0):
+        raise NotProven("score_mod does not add a bias to the score (it scales or transforms it); pass the "
+                        "scale through flex_attention's `scale` argument")
+    bv, hv, iv, jv = b[visible], h[visible], i[visible], j[visible]
+    c_node, layout = _find_gate(bias, (bv, hv, iv + off, jv), score_bufs, score_values, classes, sizes)
+    return FoxMatch(
+        anchor=ANCHOR, replace=out_node, q=q, k=k, v=v, c=_gate_builder(c_node, layout),
+        sm_scale=_scale(scale, sizes.D), region=tuple(dead_getitems) + (node,),
+    )
+
+
+# ---------------------------------------------------------------------------- the node and its operands
+
+def _unpack(node: fx.Node):
+    names = ("query", "key", "value", "score_mod", "block_mask", "scale", "kernel_options",
+             "score_mod_other_buffers", "mask_mod_other_buffers")
+    values = list(node.args) + [None] * (len(names) - len(node.args))
+    for idx, name in enumerate(names):
+        if name in node.kwargs:
+            values[idx] = node.kwargs[name]
+    values[7] = tuple(values[7] or ())
+    values[8] = tuple(values[8] or ())
+    if not isinstance(values[4], tuple) or not values[4]:
+        raise NotProven("flex_attention's block_mask is not a tuple ending with a mask_mod graph")
+    return values
+
+
+def _output_use(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """The getitem(node, 0) whose uses move to the op; other outputs (lse, max) must be unused."""
+    out, dead = None, []
+    for user in node.users:
+        if user.op != "call_function" or user.target is not operator.getitem:
+            raise NotProven(f"flex_attention's result tuple is used by {user.name}, not only unpacked")
+        if user.args[1] == 0:
+            if out is not None:
+                raise NotProven("flex_attention's output is unpacked twice")
+            out = user
+        elif user.users:
+            raise NotProven("flex_attention's logsumexp/max output is used; only the attention output is "
+                            "replaced (call flex_attention without return_lse/return_aux)")
+        else:
+            dead.append(user)
+    if out is None:
+        raise NotProven("flex_attention's output is not used")
+    return out, dead
+
+
+def _shape(node, name: str) -> torch.Tensor:
+    value = example_value(node) if isinstance(node, fx.Node) else None
+    if not isinstance(value, torch.Tensor):
+        raise NotProven(f"no example tensor for flex_attention's {name}")
+    return value
+
+
+def _sizes(q, k, v) -> _Sizes:
+    qv, kv, vv = _shape(q, "query"), _shape(k, "key"), _shape(v, "value")
+    if not (qv.dim() == kv.dim() == vv.dim() == 4):
+        raise NotProven("flex_attention inputs are not 4-d (B, H, T, D)")
+    if not (qv.dtype == kv.dtype == vv.dtype) or not qv.dtype.is_floating_point:
+        raise NotProven(f"q, k, v dtypes differ or are not float: {qv.dtype}, {kv.dtype}, {vv.dtype}")
+    if any(sym_expr(a) != sym_expr(b) for a, b in zip(kv.shape, vv.shape)):
+        raise NotProven("k and v shapes differ (a value head dim unlike the key head dim is not supported by the op)")
+    if sym_expr(qv.shape[0]) != sym_expr(kv.shape[0]) or sym_expr(qv.shape[3]) != sym_expr(kv.shape[3]):
+        raise NotProven("q and k differ in batch or head dim")
+    Tq, Tk = (sym_expr(qv.shape[2]), sym_expr(kv.shape[2]))
+    sizes = _Sizes(*(concrete_int(x) for x in (qv.shape[0], qv.shape[1], kv.shape[1], qv.shape[2],
+                                                 kv.shape[2], qv.shape[3])))
+    if sizes.Hq % sizes.Hkv or sizes.Tq > sizes.Tk or min(sizes.B, sizes.Tq, sizes.D) < 1:
+        raise NotProven(f"unsupported shapes q {tuple(qv.shape)}, k {tuple(kv.shape)} (need Hq % Hkv == 0, Tq <= Tk)")
+    if Tq != Tk and sizes.Tq == sizes.Tk:
+        raise NotProven("Tq and Tk are different symbols with equal example values: the causal offset of the "
+                        "mask cannot be proven for all sizes")
+    return sizes
+
+
+def _subgraph(node: fx.Node, ref, what: str) -> fx.GraphModule:
+    root = node.graph.owning_module
+    if not isinstance(ref, fx.Node) or ref.op != "get_attr" or root is None:
+        raise NotProven(f"flex_attention's {what} is not a traced subgraph")
+    sub = getattr(root, ref.target, None)
+    if not isinstance(sub, fx.GraphModule):
+        raise NotProven(f"flex_attention's {what} is not a traced subgraph")
+    return sub
+
+
+# ---------------------------------------------------------------------------- concrete evaluation
+
+def _canonical(node):
+    """The node a buffer copies: follows clone/contiguous and dtype-preserving casts (never detach:
+    a detached copy stops the gradient into c and so is not the same as the original)."""
+    while isinstance(node, fx.Node) and node.op in ("call_method", "call_function"):
+        target = node.target
+        name = target if node.op == "call_method" else getattr(target, "__name__", "")
+        src = node.args[0] if node.args else None
+        if name not in ("clone", "contiguous", "to", "float", "type_as") or not isinstance(src, fx.Node):
+            break
+        before, after = example_value(src), example_value(node)
+        if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)
+                and before.dtype == after.dtype and before.shape == after.shape):
+            break
+        node = src
+    return node
+
+
+def _random_buffers(bufs: tuple, rng: torch.Generator, what: str):
+    """Fresh values for the buffers a closure reads: copies of one tensor get the same values.
+    Returns (values, class id per buffer)."""
+    values, classes, by_root = [], [], {}
+    for buf in bufs:
+        value = example_value(buf) if isinstance(buf, fx.Node) else buf
+        if isinstance(value, torch.SymInt) or isinstance(value, int):
+            values.append(concrete_int(value))
+            classes.append(None)
+            continue
+        if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+            raise NotProven(f"{what} reads a {getattr(value, 'dtype', type(value).__name__)} value whose contents "
+                            f"the proof cannot choose; only float tensors (the gate) are supported")
+        root = _canonical(buf)
+        key = root if isinstance(root, fx.Node) else id(root)
+        if key not in by_root:
+            shape = tuple(concrete_int(s) for s in value.shape)
+            by_root[key] = (len(by_root), (-4.0 * torch.rand(shape, generator=rng)).to(value.dtype))
+        cls, tensor = by_root[key]
+        values.append(tensor)
+        classes.append(cls)
+    return values, classes
+
+
+def _probe_points(sizes: _Sizes, rng: torch.Generator):
+    """Flat int32 index vectors (b, h, i, j) over sampled rows and columns, with the diagonal band."""
+    off = sizes.Tk - sizes.Tq
+    rows = _sample(sizes.Tq, _ROW_SAMPLES, rng)
+    bs = _sample(sizes.B, 2, rng)
+    hs = _sample(sizes.Hq, 3, rng)
+    points = []
+    for row in rows.tolist():
+        if sizes.Tk <= _FULL_COLS:
+            cols = torch.arange(sizes.Tk)
+        else:
+            band = torch.arange(row + off - 2, row + off + 3).clamp(0, sizes.Tk - 1)
+            cols = torch.cat([band, _sample(sizes.Tk, _COL_SAMPLES, rng)]).unique()
+        for bb in bs.tolist():
+            for hh in hs.tolist():
+                n = cols.numel()
+                points.append(torch.stack([torch.full((n,), bb), torch.full((n,), hh), torch.full((n,), row), cols]))
+    b, h, i, j = torch.cat(points, dim=1).to(torch.int32)
+    return b, h, i, j
+
+
+def _sample(n: int, k: int, rng: torch.Generator) -> torch.Tensor:
+    if n <= k:
+        return torch.arange(n)
+    picks = torch.randperm(n - 2, generator=rng)[: k - 2] + 1
+    return torch.cat([torch.tensor([0, n - 1]), picks]).sort().values
+
+
+def _evaluate(gm: fx.GraphModule, args: tuple, buffers: list, what: str) -> torch.Tensor:
+    """gm applied point by point (vmap over the flat index vectors), as flex_attention applies it."""
+    n_points = args[0].shape[0]
+    fn = torch.func.vmap(lambda *a: gm(*a, *buffers), in_dims=(0,) * len(args))
+    try:
+        with torch.no_grad():
+            out = fn(*args)
+    except Exception as err:  # noqa: BLE001 - any failure means "not proven", with the reason shown
+        raise NotProven(f"{what} could not be evaluated on concrete inputs ({type(err).__name__}: {err})") from None
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise NotProven(f"{what} did not return a tensor")
+    return out.expand(n_points) if out.dim() == 0 else out.reshape(n_points)
+
+
+def _find_gate(bias, points, bufs, values, classes, sizes: _Sizes):
+    """The buffer (and its layout) with bias == X[b, h, i + off] - Y[b, h, j], X and Y copies of one tensor."""
+    b, h, iq, j = (p.long() for p in points)
+    for idx, (buf, value, cls) in enumerate(zip(bufs, values, classes)):
+        if cls is None or value.dim() != 3:
+            continue
+        for layout, shape in (("bht", (sizes.B, sizes.Hq, sizes.Tk)), ("bth", (sizes.B, sizes.Tk, sizes.Hq))):
+            if tuple(value.shape) != shape:
+                continue
+            pick = (lambda t: value.float()[b, h, t]) if layout == "bht" else (lambda t: value.float()[b, t, h])
+            if torch.allclose(bias, pick(iq) - pick(j), atol=_ATOL, rtol=0):
+                return _canonical(buf), layout
+    reversed_hint = any(
+        cls is not None and v.dim() == 3 and tuple(v.shape) == (sizes.B, sizes.Hq, sizes.Tk)
+        and torch.allclose(bias, v.float()[b, h, j] - v.float()[b, h, iq], atol=_ATOL, rtol=0)
+        for v, cls in zip(values, classes))
+    if reversed_hint:
+        raise NotProven("score_mod adds c[kv_idx] - c[q_idx], the FoX bias reversed")
+    raise NotProven("score_mod's bias is not c[b, h, q_idx] - c[b, h, kv_idx] for one gate tensor c of shape "
+                    "(B, Hq, Tk) or (B, Tk, Hq) (a second copy must be a clone of the first, not another tensor)")
+
+
+def _gate_builder(c_node: fx.Node, layout: str):
+    value = example_value(c_node)
+    if layout == "bht" and value.dtype == torch.float32:
+        return c_node
+
+    def build(graph: fx.Graph) -> fx.Node:
+        c = c_node
+        if layout == "bth":
+            c = graph.call_function(torch.permute, (c, (0, 2, 1)))
+        if value.dtype != torch.float32:
+            c = graph.call_method("float", (c,))
+        return c
+    return build
+
+
+def _scale(scale, head_dim: int):
+    """flex's scale as the op's sm_scale: None when it is the default 1/sqrt(D), so the op computes it."""
+    if isinstance(scale, fx.Node) or scale is None:
+        return scale
+    if isinstance(scale, (int, float)) and math.isclose(float(scale), 1.0 / math.sqrt(head_dim), rel_tol=1e-12):
+        return None
+    return float(scale)
+
+
+register_anchor(FlexAnchor())

@@ -1,0 +1,334 @@
+"""Proves that a logits tensor is  scale * (q k^T) + (c_i - c_j)  with a causal mask.
+
+Notation: S = q k^T (..., Tq, Tk) the raw product node; off = Tk - Tq (queries are the last Tq
+positions); a term is an additive tensor with a numeric coefficient.
+
+decompose(top, consumer) walks down from the value the consumer (softmax or SDPA) reads, through
+  casts, add/sub/neg (in place or not), mul/div by numbers or symbolic sizes,
+  masked_fill(x, m, -inf) and where(m, x, -inf) (recorded as masks),
+and collects: the S node with the product of its scale factors, additive side terms, masks.
+prove_bias(terms) then evaluates the side terms with random stand-ins for the tensors they view:
+terms of shape (..., Tq, 1) are the query side, (..., 1, Tk) the key side; the proof is that
+  query side (i) == -(key side)(off + i)  for random values,
+which is exactly c_i - c_j with c = -(key side). An additive (..., Tq, Tk) term must evaluate to
+0 / -inf (an additive causal mask). prove_causal(masks) evaluates the masks concretely and checks
+masked(i, j) <=> j > i + off, also at other sequence lengths when the mask is built from sizes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from acp_compile import _torch_private as tp
+from acp_compile.patterns import graph_utils as gu
+from acp_compile.patterns.context import MatchContext, product
+from acp_compile.patterns.guards import MaskGuard
+from acp_compile.patterns.match import NotProven
+
+MASK_FILL_MAX = -1e9            # a fill value at or below this counts as "masked" (-inf, finfo.min ...)
+_VIEW_METHODS = ("unsqueeze", "view", "reshape", "expand", "float", "half", "bfloat16", "double", "to",
+                 "type", "type_as", "contiguous", "squeeze")
+_VIEW_FUNCTIONS = (torch.unsqueeze, torch.reshape, torch.squeeze)
+
+
+@dataclass
+class Term:
+    coef: list                 # numeric/symbolic factors
+    node: fx.Node
+
+
+@dataclass
+class Mask:
+    node: fx.Node | None       # bool tensor node (or an additive 0/-inf term)
+    masked_when: bool          # masked where the evaluated mask == masked_when
+    additive: bool = False     # the node is an additive 0/-inf tensor
+
+
+@dataclass
+class Decomposition:
+    qk: fx.Node | None = None
+    qk_coef: list = field(default_factory=list)
+    terms: list = field(default_factory=list)
+    masks: list = field(default_factory=list)
+    chain: list = field(default_factory=list)       # nodes between top and S (the region)
+
+
+def _is_masked_value(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x <= MASK_FILL_MAX
+
+
+def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool = True,
+              exclusive: bool = True) -> Decomposition:
+    """See the module notes. exclusive: every chain node must feed only the chain (else NotProven)."""
+    out = Decomposition()
+    pos = ctx.position
+    visited = {consumer}
+
+    def walk(node: Any, coef: list, reader: fx.Node) -> None:
+        if not isinstance(node, fx.Node):
+            if isinstance(node, (int, float)) and not isinstance(node, bool):
+                return      # a constant added to every logit: softmax ignores it
+            raise NotProven(f"unsupported operand {node!r} in the logits")
+        v = gu.effective_value(node, reader, pos)
+        visited.add(v)
+        if exclusive:
+            # Readers in the chain (a softmax reading `att` after `att.masked_fill_`) and in-place
+            # writers before them are the only allowed users.
+            writers = {u for u in v.users if gu.is_inplace(u) and u.args and u.args[0] is v and pos[u] < pos[reader]}
+            if any(u not in visited and u not in writers and u is not reader for u in v.users):
+                raise NotProven(f"the intermediate logits {v.name} are also used elsewhere")
+        if allow_qk and (gu.is_op(v, "matmul") or gu.is_op(v, "bmm") or gu.is_op(v, "einsum")):
+            if out.qk is not None:
+                raise NotProven("the logits hold two matrix products")
+            out.qk, out.qk_coef = v, coef
+            return
+        out.chain.append(v)
+        a = v.args
+        if gu.is_op(v, "cast") or (v.op == "call_method" and v.target == "contiguous"):
+            return walk(a[0], coef, v)
+        if gu.is_op(v, "add") or gu.is_op(v, "sub"):
+            if v.kwargs.get("alpha", 1) != 1 or len(a) > 2:
+                raise NotProven(f"{v.name}: add/sub with alpha is not supported")
+            other = a[1] if len(a) > 1 else v.kwargs.get("other")
+            sign = -1 if gu.is_op(v, "sub") else 1
+            walk(a[0], coef, v)
+            walk(other, coef + [sign], v)
+            return
+        if gu.is_op(v, "neg"):
+            return walk(a[0], coef + [-1], v)
+        if gu.is_op(v, "mul") or gu.is_op(v, "div"):
+            x, y = a[0], (a[1] if len(a) > 1 else v.kwargs.get("other"))
+            if gu.is_op(v, "mul") and gu.is_scalar_value(x) and not gu.is_scalar_value(y):
+                x, y = y, x
+            if not gu.is_scalar_value(y):
+                raise NotProven(f"{v.name}: the logits are multiplied or divided by a tensor")
+            if v.kwargs.get("rounding_mode") is not None:
+                raise NotProven(f"{v.name}: division with rounding")
+            f = ctx.scalar(y)
+            return walk(x, coef + [f if gu.is_op(v, "mul") else ("inv", f)], v)
+        if gu.is_op(v, "masked_fill"):
+            fill = gu.arg(v, 2, "value")
+            if not _is_masked_value(fill):
+                raise NotProven(f"{v.name}: masked_fill with {fill!r}, not -inf")
+            out.masks.append(Mask(gu.arg(v, 1, "mask"), True))
+            return walk(a[0], coef, v)
+        if gu.is_op(v, "where") and len(a) == 3:
+            cond, x, y = a
+            if _is_masked_value(y) and isinstance(x, fx.Node):
+                out.masks.append(Mask(cond, False))
+                return walk(x, coef, v)
+            if _is_masked_value(x) and isinstance(y, fx.Node):
+                out.masks.append(Mask(cond, True))
+                return walk(y, coef, v)
+            raise NotProven(f"{v.name}: torch.where that does not fill with -inf")
+        out.chain.pop()
+        out.terms.append(Term(coef, v))
+
+    walk(top, [], consumer)
+    return out
+
+
+def numeric_coef(coef: list) -> float:
+    value = 1.0
+    for f in coef:
+        if isinstance(f, tuple):
+            f = f[1]
+            if tp.is_symbolic(f):
+                raise NotProven("a bias term is scaled by a symbolic number")
+            value /= float(f)
+        else:
+            if tp.is_symbolic(f):
+                raise NotProven("a bias term is scaled by a symbolic number")
+            value *= float(f)
+    return value
+
+
+def scale_factors(coef: list) -> list:
+    """Factors of a coefficient as numbers (division turned into 1/x)."""
+    return [(1.0 / f[1] if not tp.is_symbolic(f[1]) else 1 / f[1]) if isinstance(f, tuple) else f for f in coef]
+
+
+def view_base(node: fx.Node) -> fx.Node:
+    """Walks down view/cast-like ops (unsqueeze, c[..., :, None], view, to ...) to the tensor they read."""
+    cur = node
+    while isinstance(cur, fx.Node) and cur.op in ("call_method", "call_function"):
+        if cur.op == "call_method" and cur.target in _VIEW_METHODS:
+            cur = cur.args[0]
+        elif cur.op == "call_function" and (cur.target in _VIEW_FUNCTIONS or gu.is_op(cur, "getitem")):
+            cur = cur.args[0]
+        else:
+            break
+    return cur
+
+
+def _concrete_shape(node: fx.Node, ctx: MatchContext) -> tuple[int, ...]:
+    return tuple(tp.concrete_int(s) for s in ctx.shape(node))
+
+
+@dataclass
+class BiasProof:
+    key_terms: list           # (coefficient, node) of the (..., 1, Tk) terms: c = -sum(coef * node)
+    constant_terms: int = 0
+
+
+def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasProof | None:
+    """None when there is no bias at all (plain attention); NotProven when it is not c_i - c_j."""
+    query, key, additive = [], [], []
+    for t in dec.terms:
+        s = _concrete_shape(t.node, ctx)
+        if len(s) < 2:
+            if len(s) == 0 or s[-1] == 1:
+                continue                                  # a constant shift
+            raise NotProven(f"bias term {t.node.name} of shape {s} is not of the form c_i - c_j")
+        rows, cols = s[-2], s[-1]
+        if rows == 1 and cols == 1:
+            continue                                      # per-head constant: cancels in softmax
+        if cols == 1 and rows == Tq:
+            query.append(t)
+        elif rows == 1 and cols == Tk:
+            key.append(t)
+        elif (rows, cols) == (Tq, Tk):
+            additive.append(t)
+        else:
+            raise NotProven(f"bias term {t.node.name} of shape {s} does not broadcast to the logits")
+    for t in additive:
+        dec.masks.append(Mask(t.node, True, additive=True))
+        if numeric_coef(t.coef) <= 0:
+            raise NotProven(f"additive term {t.node.name} enters the logits with a negative sign")
+    if not query and not key:
+        return None
+    if not query or not key:
+        raise NotProven("the bias depends only on the query or only on the key position, not c_i - c_j")
+    # Random stand-ins for the tensors the terms view; the same base gets the same values.
+    gen = torch.Generator().manual_seed(0)
+    leaves: dict = {}
+    for t in query + key:
+        base = view_base(t.node)
+        if base not in leaves:
+            bv = gu.fake(base)
+            if not isinstance(bv, torch.Tensor) or not bv.dtype.is_floating_point:
+                raise NotProven(f"bias term {t.node.name} is not a floating-point view of a tensor")
+            shape = tuple(tp.concrete_int(s) for s in bv.shape)
+            leaves[base] = torch.randn(shape, generator=gen, dtype=torch.float64).to(bv.dtype).to(bv.device)
+
+    def side(terms, squeeze_dim):
+        total = None
+        for t in terms:
+            val = ctx.evaluate(t.node, leaves=leaves).to(torch.float64) * numeric_coef(t.coef)
+            total = val if total is None else total + val
+        return total.squeeze(squeeze_dim)
+
+    q_side = side(query, -1)                      # (..., Tq)
+    k_side = side(key, -2)                        # (..., Tk)
+    q_side, k_side = torch.broadcast_tensors(q_side[..., None], k_side[..., None, :])
+    lhs = q_side[..., 0]                           # (..., Tq)
+    rhs = -k_side[..., 0, Tk - Tq:]                # (..., Tq)
+    scale = max(1.0, float(lhs.abs().max()))
+    if not torch.allclose(lhs, rhs, rtol=1e-5, atol=1e-5 * scale):
+        raise NotProven("the bias is not c_i - c_j (query and key sides differ; a reversed c_j - c_i or an arbitrary bias)")
+    return BiasProof([(numeric_coef(t.coef), t.node) for t in key])
+
+
+def _masked(mask: Mask, value: torch.Tensor) -> torch.Tensor:
+    if mask.additive:
+        if not bool(((value == 0) | (value <= MASK_FILL_MAX)).all()):
+            raise NotProven("an additive (Tq, Tk) term holds values other than 0 and -inf: an arbitrary bias")
+        return value <= MASK_FILL_MAX
+    if value.dtype != torch.bool:
+        raise NotProven("a mask that is not boolean")
+    return value if mask.masked_when else ~value
+
+
+def masked_entries(masks: list, ctx: MatchContext, sizes=(), inputs=None) -> torch.Tensor | None:
+    total = None
+    for m in masks:
+        val = ctx.evaluate(m.node, sizes=sizes, inputs=inputs)
+        if not isinstance(val, torch.Tensor):
+            raise NotProven("a mask that is not a tensor")
+        mk = _masked(m, val)
+        total = mk if total is None else (total | mk)
+    return total
+
+
+def is_causal(masked: torch.Tensor | None, Tq: int, Tk: int) -> bool:
+    """masked (..., Tq', Tk') equals j > i + (Tk' - Tq') on every leading index (and has Tq <= Tk)."""
+    if masked is None:
+        return Tq == 1                      # one query sees every key: no mask is needed
+    if masked.dim() < 2:
+        return False
+    tq, tk = masked.shape[-2], masked.shape[-1]
+    if tq > tk:
+        return False
+    i = torch.arange(tq, device=masked.device)[:, None]
+    j = torch.arange(tk, device=masked.device)[None, :]
+    return bool((masked == (j > i + (tk - tq))).all())
+
+
+ALTERNATIVE_SIZES = (1, 2, 3, 5, 17)
+
+
+def prove_causal(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int, site: fx.Node) -> list:
+    """Checks the masks; returns run-time guards for masks that read input tensors (buffers)."""
+    masks = [m for m in dec.masks if m.node is not None]
+    if not masks:
+        if Tq == 1:
+            return []
+        raise NotProven("no causal mask")
+    masked = masked_entries(masks, ctx)
+    if masked.shape[-2:] != (Tq, Tk) and not (masked.shape[-2] in (1, Tq) and masked.shape[-1] in (1, Tk)):
+        raise NotProven("the mask does not match the logits' shape")
+    masked = masked.expand(*masked.shape[:-2], Tq, Tk)
+    if not is_causal(masked, Tq, Tk):
+        raise NotProven("the mask is not causal (j > i hidden, diagonal kept)")
+    symbols = sorted({s for m in masks for s in ctx.symbol_inputs(m.node)}, key=ctx.position.__getitem__)
+    tensors = sorted({t for m in masks for t in ctx.tensor_inputs(m.node)}, key=ctx.position.__getitem__)
+    # Built from sizes: also causal at other sequence lengths (each size alone, then all at once).
+    for s in symbols:
+        for value in ALTERNATIVE_SIZES:
+            try:
+                alt = masked_entries(masks, ctx, sizes={s: value})
+            except NotProven:
+                continue                    # e.g. a buffer shorter than this length
+            if alt is None or not is_causal(alt, alt.shape[-2], alt.shape[-1]):
+                raise NotProven(f"the mask is not causal when {s.name} = {value}")
+    if not tensors or any(t.op == "get_attr" for t in tensors):
+        if any(t.op == "get_attr" for t in tensors):
+            raise NotProven("a mask read from a module attribute (get_attr) is not guarded; pass it as an input")
+        return []
+    inputs_used = tensors + symbols
+    indices = tuple(ctx.placeholder_index[n] for n in inputs_used)
+    mask_gm = extract_subgraph(ctx, [m.node for m in masks], inputs_used)
+
+    def verify(inputs: list) -> bool:
+        args = [tp.concrete_int(inputs[i]) if isinstance(inputs[i], torch.SymInt) else inputs[i] for i in indices]
+        with torch.no_grad():
+            values = mask_gm(*args)
+        total = None
+        for m, val in zip(masks, values):
+            mk = _masked(m, val)
+            total = mk if total is None else (total | mk)
+        return total is not None and is_causal(total, total.shape[-2], total.shape[-1])
+
+    return [MaskGuard(indices, verify, site.name)]
+
+
+def extract_subgraph(ctx: MatchContext, outputs: list, inputs: list) -> fx.GraphModule:
+    """A standalone GraphModule computing `outputs` from `inputs` (copies of the graph's nodes), so
+    a run-time check does not depend on the rewritten graph that inductor may change later."""
+    graph = fx.Graph()
+    env: dict = {}
+    for n in inputs:
+        env[n] = graph.placeholder(n.name)
+    deps = sorted({d for o in outputs for d in ctx.dependencies(o)}, key=ctx.position.__getitem__)
+    for n in deps:
+        if n in env:
+            continue
+        if n.op == "placeholder":
+            raise NotProven(f"the mask reads {n.name}, which is not among its guarded inputs")
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(tuple(env[o] for o in outputs))
+    return fx.GraphModule(torch.nn.Module(), graph)
