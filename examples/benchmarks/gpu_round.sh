@@ -1,0 +1,32 @@
+#!/bin/bash
+# One round on the GPU machine: install the package, then run what the argument names.
+#   bash examples/benchmarks/gpu_round.sh tests        GPU test suite (tests/gpu)
+#   bash examples/benchmarks/gpu_round.sh sweep        forward config sweep at T = 4k, 16k
+#   bash examples/benchmarks/gpu_round.sh bench [args] W1 benchmark (bench_attention.py args)
+# Several may be chained: gpu_round.sh tests sweep bench. Results go to $OUT (or examples/results).
+set -o pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-examples/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ! python3 -m pip install --no-deps --no-build-isolation -e . -q >/dev/null 2>&1; then
+    # No setuptools or no network: map the package by symlinks instead of installing it.
+    mkdir -p /tmp/acp_shim && rm -rf /tmp/acp_shim/acp_compile && cp -r acp_compile /tmp/acp_shim/
+    ln -s "$PWD/kernels" /tmp/acp_shim/acp_compile/kernels && ln -s "$PWD/patterns" /tmp/acp_shim/acp_compile/patterns
+    export PYTHONPATH=/tmp/acp_shim:$PYTHONPATH
+    echo "editable install failed: using the symlink shim"
+fi
+python3 -c "import torch, triton, acp_compile; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+status=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        tests) shift; python3 -m pytest tests/gpu -q -x -p no:cacheprovider --durations=8 2>&1 | tee "$OUT/gpu_tests.txt" || status=1 ;;
+        tests-all) shift; python3 -m pytest tests/gpu -q -p no:cacheprovider --durations=8 2>&1 | tee "$OUT/gpu_tests.txt" || status=1 ;;
+        sweep) shift; python3 examples/benchmarks/bench_attention.py --sweep --T 4096 16384 --out "$OUT" || status=1 ;;
+        bench) shift; args=(); while [ $# -gt 0 ] && [[ ! "$1" =~ ^(tests|tests-all|sweep|bench)$ ]]; do args+=("$1"); shift; done
+               python3 examples/benchmarks/bench_attention.py --out "$OUT" "${args[@]}" || status=1 ;;
+        *) echo "unknown step $1"; exit 2 ;;
+    esac
+done
+exit $status

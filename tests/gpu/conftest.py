@@ -1,0 +1,23 @@
+"""GPU test suite (run on the H200; skipped without CUDA, so CI on CPU skips every test here).
+
+Every test in this folder is marked `gpu` and skipped when torch.cuda.is_available() is False.
+Helpers (W1-like gated inputs, an fp64 reference on sampled query rows) live in
+kernels/fox_triton/sampled_reference.py so that the tests and the benchmark share them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+_HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if _HERE in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.gpu)
+            if not torch.cuda.is_available():
+                item.add_marker(skip)
