@@ -65,7 +65,14 @@ def _load_builtin() -> None:
             importlib.import_module(module)
         except ModuleNotFoundError as err:
             if err.name != module:
-                raise
+                _skip(module, err)
+        except Exception as err:  # a broken optional anchor must not break compilation
+            _skip(module, err)
+
+
+def _skip(module: str, err: Exception) -> None:
+    import logging
+    logging.getLogger("acp_compile").warning("acp: anchor module %s not loaded: %s: %s", module, type(err).__name__, err)
 
 
 def anchors() -> tuple[Anchor, ...]:

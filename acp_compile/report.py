@@ -1,0 +1,119 @@
+"""Per-site pruning report: which fraction of tiles ACP skipped, per (batch, head), in the last call.
+
+Switch it on with options={"report": True} (off by default: it reads the plan back to the host,
+one device sync per site and call, and cannot run under CUDA graphs).
+
+    model = torch.compile(model, backend="acp", options={"report": True})
+    model(x)
+    for rec in acp_compile.report.sites():            # one record per rewritten attention site
+        print(rec.site, rec.calls, rec.skipped.mean())   # rec.skipped: (B, Hq) fp32, last call
+    acp_compile.report.draw_pruning_map("layers.0.attn", head=0, batch=0, path="map.png")
+
+Site names are the module path of the attention ("layers.3.attn", "#2" appended when one module
+holds several), or the graph node's name outside modules. Numbers come from the same plan the
+kernels use (kernels/plan.py with the forward's tile sizes), computed for the forward call.
+
+Mechanism: the pass adds `o = o + acp::report_site(q, k, c, site, ...)`, an opaque custom op
+returning a zero scalar; its result feeds the output, so neither AOTAutograd nor inductor can drop
+it, and its Python implementation records the plan when the compiled graph runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from acp_compile.kernels import blocked, dispatch
+from acp_compile.kernels.plan import default_scale, kept_tiles, make_plan, skipped_fraction
+
+
+@dataclass
+class SiteRecord:
+    site: str                 # name of the attention site
+    calls: int                # forward calls recorded
+    skipped: Tensor           # (B, Hq) fp32 on CPU: fraction of causal tiles skipped in the last call
+    kept_tiles: Tensor        # (B, Hq, Mq, Nk) bool on CPU: tiles computed in the last call
+    block_m: int              # tile rows (queries)
+    block_n: int              # tile columns (keys)
+    seq_q: int                # Tq of the last call
+    seq_k: int                # Tk of the last call
+
+
+_RECORDS: dict[str, SiteRecord] = {}
+
+
+def sites() -> list[SiteRecord]:
+    """Records of every site seen since the last reset(), in first-call order."""
+    return list(_RECORDS.values())
+
+
+def site(name: str) -> SiteRecord:
+    if name not in _RECORDS:
+        known = ", ".join(_RECORDS) or "none yet (compile with options={'report': True} and run the model)"
+        raise KeyError(f"no report for site {name!r}; recorded sites: {known}")
+    return _RECORDS[name]
+
+
+def reset() -> None:
+    _RECORDS.clear()
+
+
+def draw_pruning_map(site_name: str, head: int = 0, batch: int = 0, path: str = "pruning_map.png") -> str:
+    """Writes the pruning map (computed vs skipped tiles) of one site, batch element and head as a PNG."""
+    from acp_compile.pruning_map import write_pruning_map_png
+    rec = site(site_name)
+    B, H = rec.kept_tiles.shape[:2]
+    if not (0 <= batch < B and 0 <= head < H):
+        raise IndexError(f"site {site_name!r} has batch size {B} and {H} heads; got batch={batch}, head={head}")
+    write_pruning_map_png(rec.kept_tiles[batch, head], path)
+    return path
+
+
+def _tile_sizes(q: Tensor, k: Tensor, c: Tensor) -> tuple[int, int]:
+    """The forward's tile sizes for this call (Triton table or the blocked path)."""
+    try:
+        if dispatch.forward_implementation(q, k, k, c) == "triton":
+            from acp_compile.kernels.fox_triton.configs import forward_config
+            cfg = forward_config(q)
+            return cfg.block_m, cfg.block_n
+    except Exception:
+        pass
+    return blocked.BLOCK_M, blocked.BLOCK_N
+
+
+def record(q: Tensor, k: Tensor, c: Tensor, site_name: str, sm_scale: Optional[float], log_eps: Optional[float]) -> None:
+    """Computes the plan of one call and stores it under `site_name` (syncs with the device)."""
+    with torch.no_grad():
+        bm, bn = _tile_sizes(q, k, c)
+        scale = default_scale(q.shape[-1]) if sm_scale is None else sm_scale
+        plan = make_plan(q, k, c, scale, log_eps, None, bm, bn)
+        skipped = skipped_fraction(plan).cpu()
+        kept = kept_tiles(plan).cpu()
+    prev = _RECORDS.get(site_name)
+    _RECORDS[site_name] = SiteRecord(site_name, (prev.calls if prev else 0) + 1, skipped, kept, bm, bn,
+                                     q.shape[2], k.shape[2])
+
+
+@torch.library.custom_op("acp::report_site", mutates_args=())
+def report_site(q: Tensor, k: Tensor, c: Tensor, site_name: str,
+                sm_scale: Optional[float], log_eps: Optional[float]) -> Tensor:
+    record(q, k, c, site_name, sm_scale, log_eps)
+    return q.new_zeros(())
+
+
+@report_site.register_fake
+def _report_site_fake(q, k, c, site_name, sm_scale, log_eps):
+    return q.new_zeros(())
+
+
+def _no_grad(ctx, grad):
+    return None, None, None, None, None, None
+
+
+report_site.register_autograd(_no_grad)
+
+
+def report_op():
+    return torch.ops.acp.report_site.default
