@@ -1,0 +1,182 @@
+"""FoX attention backward with ACP on Triton: Delta preprocess, dk/dv/dc kernel, dq kernel.
+
+  backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound) -> (dq, dk, dv, dc)
+
+Shapes: q, do, o, dq (B, Hq, Tq, D); k, v, dk, dv (B, Hkv, Tk, D); c, dc (B, Hq, Tk) (dc fp32);
+lse (B, Hq, Tq) fp32 natural log, as written by the forward. Outputs are `empty_like` the matching
+input (strides kept); any input strides work. Queries are the last Tq of the Tk positions.
+
+Steps (three launches plus the plan; nothing synchronises with the host, no atomics, so the
+gradients are bitwise reproducible from run to run):
+  1. Delta_i = rowsum(do_i * o_i) in fp32                         (preprocess kernel below)
+  2. dk, dv, dc: one program per (key block, b, kv head)            (backward_dkdv.py)
+  3. dq:         one program per (query block, b, query head)       (backward_dq.py)
+
+Tile partition and the eps bound: each kernel takes its own (BLOCK_M, BLOCK_N) and the ACP plan
+of exactly that partition, which may differ from the forward's. Every plan is safe on its own:
+an entry that a plan skips has c_i - c_j < delta, hence P_ij <= exp(2U + delta) = eps / Tk, so
+a backward tile set that differs from the forward's changes each P_ij it drops or adds by at
+most eps / Tk per entry and each row's mass by at most eps. The gradients therefore differ from
+the exact gradient of the forward's pruned attention by the same eps-level amount that separates
+that attention from dense attention. With equal partitions the backward visits exactly the
+forward's tiles and is the exact gradient of the pruned attention (what the tight tests check).
+
+Dtypes: fp16/bf16 use tensor-core dots with fp32 accumulation. fp32 inputs run their dots in
+TF32 like the forward (support.py documents it); ACP_TRITON_FP32_DOT=ieee or tf32x3 picks a more
+exact precision. Head dims 1..256 (padded to a power of two >= 16). What the kernels cover, and
+the switch that runs them on CPU tensors under the interpreter, is decided in support.py.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from acp_compile.kernels.fox_triton.backward_dkdv import fox_bwd_dkdv_kernel
+from acp_compile.kernels.fox_triton.backward_dq import fox_bwd_dq_kernel
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Tile sizes of the two main kernels (each kernel gets the ACP plan of its own partition)."""
+    kv_block_m: int = 32     # dk/dv kernel: query rows streamed per step
+    kv_block_n: int = 128    # dk/dv kernel: keys held by one program
+    q_block_m: int = 128     # dq kernel: query rows held by one program
+    q_block_n: int = 32      # dq kernel: keys streamed per step
+    kv_warps: int = 4
+    kv_stages: int = 3
+    q_warps: int = 4
+    q_stages: int = 3
+    pre_block_m: int = 64    # Delta preprocess rows per program
+
+    @property
+    def same_partition(self) -> bool:
+        return (self.kv_block_m, self.kv_block_n) == (self.q_block_m, self.q_block_n)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def default_config(q: torch.Tensor) -> BackwardConfig:
+    """Tile sizes by head dim and device (H200 measurements in the GPU benchmark; Ampere shares them)."""
+    D = q.shape[-1]
+    if _interpreting() or q.device.type != "cuda":
+        return BackwardConfig(32, 32, 32, 32, 4, 1, 4, 1, 32)
+    if D <= 64:
+        return BackwardConfig(32, 128, 128, 32, 4, 3, 4, 3)
+    if D <= 128:
+        return BackwardConfig(32, 128, 128, 32, 4, 3, 8, 3)
+    return BackwardConfig(32, 64, 64, 32, 4, 2, 4, 2)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return os.environ.get("ACP_TRITON_FP32_DOT", "tf32")
+    return "tf32"   # ignored for 16-bit inputs
+
+
+@triton.jit
+def fox_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    Hq, Tq, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Delta (B, Hq, Tq) fp32 contiguous: Delta_i = sum_d o_id * do_id. Grid (ceil(Tq / BLOCK_M), B * Hq)."""
+    m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Tq
+    ok = row_ok[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, axis=1), mask=row_ok)
+
+
+def _plan_indices(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n):
+    """(start (B, Hq, Mq), end (B, Hq, Nk)) int32 contiguous for this partition."""
+    try:
+        from acp_compile.kernels.fox_triton.plan import compute_plan
+    except ImportError:
+        compute_plan = None
+    if compute_plan is not None and (q.device.type == "cuda" or _interpreting()):
+        start, end = compute_plan(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n)
+    else:
+        from acp_compile.kernels.plan import make_plan
+        plan = make_plan(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n)
+        start, end = plan.start, plan.end
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
+def _pow2_head_dim(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps=None, u_bound=None, config: BackwardConfig | None = None):
+    """Gradients (dq, dk, dv, dc) of FoX attention with ACP; see the module docstring."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    sm_scale = float(sm_scale)
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"fox_attention Triton backward: head dim {D} > {MAX_HEAD_DIM}; use the blocked path")
+    cfg = config or default_config(q)
+    group = Hq // Hkv
+    acp = log_eps is not None and log_eps != float("-inf")
+    block_d = _pow2_head_dim(D)
+    precision = _dot_precision(q.dtype)
+    qk_scale = sm_scale * LOG2E
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dc = torch.empty_like(c, dtype=torch.float32)
+    delta = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
+
+    fox_bwd_preprocess_kernel[(triton.cdiv(Tq, cfg.pre_block_m), B * Hq)](
+        o, do, delta, *o.stride(), *do.stride(), Hq, Tq, D,
+        BLOCK_M=cfg.pre_block_m, BLOCK_D=block_d,
+    )
+
+    kv_mq, kv_nk = triton.cdiv(Tq, cfg.kv_block_m), triton.cdiv(Tk, cfg.kv_block_n)
+    q_mq = triton.cdiv(Tq, cfg.q_block_m)
+    if acp:
+        kv_start, kv_end = _plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.kv_block_m, cfg.kv_block_n)
+        if cfg.same_partition:
+            q_start = kv_start
+        else:
+            q_start, _ = _plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.q_block_m, cfg.q_block_n)
+    else:
+        kv_start = kv_end = q_start = delta   # unused placeholders: ACP=False never reads them
+
+    fox_bwd_dkdv_kernel[(kv_nk, B * Hkv)](
+        q, k, v, c, do, lse, delta, kv_start, kv_end, dk, dv, dc,
+        *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *lse.stride(),
+        *dk.stride(), *dv.stride(), *dc.stride(),
+        Hq, Hkv, Tq, Tk, D, kv_mq, kv_nk, sm_scale, qk_scale,
+        GROUP=group, ACP=acp, DOT_PRECISION=precision,
+        BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n, BLOCK_D=block_d,
+        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+    )
+    fox_bwd_dq_kernel[(q_mq, B * Hq)](
+        q, k, v, c, do, lse, delta, q_start, dq,
+        *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *lse.stride(), *dq.stride(),
+        Hq, Tq, Tk, D, q_mq, sm_scale, qk_scale,
+        GROUP=group, ACP=acp, DOT_PRECISION=precision,
+        BLOCK_M=cfg.q_block_m, BLOCK_N=cfg.q_block_n, BLOCK_D=block_d,
+        num_warps=cfg.q_warps, num_stages=cfg.q_stages,
+    )
+    return dq, dk, dv, dc
