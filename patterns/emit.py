@@ -57,17 +57,20 @@ def erase_dead(graph: fx.Graph, nodes) -> None:
     """Erases nodes of a matched region that nothing reads any more; an in-place writer whose
     target is dead dies with it. Never touches placeholders or nodes outside `nodes`."""
     region = {n for n in nodes if isinstance(n, fx.Node)}
+    erased: set = set()
     changed = True
     while changed:
         changed = False
         for n in list(region):
-            if n.graph is not graph or n.op in ("placeholder", "output", "get_attr"):
+            if n in erased or n.graph is not graph or n.op in ("placeholder", "output", "get_attr"):
                 region.discard(n)
                 continue
             users = list(n.users)
             if all(gu.is_inplace(u) and u.args and u.args[0] is n and not u.users for u in users):
                 for u in users:
                     graph.erase_node(u)
+                    erased.add(u)
                 graph.erase_node(n)
+                erased.add(n)
                 region.discard(n)
                 changed = True

@@ -200,6 +200,11 @@ def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasP
         if numeric_coef(t.coef) <= 0:
             raise NotProven(f"additive term {t.node.name} enters the logits with a negative sign")
     if not query and not key:
+        for t in additive:                       # plain attention, unless the "mask" is a bias
+            try:
+                _masked(Mask(t.node, True, additive=True), ctx.evaluate(t.node))
+            except NotProven as err:
+                raise NotProven(f"an additive (Tq, Tk) bias that is not c_i - c_j ({err})") from None
         return None
     if not query or not key:
         raise NotProven("the bias depends only on the query or only on the key position, not c_i - c_j")
@@ -230,7 +235,37 @@ def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasP
     scale = max(1.0, float(lhs.abs().max()))
     if not torch.allclose(lhs, rhs, rtol=1e-5, atol=1e-5 * scale):
         raise NotProven("the bias is not c_i - c_j (query and key sides differ; a reversed c_j - c_i or an arbitrary bias)")
-    return BiasProof([(numeric_coef(t.coef), t.node) for t in key])
+    key_terms = [(numeric_coef(t.coef), t.node) for t in key]
+    for coef, node in key_terms:
+        if coef > 0 and is_log_gate_cumsum(view_base(node)):
+            raise NotProven("the bias is reversed (c_j - c_i of a cumulative log forget gate): "
+                            "attention would grow with distance, which is not FoX")
+    return BiasProof(key_terms)
+
+
+def _is_nonpositive_log_gate(node: Any) -> bool:
+    """logsigmoid(x) or -softplus(x) (through casts): a log forget gate, <= 0 by construction."""
+    while isinstance(node, fx.Node) and gu.is_op(node, "cast"):
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return False
+    name = getattr(node.target, "__name__", str(node.target))
+    if name in ("logsigmoid", "log_sigmoid"):
+        return True
+    if gu.is_op(node, "neg"):
+        inner = node.args[0]
+        return isinstance(inner, fx.Node) and getattr(inner.target, "__name__", str(inner.target)) == "softplus"
+    return False
+
+
+def is_log_gate_cumsum(node: Any) -> bool:
+    """A cumulative sum over the last dim of a log forget gate: a non-increasing c."""
+    if not isinstance(node, fx.Node):
+        return False
+    name = getattr(node.target, "__name__", str(node.target))
+    if name != "cumsum" or not node.args:
+        return False
+    return _is_nonpositive_log_gate(node.args[0])
 
 
 def _masked(mask: Mask, value: torch.Tensor) -> torch.Tensor:

@@ -123,8 +123,10 @@ def _source_4d(node: Any, n_lead: Any) -> fx.Node | None:
 
 
 def _size(graph: fx.Graph, node: fx.Node, dim: int) -> Any:
-    v = gu.shape(node)[dim]
-    return v if isinstance(v, int) else graph.call_method("size", (node, dim))
+    s = gu.shape(node)
+    if s is not None and isinstance(s[dim], int):
+        return s[dim]
+    return graph.call_method("size", (node, dim))
 
 
 def _parse_einsum(node: fx.Node) -> tuple[str, list[str], list]:

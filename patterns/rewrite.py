@@ -67,6 +67,17 @@ def site_name(node: fx.Node, taken: set) -> str:
 
 
 
+# Callables called with every RewriteResult (tests and debugging inspect the rewritten graph).
+observers: list = []
+
+
+def _undo(graph: fx.Graph, before: set) -> None:
+    """Erases nodes added since `before` (an emission that failed before redirecting any use)."""
+    for n in reversed(list(graph.nodes)):
+        if n not in before and not n.users:
+            graph.erase_node(n)
+
+
 def rewrite_graph(gm: fx.GraphModule, example_inputs, config: ACPConfig) -> RewriteResult:
     new = copy_graph_module(gm)
     ctx = MatchContext.build(new, example_inputs, config)
@@ -77,7 +88,12 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: ACPConfig) -> Rewr
         for node in list(anchor.candidates(new.graph)):
             if node.graph is not new.graph or node in ctx.claimed:
                 continue
-            found = anchor.match(node, ctx)
+            try:
+                found = anchor.match(node, ctx)
+            except Exception as err:  # a bug in an anchor must not break compilation
+                log.warning("acp: anchor %s failed on %s (%s: %s); left as it was", anchor.name, node.name,
+                            type(err).__name__, err, exc_info=log.isEnabledFor(10))
+                found = NearMiss(anchor.name, node.name, f"internal error in the matcher: {type(err).__name__}: {err}")
             if found is None:
                 continue
             if isinstance(found, NearMiss):
@@ -92,7 +108,19 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: ACPConfig) -> Rewr
                 continue
             assert isinstance(found, FoxMatch)
             site = site_name(found.replace, taken)
-            emit_fox_attention(new, found, config, site)
+            before = set(new.graph.nodes)
+            try:
+                emit_fox_attention(new, found, config, site)
+            except Exception as err:
+                _undo(new.graph, before)
+                log.warning("acp: emitting the op for %s failed (%s: %s); left as it was", site,
+                            type(err).__name__, err, exc_info=log.isEnabledFor(10))
+                counters["near_miss"] += 1
+                result.near_misses.append(NearMiss(found.anchor, found.replace.name, f"internal error: {err}"))
+                if config.strict:
+                    raise
+                continue
+            ctx.claimed.update(n for n in found.region if isinstance(n, fx.Node))
             for g in found.guards:
                 g.site = site
             result.guards.extend(found.guards)
@@ -100,6 +128,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: ACPConfig) -> Rewr
             counters["fox_attention"] += 1
             log.debug("acp: rewrote %s (%s anchor, sm_scale=%s)", site, found.anchor, found.sm_scale)
             ctx.position = {n: i for i, n in enumerate(new.graph.nodes)}
+    for observe in observers:
+        observe(result)
     if result.sites:
         new.graph.lint()
         new.recompile()
