@@ -1,0 +1,194 @@
+"""flex_attention with a FoX score_mod and a causal mask is rewritten to the op; look-alikes are not.
+
+Oracle: torch._dynamo.utils.counters["acp"] ("fox_attention": rewritten sites, "near_miss": attention
+that was looked at and left alone); outputs are compared with eager flex_attention. CPU flex_attention
+has no backward, so these tests run forward only (training through the op is tested elsewhere).
+"""
+import logging
+import math
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+import acp_compile.backend  # noqa: F401  (sets up the acp_compile logger before a test attaches to it)
+
+warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def inputs(B=1, Hq=2, Hkv=None, Tq=37, Tk=None, D=16, seed=0, decay=1.0):
+    Hkv = Hkv or Hq
+    Tk = Tk or Tq
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Tq, D, generator=g)
+    k, v = torch.randn(B, Hkv, Tk, D, generator=g), torch.randn(B, Hkv, Tk, D, generator=g)
+    c = torch.cumsum(torch.nn.functional.logsigmoid(torch.randn(B, Hq, Tk, generator=g) + 2.0) * decay, dim=-1)
+    return q, k, v, c
+
+
+def run(fn, args, **options):
+    """(compiled output, eager output, acp counters) for fn under backend="acp"."""
+    torch._dynamo.reset()
+    counters.clear()
+    options = {"inner_backend": "eager", "log_eps": None, **options}
+    with torch.no_grad():
+        out = torch.compile(fn, backend="acp", options=options)(*args)
+        ref = fn(*args)
+    return out, ref, dict(counters["acp"])
+
+
+class LogLines(logging.Handler):
+    """Collects the messages of one logger (torch's logging does not propagate them to pytest's caplog)."""
+
+    def __init__(self, name):
+        super().__init__(logging.DEBUG)
+        self.logger, self.lines = logging.getLogger(name), []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def __enter__(self):
+        self.old_level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self)
+        return self.lines
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.old_level)
+
+
+# ----------------------------------------------------------------------------------------- rewritten
+
+def two_copies_in_graph_block_mask(q, k, v, c):
+    B, H, T, _ = q.shape
+    c2 = c.clone()                                           # flex reads each closure tensor once
+    mask = create_block_mask(causal, B, H, T, T, device="cpu")
+    return flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + c[b, h, i] - c2[b, h, j],
+                          block_mask=mask, scale=0.3)
+
+
+def causal_inside_score_mod(q, k, v, c):
+    def fox(score, b, h, i, j):
+        return torch.where(i >= j, score + (c[b, h, i] - c[b, h, j]), -float("inf"))
+    return flex_attention(q, k, v, score_mod=fox)
+
+
+GLOBAL_MASK = create_block_mask(causal, 1, 2, 37, 37, device="cpu")         # built once, outside the graph
+STRICT_MASK = create_block_mask(lambda b, h, i, j: i > j, 1, 2, 37, 37, device="cpu")
+
+
+def time_major_gate_global_block_mask(q, k, v, c):
+    c_bth = c.transpose(1, 2).contiguous()                   # (B, T, H)
+    return flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s - c_bth[b, j, h] + c_bth[b, i, h],
+                          block_mask=GLOBAL_MASK)
+
+
+def gqa_with_cache_offset(q, k, v, c):
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
+    off = Tk - Tq
+
+    def cache_causal(b, h, i, j):
+        return i + off >= j
+
+    mask = create_block_mask(cache_causal, B, Hq, Tq, Tk, device="cpu")
+    return flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + c[b, h, i + off] - c[b, h, j],
+                          block_mask=mask, enable_gqa=True)
+
+
+REWRITTEN = {
+    "two_copies_in_graph_block_mask": (two_copies_in_graph_block_mask, {}),
+    "causal_inside_score_mod": (causal_inside_score_mod, {}),
+    "time_major_gate_global_block_mask": (time_major_gate_global_block_mask, {}),
+    "gqa_with_cache_offset": (gqa_with_cache_offset, dict(Hq=4, Hkv=2, Tq=21, Tk=45, D=32)),
+}
+
+
+@pytest.mark.parametrize("name", REWRITTEN)
+def test_fox_flex_attention_is_rewritten(name):
+    fn, shape = REWRITTEN[name]
+    args = inputs(**shape, seed=len(name))
+    out, ref, count = run(fn, args)
+    assert count.get("fox_attention") == 1 and not count.get("near_miss"), count
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_pruned_rewrite_stays_within_the_eps_bound_under_inductor():
+    q, k, v, c = inputs(Tq=70, D=16, seed=3, decay=6.0)       # strong decay: ACP skips tiles
+    out, ref, count = run(two_copies_in_graph_block_mask, (q, k, v, c), inner_backend="inductor", log_eps=-10.0)
+    assert count.get("fox_attention") == 1, count
+    bound = 2 * math.exp(-10.0) * v.norm(dim=-1).max().item()
+    assert (out - ref).abs().max().item() <= bound + 1e-5
+
+
+# ----------------------------------------------------------------------------------------- left alone
+
+def other_tensor_as_key_gate(q, k, v, c):
+    other = c * 0.5                                           # not a copy of c: an arbitrary bias
+    return flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + c[b, h, i] - other[b, h, j],
+                          block_mask=GLOBAL_MASK)
+
+
+def alibi_bias(q, k, v, c):
+    return flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s - 0.1 * (h + 1) * (i - j),
+                          block_mask=GLOBAL_MASK)
+
+
+def reversed_bias(q, k, v, c):
+    return flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + c[b, h, j] - c[b, h, i],
+                          block_mask=GLOBAL_MASK)
+
+
+def no_mask(q, k, v, c):
+    return flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + c[b, h, i] - c[b, h, j])
+
+
+def diagonal_hidden(q, k, v, c):
+    return flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + c[b, h, i] - c[b, h, j],
+                          block_mask=STRICT_MASK)
+
+
+def scaled_score(q, k, v, c):
+    return flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: 2.0 * s + c[b, h, i] - c[b, h, j],
+                          block_mask=GLOBAL_MASK)
+
+
+def lse_used(q, k, v, c):
+    o, lse = flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + c[b, h, i] - c[b, h, j],
+                            block_mask=GLOBAL_MASK, return_lse=True)
+    return o * lse[..., None]
+
+
+LOOK_ALIKES = {
+    "other_tensor_as_key_gate": (other_tensor_as_key_gate, "must be a clone of the first"),
+    "alibi_bias": (alibi_bias, "bias is not c[b, h, q_idx]"),
+    "reversed_bias": (reversed_bias, "reversed"),
+    "no_mask": (no_mask, "not causal"),
+    "diagonal_hidden": (diagonal_hidden, "hides the diagonal"),
+    "scaled_score": (scaled_score, "does not add a bias"),
+    "lse_used": (lse_used, "logsumexp"),
+}
+
+
+@pytest.mark.parametrize("name", LOOK_ALIKES)
+def test_look_alike_keeps_its_eager_result(name):
+    fn, reason = LOOK_ALIKES[name]
+    args = inputs(Tq=37, seed=len(name))
+    with LogLines("acp_compile") as lines:
+        out, ref, count = run(fn, args)
+    assert not count.get("fox_attention") and count.get("near_miss", 0) >= 1, count
+    assert any(reason in line for line in lines), lines
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_strict_mode_raises_on_a_flex_near_miss():
+    with pytest.raises(Exception, match="reversed"):
+        run(reversed_bias, inputs(Tq=37, seed=5), strict=True)
