@@ -207,3 +207,19 @@ else:
         got = backward(do, q, k, v, c, o.float(), lse.float(), scale, log_eps, u_bound, SAME)
         for g, w, name in zip(got, want, ("dq", "dk", "dv", "dc")):
             assert_close(g, w, 2e-4, name)
+
+    @pytest.mark.parametrize("log_eps", [None, -8.0])
+    def test_op_gradients_route_to_triton_backward(log_eps):
+        """The op under the interpreter switch: Triton forward + this backward, vs dense fp64 autograd."""
+        import acp_compile  # noqa: F401  (registers torch.ops.acp)
+        from acp_compile.kernels import dispatch
+
+        q, k, v, c, do = make_inputs(1, 4, 2, 60, 90, 32, torch.float32, decay=1.0, seed=13, qk_gain=0.5)
+        assert dispatch.backward_implementation(q, k, v, c) == "triton"
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, c)]
+        o, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, log_eps, None)
+        o.backward(do)
+        _, _, *want = reference_grads(q, k, v, c, do, 1.0 / math.sqrt(32))
+        tol = 2e-4 + (0.0 if log_eps is None else 50 * math.exp(log_eps))
+        for leaf, w, name in zip(leaves, want, ("dq", "dk", "dv", "dc")):
+            assert_close(leaf.grad, w, tol, name)

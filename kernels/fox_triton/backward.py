@@ -8,9 +8,11 @@ input (strides kept); any input strides work. Queries are the last Tq of the Tk 
 
 Steps (three launches plus the plan; nothing synchronises with the host, no atomics, so the
 gradients are bitwise reproducible from run to run):
-  1. Delta_i = rowsum(do_i * o_i) in fp32                         (preprocess kernel below)
-  2. dk, dv, dc: one program per (key block, b, kv head)            (backward_dkdv.py)
-  3. dq:         one program per (query block, b, query head)       (backward_dq.py)
+  1. Delta_i = rowsum(do_i * o_i) and the row term r_i = (c[p_i] - lse_i) log2(e), fp32 (B, Hq, Tq)
+                                                                   (preprocess kernel below)
+  2. dk, dv, dc: one program per (b, kv head, key block)            (backward_dkdv.py)
+  3. dq:         one program per (b, query head, query block)       (backward_dq.py)
+The ACP plans come from kernels/fox_triton/plan.py (device, no host sync): one per partition.
 
 Tile partition and the eps bound: each kernel takes its own (BLOCK_M, BLOCK_N) and the ACP plan
 of exactly that partition, which may differ from the forward's. Every plan is safe on its own:
@@ -85,13 +87,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def fox_bwd_preprocess_kernel(
-    O, DO, DELTA,
+    O, DO, C, LSE, DELTA, ROW,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_dob, stride_doh, stride_dot, stride_dod,
-    Hq, Tq, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_cb, stride_ch, stride_ct,
+    stride_lb, stride_lh, stride_lt,
+    Hq, Tq, Tk,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Delta (B, Hq, Tq) fp32 contiguous: Delta_i = sum_d o_id * do_id. Grid (ceil(Tq / BLOCK_M), B * Hq)."""
+    """Delta_i = sum_d o_id do_id and r_i = (c[p_i] - lse_i) log2(e): (B, Hq, Tq) fp32 contiguous.
+    Grid (ceil(Tq / BLOCK_M), B * Hq)."""
     m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -99,26 +104,22 @@ def fox_bwd_preprocess_kernel(
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Tq
-    ok = row_ok[:, None] & (offs_d < D)[None, :]
+    ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
                 mask=ok, other=0.0).to(tl.float32)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
                  mask=ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, axis=1), mask=row_ok)
+    c_q = tl.load(C + b * stride_cb + h * stride_ch + (offs_m + Tk - Tq) * stride_ct, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m * stride_lt, mask=row_ok, other=0.0)
+    out = bh.to(tl.int64) * Tq + offs_m
+    tl.store(DELTA + out, tl.sum(o * do, axis=1), mask=row_ok)
+    tl.store(ROW + out, (c_q.to(tl.float32) - lse) * 1.4426950408889634, mask=row_ok)
 
 
-def _plan_indices(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n):
-    """(start (B, Hq, Mq), end (B, Hq, Nk)) int32 contiguous for this partition."""
-    try:
-        from acp_compile.kernels.fox_triton.plan import compute_plan
-    except ImportError:
-        compute_plan = None
-    if compute_plan is not None and (q.device.type == "cuda" or _interpreting()):
-        start, end = compute_plan(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n)
-    else:
-        from acp_compile.kernels.plan import make_plan
-        plan = make_plan(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n)
-        start, end = plan.start, plan.end
+def plan_indices(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n):
+    """(start (B, Hq, Mq), end (B, Hq, Nk)) int32 contiguous: the device plan for this partition."""
+    from acp_compile.kernels.fox_triton.plan import compute_plan
+    start, end = compute_plan(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n)
     return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
@@ -126,57 +127,72 @@ def _pow2_head_dim(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps=None, u_bound=None, config: BackwardConfig | None = None):
-    """Gradients (dq, dk, dv, dc) of FoX attention with ACP; see the module docstring."""
+def preprocess(do, o, c, lse, block_m: int = 64):
+    """(delta, row): both (B, Hq, Tq) fp32 contiguous."""
+    B, Hq, Tq, D = o.shape
+    Tk = c.shape[-1]
+    delta = torch.empty((B, Hq, Tq), device=o.device, dtype=torch.float32)
+    row = torch.empty((B, Hq, Tq), device=o.device, dtype=torch.float32)
+    fox_bwd_preprocess_kernel[(triton.cdiv(Tq, block_m), B * Hq)](
+        o, do, c, lse, delta, row, *o.stride(), *do.stride(), *c.stride(), *lse.stride(), Hq, Tq, Tk,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_D=_pow2_head_dim(D),
+    )
+    return delta, row
+
+
+def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: float, cfg: BackwardConfig):
+    """dk, dv (B, Hkv, Tk, D) and dc (B, Hq, Tk) fp32, written in place. start/end None: dense."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(D)
-    sm_scale = float(sm_scale)
+    bm, bn = cfg.kv_block_m, cfg.kv_block_n
+    Mq, Nk = triton.cdiv(Tq, bm), triton.cdiv(Tk, bn)
+    acp = start is not None
+    fox_bwd_dkdv_kernel[(B * Hkv, Nk)](
+        q, k, v, c, do, row, delta, start if acp else delta, end if acp else delta, dk, dv, dc,
+        *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dk.stride(), *dv.stride(), *dc.stride(),
+        Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, sm_scale * LOG2E,
+        GROUP=Hq // Hkv, ACP=acp, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
+        EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2_head_dim(D),
+        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+    )
+
+
+def launch_dq(q, k, v, c, do, row, delta, start, dq, sm_scale: float, cfg: BackwardConfig):
+    """dq (B, Hq, Tq, D), written in place. start None: dense."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    bm, bn = cfg.q_block_m, cfg.q_block_n
+    Mq = triton.cdiv(Tq, bm)
+    acp = start is not None
+    fox_bwd_dq_kernel[(B * Hq, Mq)](
+        q, k, v, c, do, row, delta, start if acp else delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dq.stride(),
+        Hq, Tq, Tk, Mq, sm_scale, sm_scale * LOG2E,
+        GROUP=Hq // Hkv, ACP=acp, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
+        EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2_head_dim(D),
+        num_warps=cfg.q_warps, num_stages=cfg.q_stages,
+    )
+
+
+def backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps=None, u_bound=None, config: BackwardConfig | None = None):
+    """Gradients (dq, dk, dv, dc) of FoX attention with ACP; see the module docstring."""
+    D = q.shape[-1]
     if D > MAX_HEAD_DIM:
         raise ValueError(f"fox_attention Triton backward: head dim {D} > {MAX_HEAD_DIM}; use the blocked path")
+    sm_scale = float(1.0 / math.sqrt(D) if sm_scale is None else sm_scale)
     cfg = config or default_config(q)
-    group = Hq // Hkv
     acp = log_eps is not None and log_eps != float("-inf")
-    block_d = _pow2_head_dim(D)
-    precision = _dot_precision(q.dtype)
-    qk_scale = sm_scale * LOG2E
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dc = torch.empty_like(c, dtype=torch.float32)
-    delta = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
-
-    fox_bwd_preprocess_kernel[(triton.cdiv(Tq, cfg.pre_block_m), B * Hq)](
-        o, do, delta, *o.stride(), *do.stride(), Hq, Tq, D,
-        BLOCK_M=cfg.pre_block_m, BLOCK_D=block_d,
-    )
-
-    kv_mq, kv_nk = triton.cdiv(Tq, cfg.kv_block_m), triton.cdiv(Tk, cfg.kv_block_n)
-    q_mq = triton.cdiv(Tq, cfg.q_block_m)
+    delta, row = preprocess(do, o, c, lse, cfg.pre_block_m)
+    kv_start = kv_end = q_start = None
     if acp:
-        kv_start, kv_end = _plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.kv_block_m, cfg.kv_block_n)
+        kv_start, kv_end = plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.kv_block_m, cfg.kv_block_n)
         if cfg.same_partition:
             q_start = kv_start
         else:
-            q_start, _ = _plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.q_block_m, cfg.q_block_n)
-    else:
-        kv_start = kv_end = q_start = delta   # unused placeholders: ACP=False never reads them
-
-    fox_bwd_dkdv_kernel[(kv_nk, B * Hkv)](
-        q, k, v, c, do, lse, delta, kv_start, kv_end, dk, dv, dc,
-        *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *lse.stride(),
-        *dk.stride(), *dv.stride(), *dc.stride(),
-        Hq, Hkv, Tq, Tk, D, kv_mq, kv_nk, sm_scale, qk_scale,
-        GROUP=group, ACP=acp, DOT_PRECISION=precision,
-        BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n, BLOCK_D=block_d,
-        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
-    )
-    fox_bwd_dq_kernel[(q_mq, B * Hq)](
-        q, k, v, c, do, lse, delta, q_start, dq,
-        *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *lse.stride(), *dq.stride(),
-        Hq, Tq, Tk, D, q_mq, sm_scale, qk_scale,
-        GROUP=group, ACP=acp, DOT_PRECISION=precision,
-        BLOCK_M=cfg.q_block_m, BLOCK_N=cfg.q_block_n, BLOCK_D=block_d,
-        num_warps=cfg.q_warps, num_stages=cfg.q_stages,
-    )
+            q_start, _ = plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.q_block_m, cfg.q_block_n)
+    launch_dkdv(q, k, v, c, do, row, delta, kv_start, kv_end, dk, dv, dc, sm_scale, cfg)
+    launch_dq(q, k, v, c, do, row, delta, q_start, dq, sm_scale, cfg)
     return dq, dk, dv, dc

@@ -2,24 +2,29 @@
 
 Notation (one batch element b, kv head hk, query head h = hk * G + g for g < G = Hq // Hkv):
   queries are the last Tq of Tk positions: query row i sits at position p_i = i + q_shift,
-  q_shift = Tk - Tq.  c2 = c * log2(e), lse2 = lse * log2(e)  (exp2 arithmetic)
-  sT_ji   = qk_scale * k_j . q_i + (c2[p_i] - lse2_i) - c2[j]      qk_scale = sm_scale * log2(e)
-  pT_ji   = exp2(sT_ji)  = P_ij, the softmax probability of the forward (zero where masked)
+  q_shift = Tk - Tq.  Base-2 arithmetic: c2 = c * log2(e), qk_scale = sm_scale * log2(e),
+  r_i = (c[p_i] - lse_i) * log2(e)            (row term, written by the preprocess kernel)
+  sT_ji   = qk_scale * k_j . q_i + r_i - c2[j]
+  pT_ji   = exp2(sT_ji) = P_ij, the softmax probability of the forward (0 where masked or skipped)
   dpT_ji  = v_j . do_i ;  dsT_ji = pT_ji * (dpT_ji - Delta_i),  Delta_i = rowsum(do_i * o_i)
   dv_j   += sum_i pT_ji do_i         dk_j += sm_scale * sum_i dsT_ji q_i      (summed over g)
-  dc_j    = -sum_i dsT_ji            (per query head h: the row term sum_j dS_ij is 0, see below)
+  dc_j    = -sum_i dsT_ji            (one value per query head h)
 Gradient of c: s_ij depends on c through c[p_i] - c[j], so dc_t = sum_j dS_tj - sum_i dS_it.
 The first sum is zero for every row (softmax ignores a per-row shift: sum_j P_ij dP_ij = Delta_i),
 so only the column sum is computed; tests check this against autograd through the reference.
 
-Grid: one program per (key block n, b * Hkv + hk). It holds k, v of its BLOCK_N keys and loops
-over the G query heads of its kv head (no atomics, no repeated k/v), and for each head over the
-query blocks m = m_lo .. end[n] - 1, where m_lo is the first query block with a causal entry in
-key block n and end[n] comes from the ACP plan of this kernel's (BLOCK_M, BLOCK_N) partition.
-A tile is visited only when kept(m, n) <=> start[m] <= n (for a non-monotone c the kept query
-blocks below end[n] need not be contiguous). Tiles that straddle the diagonal use the causal
-mask; the rest run unmasked. Keys that no query block keeps get dk = dv = dc = 0 (written).
-Rows past Tq load lse = +inf so that their probabilities are exactly 0.
+Grid (B * Hkv, Nk): one program per (b, kv head, key block n); the batch-head axis varies fastest
+so that all the heavy programs (small n: the most query blocks) start first. A program holds k, v
+of its BLOCK_N keys and loops over the G query heads of its kv head (no atomics, no repeated
+k/v), and for each head over the query blocks m = m_lo .. end[n] - 1: m_lo is the first query
+block with a causal entry in key block n, end[n] comes from the ACP plan of this kernel's
+(BLOCK_M, BLOCK_N) partition. kept(m, n) <=> start[m] <= n is checked per tile (for a non-monotone
+c the kept query blocks below end[n] need not be contiguous); a tile that is not kept gets r = -inf
+so it adds exactly 0 (branch-free, which keeps the loop software-pipelined). Tiles that straddle
+the diagonal use the causal mask; the rest run unmasked. Keys that no query block keeps get
+dk = dv = dc = 0 (written). Rows past Tq load r = -inf, so their probabilities are exactly 0.
+Compile-time specialisation: head dim (HEAD_DIM; masks on d only when it is not a power of two),
+Tq % BLOCK_M == 0 and Tk % BLOCK_N == 0 (no row masks), GQA group, ACP on or off, dot precision.
 Offsets: batch and head offsets are int64, so B * H * T * D above 2**31 works.
 """
 from __future__ import annotations
@@ -27,77 +32,100 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+
+@triton.jit
+def load_rows(ptrs, row_ok, offs_d, ROWS_EVEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Loads a (rows, BLOCK_D) tile, masking only what the specialisation cannot rule out."""
+    if ROWS_EVEN and HEAD_DIM == BLOCK_D:
+        x = tl.load(ptrs)
+    elif ROWS_EVEN:
+        x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    elif HEAD_DIM == BLOCK_D:
+        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def store_rows(ptrs, x, row_ok, offs_d, ROWS_EVEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    if ROWS_EVEN and HEAD_DIM == BLOCK_D:
+        tl.store(ptrs, x)
+    elif ROWS_EVEN:
+        tl.store(ptrs, x, mask=(offs_d < HEAD_DIM)[None, :])
+    elif HEAD_DIM == BLOCK_D:
+        tl.store(ptrs, x, mask=row_ok[:, None])
+    else:
+        tl.store(ptrs, x, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 @triton.jit
 def _dkdv_tiles(
     dk, dv, dc, k, v, c2_k, offs_n, n,
-    Q, DO, LSE, DELTA, C, START,
-    stride_qt, stride_qd, stride_dot, stride_dod, stride_lt, stride_ct,
-    m_lo, m_hi, Tq, q_shift, qk_scale, D,
-    ACP: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q, DO, ROW, DELTA, START,
+    stride_qt, stride_qd, stride_dot, stride_dod,
+    m_lo, m_hi, Tq, q_shift, qk_scale,
+    ACP: tl.constexpr, MASKED: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Accumulates the tiles (m, n) for m in [m_lo, m_hi) into dk, dv (BLOCK_N, BLOCK_D), dc (BLOCK_N,)."""
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
     for m in range(m_lo, m_hi):
-        kept = True
-        if ACP:
-            kept = tl.load(START + m) <= n
-        if kept:
-            offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)                   # (BM,) query rows
-            row_ok = offs_m < Tq
-            tile_ok = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=tile_ok, other=0.0)
-            do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=tile_ok, other=0.0)
-            lse = tl.load(LSE + offs_m * stride_lt, mask=row_ok, other=float("inf"))
+        offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)                       # (BM,) query rows
+        row_ok = offs_m < Tq
+        q = load_rows(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, row_ok, offs_d,
+                      EVEN_M, HEAD_DIM, BLOCK_D)                              # (BM, BD)
+        do = load_rows(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, row_ok, offs_d,
+                       EVEN_M, HEAD_DIM, BLOCK_D)
+        if EVEN_M:
+            r = tl.load(ROW + offs_m)
+            delta = tl.load(DELTA + offs_m)
+        else:
+            r = tl.load(ROW + offs_m, mask=row_ok, other=float("-inf"))
             delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
-            c_q = tl.load(C + (offs_m + q_shift) * stride_ct, mask=row_ok, other=0.0).to(tl.float32)
-            row_bias = (c_q - lse) * 1.4426950408889634                     # (BM,) log2 units
-            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)    # (BN, BM)
-            sT = qkT * qk_scale + row_bias[None, :] - c2_k[:, None]
-            if MASKED:
-                causal = (offs_m + q_shift)[None, :] >= offs_n[:, None]
-                sT = tl.where(causal, sT, float("-inf"))
-            pT = tl.math.exp2(sT)                                           # (BN, BM)
-            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)   # (BN, BM)
-            dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
-            dc -= tl.sum(dsT, axis=1)
+        if ACP:
+            r = tl.where(tl.load(START + m) <= n, r, float("-inf"))          # tile not kept: adds 0
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)         # (BN, BM)
+        sT = qkT * qk_scale + (r[None, :] - c2_k[:, None])
+        if MASKED:
+            causal = (offs_m + q_shift)[None, :] >= offs_n[:, None]
+            sT = tl.where(causal, sT, float("-inf"))
+        pT = tl.math.exp2(sT)                                                # (BN, BM)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)        # (BN, BM)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dc -= tl.sum(dsT, axis=1)
     return dk, dv, dc
 
 
 @triton.jit
 def fox_bwd_dkdv_kernel(
-    Q, K, V, C, DO, LSE, DELTA, START, END, DK, DV, DC,
+    Q, K, V, C, DO, ROW, DELTA, START, END, DK, DV, DC,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_cb, stride_ch, stride_ct,
     stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_lb, stride_lh, stride_lt,
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     stride_dcb, stride_dch, stride_dct,
-    Hq, Hkv, Tq, Tk, D, Mq, Nk, sm_scale, qk_scale,
-    GROUP: tl.constexpr, ACP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, qk_scale,
+    GROUP: tl.constexpr, ACP: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    n = tl.program_id(0)
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(0)
+    n = tl.program_id(1)
     b = (bhk // Hkv).to(tl.int64)
     hk = (bhk % Hkv).to(tl.int64)
     offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                            # (BN,) key positions
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_n < Tk
-    kv_ok = col_ok[:, None] & (offs_d < D)[None, :]
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                mask=kv_ok, other=0.0)                                      # (BN, BD)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                mask=kv_ok, other=0.0)
+    k = load_rows(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                  col_ok, offs_d, EVEN_N, HEAD_DIM, BLOCK_D)                 # (BN, BD)
+    v = load_rows(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                  col_ok, offs_d, EVEN_N, HEAD_DIM, BLOCK_D)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
 
@@ -109,35 +137,40 @@ def fox_bwd_dkdv_kernel(
 
     for g in range(GROUP):
         h = hk * GROUP + g
+        bh = b * Hq + h
         Cbh = C + b * stride_cb + h * stride_ch
-        c2_k = tl.load(Cbh + offs_n * stride_ct, mask=col_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        if EVEN_N:
+            c_k = tl.load(Cbh + offs_n * stride_ct)
+        else:
+            c_k = tl.load(Cbh + offs_n * stride_ct, mask=col_ok, other=0.0)
+        c2_k = c_k.to(tl.float32) * 1.4426950408889634
         if ACP:
-            m_end = tl.load(END + (b * Hq + h) * Nk + n)
+            m_end = tl.load(END + bh * Nk + n)
         else:
             m_end = Mq
         m_mid = tl.minimum(m_full, m_end)
         dc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         Qbh = Q + b * stride_qb + h * stride_qh
         DObh = DO + b * stride_dob + h * stride_doh
-        LSEbh = LSE + b * stride_lb + h * stride_lh
-        DELTAbh = DELTA + (b * Hq + h) * Tq
-        STARTbh = START + (b * Hq + h) * Mq
         dk, dv, dc = _dkdv_tiles(
-            dk, dv, dc, k, v, c2_k, offs_n, n, Qbh, DObh, LSEbh, DELTAbh, Cbh, STARTbh,
-            stride_qt, stride_qd, stride_dot, stride_dod, stride_lt, stride_ct,
-            m_lo, m_mid, Tq, q_shift, qk_scale, D,
-            ACP=ACP, MASKED=True, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+            dk, dv, dc, k, v, c2_k, offs_n, n, Qbh, DObh, ROW + bh * Tq, DELTA + bh * Tq, START + bh * Mq,
+            stride_qt, stride_qd, stride_dot, stride_dod, m_lo, m_mid, Tq, q_shift, qk_scale,
+            ACP=ACP, MASKED=True, EVEN_M=EVEN_M, DOT_PRECISION=DOT_PRECISION,
+            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
         )
         dk, dv, dc = _dkdv_tiles(
-            dk, dv, dc, k, v, c2_k, offs_n, n, Qbh, DObh, LSEbh, DELTAbh, Cbh, STARTbh,
-            stride_qt, stride_qd, stride_dot, stride_dod, stride_lt, stride_ct,
-            m_mid, m_end, Tq, q_shift, qk_scale, D,
-            ACP=ACP, MASKED=False, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+            dk, dv, dc, k, v, c2_k, offs_n, n, Qbh, DObh, ROW + bh * Tq, DELTA + bh * Tq, START + bh * Mq,
+            stride_qt, stride_qd, stride_dot, stride_dod, m_mid, m_end, Tq, q_shift, qk_scale,
+            ACP=ACP, MASKED=False, EVEN_M=EVEN_M, DOT_PRECISION=DOT_PRECISION,
+            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
         )
-        tl.store(DC + b * stride_dcb + h * stride_dch + offs_n * stride_dct, dc, mask=col_ok)
+        if EVEN_N:
+            tl.store(DC + b * stride_dcb + h * stride_dch + offs_n * stride_dct, dc)
+        else:
+            tl.store(DC + b * stride_dcb + h * stride_dch + offs_n * stride_dct, dc, mask=col_ok)
 
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=kv_ok)
+    store_rows(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+               dk.to(DK.dtype.element_ty), col_ok, offs_d, EVEN_N, HEAD_DIM, BLOCK_D)
+    store_rows(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+               dv.to(DV.dtype.element_ty), col_ok, offs_d, EVEN_N, HEAD_DIM, BLOCK_D)

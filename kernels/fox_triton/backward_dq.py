@@ -2,15 +2,17 @@
 
 Notation (one batch element b, query head h, kv head hk = h // G):
   query row i sits at position p_i = i + q_shift, q_shift = Tk - Tq; c2 = c * log2(e)
-  s_ij  = qk_scale * q_i . k_j + (c2[p_i] - lse_i * log2(e)) - c2[j]     qk_scale = sm_scale * log2(e)
+  r_i   = (c[p_i] - lse_i) * log2(e)   (row term, written by the preprocess kernel)
+  s_ij  = qk_scale * q_i . k_j + r_i - c2[j]           qk_scale = sm_scale * log2(e)
   p_ij  = exp2(s_ij) ;  ds_ij = p_ij * (do_i . v_j - Delta_i) ;  dq_i = sm_scale * sum_j ds_ij k_j
 
-Grid: one program per (query block m, b * Hq + h). Like the forward, it visits the key blocks
-n = start[m] .. n_hi(m) of the ACP plan of this kernel's (BLOCK_M, BLOCK_N) partition: first the
-key blocks that every row of the block sees in full (no mask), then those that straddle the
-diagonal (causal mask). start[m] <= n_hi(m) always, so the diagonal is always visited.
-Rows past Tq are computed but not stored; keys past Tk only occur in masked tiles (their position
-exceeds every query's), so the causal mask removes them.
+Grid (B * Hq, Mq): one program per (b, query head, query block m), heaviest query blocks first
+(m runs from the last block down; the batch-head axis varies fastest). Like the forward, it visits
+the key blocks n = start[m] .. n_hi(m) of the ACP plan of this kernel's (BLOCK_M, BLOCK_N)
+partition: first the key blocks that every row of the block sees in full (no mask, never past Tk),
+then those that straddle the diagonal (causal mask). start[m] <= n_hi(m) always, so the diagonal
+is always visited. Rows past Tq load r = -inf and are not stored; keys past Tk only occur in masked
+tiles (their position exceeds every query's), so the causal mask removes them.
 Offsets: batch and head offsets are int64.
 """
 from __future__ import annotations
@@ -18,26 +20,34 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from acp_compile.kernels.fox_triton.backward_dkdv import load_rows, store_rows
+
 
 @triton.jit
 def _dq_tiles(
-    dq, q, do, row_bias, delta, pos_q, K, V, C,
+    dq, q, do, r, delta, pos_q, K, V, C,
     stride_kt, stride_kd, stride_vt, stride_vd, stride_ct,
-    n_lo, n_hi, Tk, qk_scale, D,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_lo, n_hi, Tk, qk_scale,
+    MASKED: tl.constexpr, KEYS_EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Accumulates the tiles (m, n) for n in [n_lo, n_hi) into dq (BLOCK_M, BLOCK_D)."""
+    """Accumulates the tiles (m, n) for n in [n_lo, n_hi) into dq (BLOCK_M, BLOCK_D).
+    KEYS_EVEN: no key of these tiles lies past Tk (always for unmasked tiles)."""
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
     for n in range(n_lo, n_hi):
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # (BN,) key positions
         col_ok = offs_n < Tk
-        kv_ok = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
-        c2_k = tl.load(C + offs_n * stride_ct, mask=col_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        k = load_rows(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, col_ok, offs_d,
+                      KEYS_EVEN, HEAD_DIM, BLOCK_D)                          # (BN, BD)
+        v = load_rows(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, col_ok, offs_d,
+                      KEYS_EVEN, HEAD_DIM, BLOCK_D)
+        if KEYS_EVEN:
+            c_k = tl.load(C + offs_n * stride_ct)
+        else:
+            c_k = tl.load(C + offs_n * stride_ct, mask=col_ok, other=0.0)
+        c2_k = c_k.to(tl.float32) * 1.4426950408889634
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)        # (BM, BN)
-        s = qk * qk_scale + row_bias[:, None] - c2_k[None, :]
+        s = qk * qk_scale + (r[:, None] - c2_k[None, :])
         if MASKED:
             s = tl.where(pos_q[:, None] >= offs_n[None, :], s, float("-inf"))
         p = tl.math.exp2(s)
@@ -49,58 +59,58 @@ def _dq_tiles(
 
 @triton.jit
 def fox_bwd_dq_kernel(
-    Q, K, V, C, DO, LSE, DELTA, START, DQ,
+    Q, K, V, C, DO, ROW, DELTA, START, DQ,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_cb, stride_ch, stride_ct,
     stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_lb, stride_lh, stride_lt,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-    Hq, Tq, Tk, D, Mq, sm_scale, qk_scale,
-    GROUP: tl.constexpr, ACP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Hq, Tq, Tk, Mq, sm_scale, qk_scale,
+    GROUP: tl.constexpr, ACP: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    m = Mq - 1 - tl.program_id(1)                                           # heaviest query blocks first
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
+    bh64 = b * Hq + h
     q_shift = Tk - Tq
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)                            # (BM,) query rows
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Tq
-    tile_ok = row_ok[:, None] & (offs_d < D)[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=tile_ok, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                 mask=tile_ok, other=0.0)
-    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m * stride_lt, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + (b * Hq + h) * Tq + offs_m, mask=row_ok, other=0.0)
-    Cbh = C + b * stride_cb + h * stride_ch
+    q = load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                  row_ok, offs_d, EVEN_M, HEAD_DIM, BLOCK_D)                # (BM, BD)
+    do = load_rows(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                   row_ok, offs_d, EVEN_M, HEAD_DIM, BLOCK_D)
+    if EVEN_M:
+        r = tl.load(ROW + bh64 * Tq + offs_m)
+        delta = tl.load(DELTA + bh64 * Tq + offs_m)
+    else:
+        r = tl.load(ROW + bh64 * Tq + offs_m, mask=row_ok, other=float("-inf"))
+        delta = tl.load(DELTA + bh64 * Tq + offs_m, mask=row_ok, other=0.0)
     pos_q = offs_m + q_shift
-    c_q = tl.load(Cbh + pos_q * stride_ct, mask=row_ok, other=0.0).to(tl.float32)
-    row_bias = (c_q - lse) * 1.4426950408889634
 
-    # Last key block with a causal entry (that of the last valid row) and the key blocks fully visible to all rows.
+    # Last key block with a causal entry (that of the last valid row), and the key blocks every row sees in full.
     last_pos = tl.minimum((m + 1) * BLOCK_M, Tq) - 1 + q_shift
     n_end = last_pos // BLOCK_N + 1
     n_full = tl.minimum((m * BLOCK_M + q_shift + 1) // BLOCK_N, n_end)
     if ACP:
-        n_start = tl.load(START + (b * Hq + h) * Mq + m)
+        n_start = tl.load(START + bh64 * Mq + m)
     else:
         n_start = 0
     Kb = K + b * stride_kb + hk * stride_kh
     Vb = V + b * stride_vb + hk * stride_vh
+    Cbh = C + b * stride_cb + h * stride_ch
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    dq = _dq_tiles(dq, q, do, row_bias, delta, pos_q, Kb, Vb, Cbh,
-                   stride_kt, stride_kd, stride_vt, stride_vd, stride_ct,
-                   n_start, n_full, Tk, qk_scale, D,
-                   MASKED=False, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
-    dq = _dq_tiles(dq, q, do, row_bias, delta, pos_q, Kb, Vb, Cbh,
-                   stride_kt, stride_kd, stride_vt, stride_vd, stride_ct,
-                   tl.maximum(n_start, n_full), n_end, Tk, qk_scale, D,
-                   MASKED=True, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    dq = _dq_tiles(dq, q, do, r, delta, pos_q, Kb, Vb, Cbh, stride_kt, stride_kd, stride_vt, stride_vd, stride_ct,
+                   n_start, n_full, Tk, qk_scale, MASKED=False, KEYS_EVEN=True, DOT_PRECISION=DOT_PRECISION,
+                   HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    dq = _dq_tiles(dq, q, do, r, delta, pos_q, Kb, Vb, Cbh, stride_kt, stride_kd, stride_vt, stride_vd, stride_ct,
+                   tl.maximum(n_start, n_full), n_end, Tk, qk_scale, MASKED=True, KEYS_EVEN=EVEN_N,
+                   DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=tile_ok)
+    store_rows(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+               dq.to(DQ.dtype.element_ty), row_ok, offs_d, EVEN_M, HEAD_DIM, BLOCK_D)
