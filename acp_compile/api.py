@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 import acp_compile.ops  # noqa: F401  (registers torch.ops.acp.*)
-from acp_compile.checks import LAYOUTS, check_api_inputs  # noqa: F401  (LAYOUTS re-exported)
+from acp_compile.checks import LAYOUTS, check_api_inputs, check_log_eps, check_scale  # noqa: F401  (LAYOUTS re-exported)
 from acp_compile.ops import DEFAULT_LOG_EPS
 
 
@@ -27,6 +27,10 @@ def fox_attention(
     it must hold, or the eps guarantee is lost. Output: like q, in q's dtype.
     """
     check_api_inputs(q, k, log_fgate, layout)
+    check_log_eps(log_eps)
+    check_scale(sm_scale)
+    if not (u_bound is None or isinstance(u_bound, (Tensor, int, float))) or isinstance(u_bound, bool):
+        raise TypeError(f"fox_attention: u_bound must be None, a float or a tensor broadcastable to (B, Hq); got {u_bound!r}")
     if layout == "bthd":
         q, k, v = (t.transpose(1, 2) if isinstance(t, Tensor) and t.dim() == 4 else t for t in (q, k, v))  # views
         log_fgate = log_fgate.transpose(1, 2)

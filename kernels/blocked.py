@@ -160,9 +160,12 @@ def _scores(blk: _Block, q: Tensor, k: Tensor, c: Tensor, sm_scale: float, dt: t
     s = _matmul_heads(q_blk, k_blk, transpose_b=True)                     # (G, BMa, L)
     c_rows = blk.heads.q_rows(c, off + blk.r0, off + blk.r1, dt)          # (G, BMa)
     c_cols = blk.heads.q_rows(c, blk.k0, blk.k1, dt)                      # (G, L)
-    s = s.mul_(sm_scale).add_(c_rows[:, :, None]).sub_(c_cols[:, None, :])
+    # c_i - c_j first: both may be large (a long decay) while their difference near the diagonal is
+    # small, so subtracting them before adding q.k keeps fp32 rounding relative to |c_i - c_j|.
+    s = s.mul_(sm_scale).add_(c_rows[:, :, None] - c_cols[:, None, :])
     bma = blk.r1 - blk.r0
-    above_diagonal = torch.ones(bma, bma, dtype=torch.bool, device=q.device).triu_(1)
+    idx = torch.arange(bma, device=q.device)
+    above_diagonal = idx[None, :] > idx[:, None]                          # (BMa, BMa): key after query
     s[:, :, -bma:].masked_fill_(above_diagonal, float("-inf"))          # keys off+r0 .. off+r1-1
     return q_blk, k_blk, s
 

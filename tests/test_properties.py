@@ -1,0 +1,175 @@
+"""Property tests of the ACP guarantee (DESIGN.md section 2) over random shapes, gates and scales.
+
+  (a) the dense attention mass that the plan skips in each row is at most eps = exp(log_eps)
+  (b) the op's output differs from dense fp64 attention by at most 2 * eps * max_j ||v_j|| + rounding
+  (c) log_eps None and -inf skip nothing, agree bitwise, and equal dense attention up to rounding
+  (d) a stricter threshold (smaller log_eps) never skips a tile that a looser one kept
+  (e) gradients for q, k, v and the log forget gate through the API match the fp64 reference
+Gates are monotone (c = cumsum of negative log f), a random walk (not monotone) or mixed
+local/global heads; the tests that must prune check the skipped fraction, not only the output.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import acp_compile
+from acp_compile.kernels import blocked
+from acp_compile.kernels.plan import kept_entries, kept_tiles, make_plan, skipped_fraction
+from acp_compile.kernels.reference import attention_probs, causal_mask, fox_attention_reference
+from conftest import fox_inputs
+
+ROUNDING = {torch.float32: 3e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+
+
+@st.composite
+def problems(draw, max_t=200, dtypes=(torch.float32,)):
+    """A random FoX problem: shapes with odd T, D in 1..128, GQA groups, Tq <= Tk; gate and scales."""
+    Hkv = draw(st.integers(1, 2))
+    group = draw(st.integers(1, 3))
+    Tk = draw(st.integers(1, max_t))
+    Tq = draw(st.one_of(st.just(Tk), st.integers(1, Tk)))
+    D = draw(st.one_of(st.sampled_from([16, 32, 64, 80, 96, 128]), st.integers(1, 128)))
+    return dict(
+        B=draw(st.integers(1, 2)), Hq=Hkv * group, Hkv=Hkv, Tq=Tq, Tk=Tk, D=D,
+        dtype=draw(st.sampled_from(dtypes)),
+        strength=draw(st.sampled_from([0.0, 0.01, 0.1, 0.5, 1.0, 3.0])),
+        qk_scale=draw(st.sampled_from([0.1, 0.5, 1.0, 2.0])),
+        gate=draw(st.sampled_from(["monotone", "walk", "mixed"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def row_skipped_mass(q, k, c, plan, scale):
+    """Dense fp64 probability mass of the causal entries the plan skips, per row: (B, Hq, Tq)."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    p = attention_probs(q, k, c, scale)
+    skipped = causal_mask(Tq, Tk) & ~kept_entries(plan, Tq, Tk)
+    return (p * skipped).sum(-1)
+
+
+def max_v_norm_per_head(v, Hq):
+    """max_j ||v_j|| for each (batch, query head): (B, Hq, 1, 1)."""
+    norms = v.double().norm(dim=-1).amax(-1)                                  # (B, Hkv)
+    return norms.repeat_interleave(Hq // v.shape[1], dim=1)[..., None, None]
+
+
+@settings(max_examples=40)
+@given(problems(), st.floats(-12.0, -0.5), st.sampled_from([4, 8, 16, 64]), st.sampled_from([4, 8, 16, 64]))
+def test_a_skipped_mass_of_every_row_is_at_most_eps(prob, log_eps, bm, bn):
+    q, k, v, c = fox_inputs(**prob)
+    scale = 1 / math.sqrt(prob["D"])
+    plan = make_plan(q, k, c, scale, log_eps, None, bm, bn)
+    mass = row_skipped_mass(q, k, c, plan, scale)
+    assert mass.max() <= math.exp(log_eps) * (1 + 1e-5)
+
+
+@settings(max_examples=30)
+@given(problems(dtypes=(torch.float32, torch.float16, torch.bfloat16)), st.floats(-12.0, -1.0))
+def test_b_op_output_within_eps_bound_of_dense(prob, log_eps):
+    q, k, v, c = fox_inputs(**prob)
+    o, lse = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
+    o_dense, _ = fox_attention_reference(q, k, v, c)
+    vmax = max_v_norm_per_head(v, prob["Hq"])
+    bound = 2 * math.exp(log_eps) * vmax + ROUNDING[prob["dtype"]] * torch.clamp(vmax, min=1.0)
+    err = (o.double() - o_dense).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
+
+
+@settings(max_examples=30)
+@given(problems(max_t=120), st.floats(-8.0, -1.0), st.sampled_from([4, 8, 16]))
+def test_b_blocked_small_tiles_within_eps_bound_and_equal_to_pruned_reference(prob, log_eps, block):
+    """Small tiles make pruning frequent even at short T: check against dense (bound) and pruned (tight)."""
+    q, k, v, c = fox_inputs(**prob)
+    scale = 1 / math.sqrt(prob["D"])
+    plan = make_plan(q, k, c, scale, log_eps, None, block, block)
+    o, _ = blocked.forward(q, k, v, c, scale, plan)
+    o_dense, _ = fox_attention_reference(q, k, v, c, scale)
+    o_pruned, _ = fox_attention_reference(q, k, v, c, scale, keep=kept_entries(plan, prob["Tq"], prob["Tk"]))
+    vmax = max_v_norm_per_head(v, prob["Hq"])
+    assert ((o.double() - o_dense).abs() <= 2 * math.exp(log_eps) * vmax + 3e-5 * vmax.clamp(min=1)).all()
+    assert ((o.double() - o_pruned).abs() <= 3e-5 * vmax.clamp(min=1)).all()
+
+
+@settings(max_examples=15)
+@given(problems())
+def test_c_no_pruning_is_dense_and_none_equals_minus_inf_bitwise(prob):
+    q, k, v, c = fox_inputs(**prob)
+    o_none, lse_none = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
+    o_inf, lse_inf = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, float("-inf"), None)
+    assert torch.equal(o_none, o_inf) and torch.equal(lse_none, lse_inf)
+    scale = 1 / math.sqrt(prob["D"])
+    for log_eps in (None, float("-inf")):
+        plan = make_plan(q, k, c, scale, log_eps, None, blocked.BLOCK_M, blocked.BLOCK_N)
+        assert (plan.start == 0).all()
+    o_dense, lse_dense = fox_attention_reference(q, k, v, c)
+    vmax = max_v_norm_per_head(v, prob["Hq"]).clamp(min=1)
+    assert ((o_none.double() - o_dense).abs() <= 3e-5 * vmax).all()
+    torch.testing.assert_close(lse_none.double(), lse_dense, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=40)
+@given(problems(), st.floats(-20.0, 0.0), st.floats(-20.0, 0.0), st.sampled_from([4, 16, 64]))
+def test_d_stricter_threshold_never_skips_a_kept_tile(prob, eps_a, eps_b, block):
+    q, k, v, c = fox_inputs(**prob)
+    strict, loose = min(eps_a, eps_b), max(eps_a, eps_b)
+    scale = 1 / math.sqrt(prob["D"])
+    kept_strict = kept_tiles(make_plan(q, k, c, scale, strict, None, block, block))
+    kept_loose = kept_tiles(make_plan(q, k, c, scale, loose, None, block, block))
+    assert not (kept_loose & ~kept_strict).any()
+
+
+@settings(max_examples=12)
+@given(problems(max_t=150), st.sampled_from([-10.0, -4.0, None]))
+def test_e_gradients_through_the_api_match_the_reference(prob, log_eps):
+    q, k, v, c = fox_inputs(**prob)
+    log_f = torch.diff(c, dim=-1, prepend=torch.zeros(*c.shape[:2], 1))
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, log_f)]
+    o = acp_compile.fox_attention(*leaves, log_eps=log_eps)
+    do = torch.randn_like(o)
+    o.backward(do)
+    scale = 1 / math.sqrt(prob["D"])
+    c32 = torch.cumsum(log_f, -1, dtype=torch.float32)                     # what the API computes
+    plan = make_plan(q, k, c32, scale, log_eps, None, blocked.BLOCK_M, blocked.BLOCK_N)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, log_f)]
+    o_ref, _ = fox_attention_reference(
+        *ref_leaves[:3], torch.cumsum(ref_leaves[3], -1), scale, keep=kept_entries(plan, prob["Tq"], prob["Tk"]),
+    )
+    o_ref.backward(do.double())
+    for name, got, want in zip(("dq", "dk", "dv", "dlog_f"), leaves, ref_leaves):
+        err = (got.grad.double() - want.grad).abs().max().item()
+        scale_ref = max(want.grad.abs().max().item(), 1.0)
+        # The log-gate gradient is a reverse cumulative sum over up to T positions: allow for it.
+        tol = 2e-4 * (math.sqrt(prob["Tk"]) if name == "dlog_f" else 1.0)
+        assert err <= tol * scale_ref, f"{name}: {err:.3g} > {tol:.1g} * {scale_ref:.3g}"
+
+
+@pytest.mark.parametrize("gate", ["monotone", "walk"])
+@pytest.mark.parametrize("log_eps", [-10.0, -3.0])
+def test_strong_decay_really_prunes_and_keeps_the_bound(gate, log_eps):
+    """T = 3 blocks of the blocked path, strong decay: many tiles skipped, both bounds still hold."""
+    q, k, v, c = fox_inputs(1, 4, 2, 200, 200, 32, strength=1.0, qk_scale=0.5, gate=gate, seed=11)
+    scale = 1 / math.sqrt(32)
+    plan = make_plan(q, k, c, scale, log_eps, None, blocked.BLOCK_M, blocked.BLOCK_N)
+    assert skipped_fraction(plan).mean() >= (0.3 if gate == "monotone" else 0.2), "the case must prune"
+    assert row_skipped_mass(q, k, c, plan, scale).max() <= math.exp(log_eps)
+    o, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
+    o_dense, _ = fox_attention_reference(q, k, v, c)
+    vmax = max_v_norm_per_head(v, 4)
+    assert ((o.double() - o_dense).abs() <= 2 * math.exp(log_eps) * vmax + 3e-5 * vmax).all()
+
+
+def test_user_bound_that_holds_keeps_the_guarantee():
+    """A caller's U (here from the true per-head maxima, which bound |scale q.k|) prunes safely."""
+    q, k, v, c = fox_inputs(1, 2, 2, 200, 200, 16, strength=0.5, qk_scale=0.3, seed=12)
+    scale = 0.25
+    u = (scale * q.norm(dim=-1).amax(-1) * k.norm(dim=-1).amax(-1)) * 1.01     # (B, Hq), a valid bound
+    plan = make_plan(q, k, c, scale, -6.0, u, blocked.BLOCK_M, blocked.BLOCK_N)
+    assert skipped_fraction(plan).mean() > 0.2
+    assert row_skipped_mass(q, k, c, plan, scale).max() <= math.exp(-6.0)
+    o, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, scale, -6.0, u)
+    o_pruned, _ = fox_attention_reference(q, k, v, c, scale, keep=kept_entries(plan, 200, 200))
+    assert (o.double() - o_pruned).abs().max() < 3e-5 * max_v_norm_per_head(v, 2).max()
