@@ -49,6 +49,7 @@ else:
 
     SMALL = FwdConfig(32, 16, 4, 1)
     TALL = FwdConfig(16, 32, 4, 1)        # block_n > block_m: diagonal spans several query blocks
+    TMA = FwdConfig(32, 16, 4, 1, True)   # tensor-descriptor loads/stores (emulated by the interpreter)
     TOL = {torch.float32: dict(o=2e-5, lse=2e-5), torch.float16: dict(o=4e-3, lse=2e-3)}
 
     def run_poisoned(q, k, v, c, scale, log_eps, u_bound, cfg):
@@ -99,7 +100,7 @@ else:
         check_tight(q, k, v, c, scale, o, lse, None)
 
     @pytest.mark.usefixtures("poison")
-    @pytest.mark.parametrize("cfg", [SMALL, TALL], ids=["32x16", "16x32"])
+    @pytest.mark.parametrize("cfg", [SMALL, TALL, TMA], ids=["32x16", "16x32", "tma"])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
     @pytest.mark.parametrize("B,Hq,Hkv,Tq,Tk,D,gate", [
         (1, 2, 1, 100, 100, 16, "monotone"), (1, 2, 2, 130, 130, 32, "walk"), (2, 4, 2, 40, 130, 80, "mixed"),
@@ -114,6 +115,14 @@ else:
         check_eps_bound(q, k, v, c, scale, o, log_eps)
 
     @pytest.mark.usefixtures("poison")
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    @pytest.mark.parametrize("B,Hq,Hkv,Tq,Tk,D", [(1, 2, 1, 17, 17, 32), (1, 4, 2, 130, 130, 80), (1, 2, 2, 50, 130, 16)])
+    def test_tma_dense_matches_reference(B, Hq, Hkv, Tq, Tk, D, dtype):
+        q, k, v, c = fox_inputs(B, Hq, Hkv, Tq, Tk, D, dtype=dtype, strength=0.2, seed=Tq + D)
+        o, lse, _ = run_poisoned(q, k, v, c, 0.2, None, None, TMA)
+        check_tight(q, k, v, c, 0.2, o, lse, None)
+
+    @pytest.mark.usefixtures("poison")
     def test_non_contiguous_inputs_and_output_strides():
         q, k, v, c = fox_inputs(2, 4, 2, 70, 70, 32, strength=0.5)
         wide = torch.randn(2, 4, 70, 64)
@@ -124,6 +133,8 @@ else:
         scale = 0.2
         o, lse, plan = run_poisoned(q, k, v, c, scale, -8.0, None, SMALL)
         check_tight(q, k, v, c, scale, o, lse, plan)
+        o_tma, _, _ = run_poisoned(q, k, v, c, scale, -8.0, None, TMA)   # stride-2 q: falls back to plain loads
+        torch.testing.assert_close(o_tma, o)
         qt = q.transpose(1, 2).contiguous().transpose(1, 2)
         o2, _ = forward(qt, k, v, c, scale, -8.0, None, config=SMALL)
         assert o2.stride() == qt.stride(), "output must take the strides of q"
@@ -160,7 +171,7 @@ else:
     @given(
         Tq=st.integers(1, 80), extra=st.integers(0, 50), D=st.sampled_from([16, 24, 32, 48]),
         group=st.sampled_from([1, 2]), strength=st.floats(0.0, 2.0), seed=st.integers(0, 10_000),
-        log_eps=st.sampled_from([None, -2.0, -8.0]), cfg=st.sampled_from([SMALL, TALL]),
+        log_eps=st.sampled_from([None, -2.0, -8.0]), cfg=st.sampled_from([SMALL, TALL, TMA]),
     )
     def test_forward_property(Tq, extra, D, group, strength, seed, log_eps, cfg):
         q, k, v, c = fox_inputs(1, 2, 2 // group, Tq, Tq + extra, D, strength=strength, seed=seed)

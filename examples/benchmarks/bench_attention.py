@@ -29,6 +29,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -49,7 +50,7 @@ LOG_EPS = -10.0
 FIXED_DELTA = -30.0
 
 
-def w1_inputs(T: int, seed: int = 0):
+def w1_inputs(T: int, seed: int = 0, D: int = D):
     B = TOKENS // T
     g = torch.Generator(device="cuda").manual_seed(seed)
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
@@ -143,7 +144,7 @@ def flex(acp: bool):
             full_num = ar - start                                                     # keys [start, m): full
             full_idx = torch.clamp(start[..., None] + ar, max=blocks - 1)             # (B, H, M, M)
             part_num = torch.ones_like(start)
-            part_idx = ar.view(1, 1, blocks, 1).expand(B, H, blocks, 1).contiguous()  # the diagonal block
+            part_idx = ((ar[:, None] + ar[None, :]) % blocks).expand(B, H, blocks, blocks).contiguous()  # diagonal first
             mask = BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=128, mask_mod=causal)
             return _flex_compiled(q, k, v, score_mod=score_mod, block_mask=mask)
         run.second_gate = c_key
@@ -202,7 +203,8 @@ def plan_stats(T):
     s128, _ = compute_plan(q, k, c, D ** -0.5, LOG_EPS, u_for_delta(T), 128, 128)
     u = u_for_delta(T)
     return {
-        "T": T, "block_m": cfg.block_m, "block_n": cfg.block_n,
+        "T": T, "block_m": cfg.block_m, "block_n": cfg.block_n, "tma": cfg.tma, "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
         "pruned_acp30": pruned_fraction(s30, T, cfg.block_m, cfg.block_n),
         "pruned_auto": pruned_fraction(sauto, T, cfg.block_m, cfg.block_n),
         "pruned_acp30_128x128": pruned_fraction(s128, T, 128, 128),
@@ -252,7 +254,8 @@ def markdown(rows, plans, meta):
     lines += ["", "| T | forward tiles | pruned (delta=-30) | pruned (auto) | pruned at 128x128 (delta=-30) | "
               "plan ms (u given) | plan ms (U from data) |", "|---|---|---|---|---|---|---|"]
     for T, p in plans.items():
-        lines.append(f"| {T} | {p['block_m']}x{p['block_n']} | {p['pruned_acp30']:.3f} | {p['pruned_auto']:.3f} | "
+        tiles = f"{p['block_m']}x{p['block_n']}, {p['num_warps']} warps, {p['num_stages']} stages{', TMA' if p['tma'] else ''}"
+        lines.append(f"| {T} | {tiles} | {p['pruned_acp30']:.3f} | {p['pruned_auto']:.3f} | "
                      f"{p['pruned_acp30_128x128']:.3f} | {p['plan_ms_given_u']:.4f} | {p['plan_ms_auto_u']:.4f} |")
     return "\n".join(lines) + "\n"
 
@@ -278,28 +281,48 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
-SWEEP = [FwdConfig(128, 64, 4, 3), FwdConfig(128, 64, 8, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 128, 8, 2),
-         FwdConfig(64, 64, 4, 3), FwdConfig(128, 32, 4, 4), FwdConfig(64, 128, 4, 3), FwdConfig(128, 64, 4, 4)]
+SWEEP = {
+    128: [FwdConfig(128, 128, 8, 3), FwdConfig(128, 128, 8, 3, True), FwdConfig(128, 128, 8, 2, True),
+          FwdConfig(128, 64, 8, 3, True), FwdConfig(64, 64, 4, 3), FwdConfig(128, 64, 8, 3)],
+    64: [FwdConfig(128, 64, 4, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 128, 8, 3, True), FwdConfig(128, 64, 4, 3, True)],
+}
 
 
-def sweep(Ts):
-    out = []
-    for T in Ts:
-        q, k, v, c = w1_inputs(T)
-        for cfg in SWEEP:
-            try:
-                start, _ = compute_plan(q, k, c, D ** -0.5, LOG_EPS, u_for_delta(T), cfg.block_m, cfg.block_n)
-                dense = bench(lambda: launch_forward(q, k, v, c, D ** -0.5, None, cfg))
-                acp = bench(lambda: launch_forward(q, k, v, c, D ** -0.5, start, cfg))
-                pr = pruned_fraction(start, T, cfg.block_m, cfg.block_n)
-                row = dict(T=T, cfg=list(cfg.__dict__.values()), dense_ms=dense, acp30_ms=acp, pruned=pr,
-                           dense_tflops=dense_flops(q.shape[0], T, False) / dense / 1e9,
-                           acp_over_ideal=acp / (dense * (1 - pr)))
-            except Exception as e:
-                row = dict(T=T, cfg=list(cfg.__dict__.values()), error=f"{type(e).__name__}: {str(e)[:160]}")
-            print(json.dumps(row), flush=True)
-            out.append(row)
-    return out
+def sweep(Ts, head_dims=(128, 64)):
+    """Times forward configs (dense and ACP delta=-30); returns rows and the ACP_FWD_CONFIG string of the best."""
+    out, picks = [], []
+    for d in head_dims:
+        scores = {}
+        for T in (Ts if d == 128 else Ts[-1:]):
+            q, k, v, c = w1_inputs(T, D=d)
+            best = {}
+            rows_T = []
+            for cfg in SWEEP[d]:
+                try:
+                    start, _ = compute_plan(q, k, c, d ** -0.5, LOG_EPS, u_for_delta(T), cfg.block_m, cfg.block_n)
+                    dense = bench(lambda: launch_forward(q, k, v, c, d ** -0.5, None, cfg))
+                    acp = bench(lambda: launch_forward(q, k, v, c, d ** -0.5, start, cfg))
+                    pr = pruned_fraction(start, T, cfg.block_m, cfg.block_n)
+                    row = dict(D=d, T=T, cfg=list(cfg.__dict__.values()), dense_ms=dense, acp30_ms=acp, pruned=pr,
+                               dense_tflops=dense_flops(q.shape[0], T, False) / dense / 1e9 * d / D,
+                               acp_over_ideal=acp / (dense * (1 - pr)))
+                    best["dense"] = min(best.get("dense", 1e9), dense)
+                    best["acp"] = min(best.get("acp", 1e9), acp)
+                    rows_T.append((cfg, dense, acp))
+                except Exception as e:
+                    row = dict(D=d, T=T, cfg=list(cfg.__dict__.values()), error=f"{type(e).__name__}: {str(e)[:300]}")
+                print(json.dumps(row), flush=True)
+                out.append(row)
+            for cfg, dense, acp in rows_T:
+                scores[cfg] = scores.get(cfg, 0.0) + dense / best["dense"] + acp / best["acp"]
+            del q, k, v, c
+            torch.cuda.empty_cache()
+        n_T = len(Ts if d == 128 else Ts[-1:])
+        full = {cfg: sc for cfg, sc in scores.items() if sum(1 for r in out if r.get("D") == d and r.get("cfg") == list(cfg.__dict__.values()) and "error" not in r) == n_T}
+        if full:
+            cfg = min(full, key=full.get)
+            picks.append(f"{d}:{cfg.block_m},{cfg.block_n},{cfg.num_warps},{cfg.num_stages},{int(cfg.tma)}")
+    return out, ";".join(picks)
 
 
 def main(argv=None):
@@ -314,11 +337,14 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "fwd_config_override": os.environ.get("ACP_FWD_CONFIG", ""),
             "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")}
     print(json.dumps(meta), flush=True)
     if args.sweep:
-        res = sweep(args.T)
-        (out / "attention_fwd_config_sweep.json").write_text(json.dumps({"meta": meta, "rows": res}, indent=1))
+        res, pick = sweep(args.T)
+        print("picked ACP_FWD_CONFIG=" + pick, flush=True)
+        (out / "attention_fwd_config_sweep.json").write_text(json.dumps({"meta": meta, "rows": res, "pick": pick}, indent=1))
+        (out / "attention_fwd_config_pick.txt").write_text(pick + "\n")
         return
     rows, plans = [], {}
     for T in args.T:

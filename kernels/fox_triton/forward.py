@@ -40,28 +40,38 @@ LN2 = 0.6931471805599453
 
 @triton.jit
 def _attend_block(
-    acc, l_i, m_i, q, k_base, v_base, c_base, n, pos, c_ref, qk_scale2, Tk,
+    acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n, pos, c_ref, qk_scale2, Tk,
     sk_t, sk_d, sv_t, sv_d, sc_t,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    """One key block n for the BM queries of this program; returns the updated (acc, l_i, m_i)."""
+    """One key block n for the BM queries of this program; returns the updated (acc, l_i, m_i).
+
+    k_src/v_src: tensor descriptors of k, v (B, Hkv, Tk, D) when USE_TMA (rows and columns out of
+    range read as 0), else pointers to the (b, kv head) slice.
+    """
     rn = tl.arange(0, BLOCK_N)
     d = tl.arange(0, D_PAD)
     key0 = n * BLOCK_N
     cols = key0 + rn                                                   # (BN,) key index j
-    row0 = key0.to(tl.int64)
-    k_ptrs = k_base + row0 * sk_t + rn[:, None] * sk_t + d[None, :] * sk_d
-    v_ptrs = v_base + row0 * sv_t + rn[:, None] * sv_t + d[None, :] * sv_d
     if MASKED:
-        kv_mask = (cols[:, None] < Tk) & (d[None, :] < HEAD_DIM)
         ck = tl.load(c_base + cols * sc_t, mask=cols < Tk, other=0.0).to(tl.float32)
     else:
-        kv_mask = d[None, :] < HEAD_DIM                                 # all-true when D == D_PAD
         ck = tl.load(c_base + cols * sc_t).to(tl.float32)
-    if HEAD_DIM == D_PAD and not MASKED:
-        k = tl.load(k_ptrs)
+    if USE_TMA:
+        k = k_src.load([b, hk, key0, 0]).reshape(BLOCK_N, D_PAD)
     else:
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)                     # (BN, D_PAD)
+        row0 = key0.to(tl.int64)
+        k_ptrs = k_src + row0 * sk_t + rn[:, None] * sk_t + d[None, :] * sk_d
+        v_ptrs = v_src + row0 * sv_t + rn[:, None] * sv_t + d[None, :] * sv_d
+        if MASKED:
+            kv_mask = (cols[:, None] < Tk) & (d[None, :] < HEAD_DIM)
+        else:
+            kv_mask = d[None, :] < HEAD_DIM                             # all-true when D == D_PAD
+        if HEAD_DIM == D_PAD and not MASKED:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)                 # (BN, D_PAD)
     ck2 = (ck - c_ref) * 1.4426950408889634                              # (BN,) log2 units
     t = tl.dot(q, tl.trans(k)) * qk_scale2 - ck2[None, :]               # (BM, BN) shifted log2 logits
     if MASKED:
@@ -71,7 +81,9 @@ def _attend_block(
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(t - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if HEAD_DIM == D_PAD and not MASKED:
+    if USE_TMA:
+        v = v_src.load([b, hk, key0, 0]).reshape(BLOCK_N, D_PAD)
+    elif HEAD_DIM == D_PAD and not MASKED:
         v = tl.load(v_ptrs)
     else:
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)                     # (BN, D_PAD)
@@ -91,13 +103,15 @@ def _fox_fwd_kernel(
     Hq, Tq, Tk, Mq, qk_scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRUNE: tl.constexpr, EVEN_M: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     m = Mq - 1 - tl.program_id(0)                 # heaviest query blocks first
     h = tl.program_id(1)
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    hk64 = (h // GROUP).to(tl.int64)
+    hk = h // GROUP
+    hk64 = hk.to(tl.int64)
     offset = Tk - Tq
 
     rm = tl.arange(0, BLOCK_M)
@@ -106,17 +120,22 @@ def _fox_fwd_kernel(
     rows = q_row0 + rm                                                   # (BM,) query index i
     pos = offset + rows                                                  # (BM,) position p_i
     row_ok = rows < Tq
-    q_ptrs = Q + b64 * sq_b + h64 * sq_h + q_row0.to(tl.int64) * sq_t + rm[:, None] * sq_t + d[None, :] * sq_d
-    if EVEN_M and HEAD_DIM == D_PAD:
-        q = tl.load(q_ptrs)
+    if USE_TMA:
+        q = Q.load([b, h, q_row0, 0]).reshape(BLOCK_M, D_PAD)
+        k_src = K
+        v_src = V
     else:
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)   # (BM, D_PAD)
+        q_ptrs = Q + b64 * sq_b + h64 * sq_h + q_row0.to(tl.int64) * sq_t + rm[:, None] * sq_t + d[None, :] * sq_d
+        if EVEN_M and HEAD_DIM == D_PAD:
+            q = tl.load(q_ptrs)
+        else:
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)   # (BM, D_PAD)
+        k_src = K + b64 * sk_b + hk64 * sk_h
+        v_src = V + b64 * sv_b + hk64 * sv_h
 
     c_base = C + b64 * sc_b + h64 * sc_h
     p_first = offset + q_row0
     c_ref = tl.load(c_base + p_first * sc_t).to(tl.float32)
-    k_base = K + b64 * sk_b + hk64 * sk_h
-    v_base = V + b64 * sv_b + hk64 * sv_h
 
     p_last = offset + tl.minimum(q_row0 + BLOCK_M, Tq) - 1
     n_full = (p_first + 1) // BLOCK_N
@@ -130,11 +149,11 @@ def _fox_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
     for n in range(lo, n_full):
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_base, v_base, c_base, n, pos, c_ref, qk_scale2, Tk,
-                                      sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N, False)
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n, pos, c_ref, qk_scale2, Tk,
+                                      sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N, False, USE_TMA)
     for n in range(tl.maximum(lo, n_full), n_hi + 1):
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_base, v_base, c_base, n, pos, c_ref, qk_scale2, Tk,
-                                      sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N, True)
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n, pos, c_ref, qk_scale2, Tk,
+                                      sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N, True, USE_TMA)
 
     if EVEN_M:
         cq = tl.load(c_base + pos * sc_t).to(tl.float32)
@@ -142,37 +161,73 @@ def _fox_fwd_kernel(
         cq = tl.load(c_base + pos * sc_t, mask=row_ok, other=0.0).to(tl.float32)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453 + (cq - c_ref)
     o = acc / l_i[:, None]
-    o_ptrs = O + b64 * so_b + h64 * so_h + q_row0.to(tl.int64) * so_t + rm[:, None] * so_t + d[None, :] * so_d
     lse_ptrs = LSE + (b64 * Hq + h) * Tq + rows
-    if EVEN_M and HEAD_DIM == D_PAD:
-        tl.store(o_ptrs, o.to(O.dtype.element_ty))
+    if EVEN_M:
         tl.store(lse_ptrs, lse)
     else:
-        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < HEAD_DIM))
         tl.store(lse_ptrs, lse, mask=row_ok)
+    if USE_TMA:
+        O.store([b, h, q_row0, 0], o.to(O.dtype).reshape(1, 1, BLOCK_M, D_PAD))     # clipped to (Tq, D)
+    else:
+        o_ptrs = O + b64 * so_b + h64 * so_h + q_row0.to(tl.int64) * so_t + rm[:, None] * so_t + d[None, :] * so_d
+        if EVEN_M and HEAD_DIM == D_PAD:
+            tl.store(o_ptrs, o.to(O.dtype.element_ty))
+        else:
+            tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < HEAD_DIM))
+
+
+def tma_compatible(*tensors: Tensor) -> bool:
+    """Tensor descriptors need a unit last stride, 16-byte aligned other strides and base address."""
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptor(t: Tensor, rows: int, d_pad: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d_pad])
 
 
 def launch_forward(
     q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, start: Tensor | None, config: FwdConfig,
     o: Tensor | None = None, lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Runs the kernel with a given plan (start None = dense). o/lse may be passed (tests poison them)."""
+    """Runs the kernel with a given plan (start None = dense). o/lse may be passed (tests poison them).
+
+    config.tma asks for tensor-descriptor (TMA) loads and stores; they are used when the GPU has
+    them (compute capability >= 9, or the interpreter) and the strides allow, else plain loads.
+    """
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     bm, bn = config.block_m, config.block_n
+    d_pad = padded_head_dim(D)
     Mq = num_blocks(Tq, bm)
     o = torch.empty_like(q) if o is None else o
     lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device) if lse is None else lse
     prune = start is not None
+    use_tma = config.tma and tma_available(q.device) and tma_compatible(q, k, v, o)
+    if use_tma:
+        qa, ka, va, oa = (_descriptor(q, bm, d_pad), _descriptor(k, bn, d_pad), _descriptor(v, bn, d_pad),
+                          _descriptor(o, bm, d_pad))
+    else:
+        qa, ka, va, oa = q, k, v, o
     _fox_fwd_kernel[(Mq, Hq, B)](
-        q, k, v, c, start if prune else lse, o, lse,
+        qa, ka, va, c, start if prune else lse, oa, lse,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *o.stride(),
         Hq, Tq, Tk, Mq, float(sm_scale) * LOG2E,
-        GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=padded_head_dim(D), BLOCK_M=bm, BLOCK_N=bn,
-        PRUNE=prune, EVEN_M=(Tq % bm == 0),
+        GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn,
+        PRUNE=prune, EVEN_M=(Tq % bm == 0), USE_TMA=use_tma,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return o, lse
+
+
+def tma_available(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return True      # the interpreter emulates descriptors
 
 
 def forward(

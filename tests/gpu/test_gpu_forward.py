@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from acp_compile.kernels.fox_triton.configs import forward_config
+from acp_compile.kernels.fox_triton.configs import FwdConfig, forward_config
 from acp_compile.kernels.fox_triton.forward import forward, launch_forward
 from acp_compile.kernels.fox_triton.plan import compute_plan
 from acp_compile.kernels.plan import make_plan
@@ -122,3 +122,13 @@ def test_more_than_2_31_elements_in_k_and_v():
     ro, rl = rows_reference(qs, ks.contiguous(), vs.contiguous(), c[:, sl], D ** -0.5, rows,
                             start[:, sl], cfg.block_m, cfg.block_n)
     assert (o[:, sl][:, :, rows.cuda()].double() - ro).abs().max().item() <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("cfg", [FwdConfig(128, 128, 8, 3, True), FwdConfig(128, 64, 8, 3, True), FwdConfig(64, 64, 4, 3)],
+                         ids=["tma128x128", "tma128x64", "plain64x64"])
+@pytest.mark.parametrize("Tq,Tk,D", [(1000, 1500, 128), (4096, 4096, 128), (777, 777, 80), (300, 2000, 64)])
+def test_configs_including_tensor_descriptors(cfg, Tq, Tk, D):
+    q, k, v, c = gated_inputs(2, 8, 4, Tq, Tk, D, dtype=torch.bfloat16, local_decay=0.05, seed=Tq + D)
+    for log_eps in (None, -10.0):
+        o, lse, start, _ = run_poisoned(q, k, v, c, D ** -0.5, log_eps, None, cfg)
+        check_rows(q, k, v, c, D ** -0.5, o, lse, start, cfg, log_eps)
