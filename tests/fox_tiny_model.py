@@ -1,0 +1,62 @@
+"""A tiny FoX language model (nanoGPT-style attention with a forget gate) for compile tests.
+
+Attention per layer: q, k, v (B, H, T, D) from one linear; log f = logsigmoid(x W_f + b_f) per head,
+c = cumsum(log f) (B, H, T); logits = q k^T / sqrt(D) + c_i - c_j with the causal mask read from a
+registered buffer (the nanoGPT spelling), softmax, @ v.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FoxAttention(nn.Module):
+    def __init__(self, d_model, n_head, block_size):
+        super().__init__()
+        self.n_head, self.d_head = n_head, d_model // n_head
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.fgate = nn.Linear(d_model, n_head)
+        self.proj = nn.Linear(d_model, d_model)
+        with torch.no_grad():
+            self.fgate.bias.fill_(1.0)
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))
+        c = torch.cumsum(F.logsigmoid(self.fgate(x).float()), dim=1).transpose(1, 2)     # (B, H, T)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att + c[..., :, None] - c[..., None, :]
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        y = F.softmax(att, dim=-1) @ v
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model, n_head, block_size):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = FoxAttention(d_model, n_head, block_size)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, d_model))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyFox(nn.Module):
+    def __init__(self, vocab=64, d_model=32, n_head=2, n_layer=2, block_size=64):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d_model)
+        self.layers = nn.ModuleList(Block(d_model, n_head, block_size) for _ in range(n_layer))
+        self.ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, idx, targets):
+        x = self.emb(idx)
+        for layer in self.layers:
+            x = layer(x)
+        logits = self.head(self.ln(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
