@@ -1,0 +1,202 @@
+"""Known third-party FoX functions, redirected to our op while Dynamo traces a model for backend "acp".
+
+    register_known_fox_functions()      # idempotent and cheap; call it where backend "acp" is set up
+
+Functions (when their module is already imported; a missing package is skipped silently):
+  fla.ops.forgetting_attn.parallel_forgetting_attn(q, k, v, g, scale=None, window_size=None, cu_seqlens=None)
+      q (B, T, Hq, D), k and v (B, T, Hkv, D), g (B, T, Hq) log forget gate; older releases also take
+      head_first (then (B, H, T, ...)).
+  forgetting_transformer.forgetting_attention(q, k, v, log_fgate, *, head_first=False, seq_start=None,
+                                              sm_scale=None[, adaptive_threshold=None])
+      the FoX authors' kernel: same layouts, Tq <= Tk with the queries last.
+Both compute o = softmax(scale q.k + c_i - c_j, causal) v with c = cumsum(log f) in fp32, which is
+acp_compile.fox_attention(q, k, v, log_f, sm_scale=scale, layout="bthd"|"bhtd").
+
+Substituted only when the call is one the op computes exactly: no window_size, cu_seqlens (varlen),
+seq_start (left padding) or adaptive_threshold; k and v of one shape; Tq == Tk for fla. Any other call,
+and every call traced for a backend other than "acp", runs the original function's own code (a copy of
+the function object, so the substitution does not catch it again). Eager calls are never touched.
+
+Mechanism: torch.compiler.substitute_in_graph registers a polyfill that Dynamo inlines in place of the
+original. Which backend is tracing, and its options, are read at trace time by one function marked
+torch.compiler.assume_constant_result, so the decision is a constant of the traced graph.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import sys
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from acp_compile._torch_private import acp_counters, logger
+
+log = logger()
+
+
+@dataclass(frozen=True)
+class KnownFox:
+    """A third-party FoX function and how its arguments map onto ours."""
+    module: str                 # where it is imported from
+    attr: str
+    gate: str                   # name of the log-forget-gate parameter
+    scale: str                  # name of the scale parameter
+    unsupported: tuple          # parameters that must be None (or absent) for the op to be exact
+    same_length: bool           # True: the function needs Tq == Tk
+
+
+KNOWN_FOX_FUNCTIONS = (
+    KnownFox("fla.ops.forgetting_attn", "parallel_forgetting_attn", gate="g", scale="scale",
+             unsupported=("window_size", "cu_seqlens"), same_length=True),
+    KnownFox("forgetting_transformer", "forgetting_attention", gate="log_fgate", scale="sm_scale",
+             unsupported=("seq_start", "adaptive_threshold"), same_length=False),
+)
+
+_registered: dict[int, Callable] = {}     # id(original function) -> the polyfill Dynamo inlines
+
+
+def register_known_fox_functions(import_missing: bool = False) -> list[str]:
+    """Registers the substitution for every known FoX function whose module is already imported (or,
+    with import_missing=True, importable: fla takes seconds to import); returns their names. Cheap and
+    idempotent: call it again after importing a FoX library late."""
+    names = []
+    for known in KNOWN_FOX_FUNCTIONS:
+        fn = _import(known, import_missing)
+        if fn is not None and register_fox_function(fn, known):
+            names.append(f"{known.module}.{known.attr}")
+    return names
+
+
+def register_fox_function(fn: Callable, known: KnownFox) -> bool:
+    """Makes Dynamo trace `fn` as our op under backend "acp" (idempotent; False when not possible)."""
+    if id(fn) in _registered:
+        return True
+    if not isinstance(fn, types.FunctionType):
+        log.debug("acp: %s is not a plain Python function; calls to it are left as they are", known.attr)
+        return False
+    signature = inspect.signature(fn)
+    names = list(signature.parameters)
+    if names[:3] != ["q", "k", "v"] or known.gate not in names or known.scale not in names:
+        log.info("acp: %s.%s has an unknown signature %s; calls to it are left as they are",
+                 known.module, known.attr, signature)
+        return False
+    polyfill = _make_polyfill(fn, known, signature)
+    try:
+        torch.compiler.substitute_in_graph(fn, skip_signature_check=True)(polyfill)
+    except ValueError as err:          # already substituted by someone else: leave theirs in place
+        log.info("acp: %s.%s is already substituted (%s); ours is not added", known.module, known.attr, err)
+        return False
+    _registered[id(fn)] = polyfill
+    return True
+
+
+def _import(known: KnownFox, import_missing: bool):
+    module = sys.modules.get(known.module)
+    if module is None and import_missing:
+        try:
+            module = importlib.import_module(known.module)
+        except Exception:   # noqa: BLE001 - not installed, or it fails to import without a GPU
+            return None
+    return getattr(module, known.attr, None)
+
+
+def _copy_of(fn: types.FunctionType) -> types.FunctionType:
+    """The same code as a new function object, which Dynamo traces as ordinary user code."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = dict(fn.__kwdefaults__) if fn.__kwdefaults__ else None
+    copy.__dict__.update(fn.__dict__)
+    copy.__qualname__ = fn.__qualname__
+    copy.__module__ = fn.__module__
+    return copy
+
+
+def _make_polyfill(fn: types.FunctionType, known: KnownFox, signature: inspect.Signature) -> Callable:
+    original = _copy_of(fn)
+    positional = [n for n, p in signature.parameters.items()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    defaults = {n: p.default for n, p in signature.parameters.items() if p.default is not p.empty}
+    accepted = frozenset(signature.parameters)
+    label = f"{known.module}.{known.attr}"
+    # Plain constants only in the closure: Dynamo inlines this function and cannot wrap a dataclass.
+    gate_name, scale_name, unsupported, same_length = known.gate, known.scale, known.unsupported, known.same_length
+
+    @functools.wraps(fn)
+    def polyfill(*args, **kwargs):
+        params = dict(defaults)
+        params.update(zip(positional, args))
+        params.update(kwargs)
+        q, k, v, gate = params["q"], params["k"], params["v"], params[gate_name]
+        head_first = bool(params.get("head_first", False))
+        exact = (len(args) <= len(positional) and all(name in accepted for name in kwargs)
+                 and all(params.get(name) is None for name in unsupported)
+                 and _shapes_supported(q, k, v, gate, head_first, same_length))
+        log_eps = _acp_log_eps(label, exact)
+        if log_eps == "original":
+            return original(*args, **kwargs)
+        from acp_compile.api import fox_attention
+        return fox_attention(q, k, v, gate, sm_scale=params.get(scale_name), log_eps=log_eps,
+                             layout="bhtd" if head_first else "bthd")
+
+    return polyfill
+
+
+def _shapes_supported(q, k, v, gate, head_first: bool, same_length: bool) -> bool:
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v, gate)):
+        return False
+    if q.dim() != 4 or k.dim() != 4 or gate.dim() != 3 or k.shape != v.shape:
+        return False
+    t_axis, h_axis = (2, 1) if head_first else (1, 2)
+    Tq, Tk, Hq, Hkv = q.shape[t_axis], k.shape[t_axis], q.shape[h_axis], k.shape[h_axis]
+    gate_shape = (q.shape[0], Hq, Tk) if head_first else (q.shape[0], Tk, Hq)
+    return (q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3] and tuple(gate.shape) == gate_shape
+            and Hq % Hkv == 0 and (Tq == Tk if same_length else Tq <= Tk))
+
+
+@torch.compiler.assume_constant_result
+def _acp_log_eps(label: str, exact: bool):
+    """At trace time: "original" unless backend "acp" is tracing and the call is exact; else the op's
+    log_eps from the backend's options (a float, or None for dense). Counts and logs the decision."""
+    options = _tracing_acp_options()
+    if options is None:
+        return "original"
+    if not exact:
+        acp_counters()["near_miss"] += 1
+        log.info("acp near-miss: %s called with options or shapes the op does not cover (window_size, "
+                 "cu_seqlens, seq_start, adaptive_threshold, Dv != D or Tq > Tk); left as it is", label)
+        return "original"
+    from acp_compile.config import ACPConfig
+    config = ACPConfig.from_options(options)
+    acp_counters()["fox_attention"] += 1
+    acp_counters()["fox_substituted"] += 1
+    log.debug("acp: %s redirected to acp::fox_attention_fwd (log_eps=%s)", label, config.effective_log_eps)
+    return config.effective_log_eps
+
+
+def _tracing_acp_options() -> dict | None:
+    """The options dict of the backend Dynamo is tracing for, when that backend is acp; else None.
+
+    PRIVATE TORCH API (to move into acp_compile/_torch_private.py): Dynamo's current instruction
+    translator and the compiler_fn chain of its output graph (WrapBackendDebug -> _TorchCompileWrapper
+    -> the backend function), present in torch 2.11 to 2.13.
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        tx = InstructionTranslator.current_tx()
+        fn: Any = tx.output.compiler_fn
+    except Exception:   # noqa: BLE001 - not tracing, or torch moved it: never substitute
+        return None
+    options, seen = {}, set()
+    while fn is not None and id(fn) not in seen:
+        seen.add(id(fn))
+        kwargs = getattr(fn, "kwargs", None)
+        if isinstance(kwargs, dict) and isinstance(kwargs.get("options"), dict):
+            options = kwargs["options"]
+        if getattr(fn, "__module__", None) == "acp_compile.backend" and getattr(fn, "__name__", "") == "acp":
+            return dict(options)
+        fn = (getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None)
+              or getattr(fn, "__wrapped__", None))
+    return None
