@@ -48,7 +48,7 @@ else:
     from conftest import default_scale, fox_inputs
 
     SMALL = FwdConfig(32, 16, 4, 1)
-    TALL = FwdConfig(16, 32, 4, 1)        # block_n > block_m: diagonal spans several query blocks
+    TALL = FwdConfig(16, 32, 4, 1, False, True)   # block_n > block_m; grid (B * Hq, Mq) launch order
     TMA = FwdConfig(32, 16, 4, 1, True)   # tensor-descriptor loads/stores (emulated by the interpreter)
     TOL = {torch.float32: dict(o=2e-5, lse=2e-5), torch.float16: dict(o=4e-3, lse=2e-3)}
 

@@ -204,6 +204,7 @@ def plan_stats(T):
     u = u_for_delta(T)
     return {
         "T": T, "block_m": cfg.block_m, "block_n": cfg.block_n, "tma": cfg.tma, "num_warps": cfg.num_warps,
+        "heads_fastest": cfg.heads_fastest,
         "num_stages": cfg.num_stages,
         "pruned_acp30": pruned_fraction(s30, T, cfg.block_m, cfg.block_n),
         "pruned_auto": pruned_fraction(sauto, T, cfg.block_m, cfg.block_n),
@@ -254,7 +255,7 @@ def markdown(rows, plans, meta):
     lines += ["", "| T | forward tiles | pruned (delta=-30) | pruned (auto) | pruned at 128x128 (delta=-30) | "
               "plan ms (u given) | plan ms (U from data) |", "|---|---|---|---|---|---|---|"]
     for T, p in plans.items():
-        tiles = f"{p['block_m']}x{p['block_n']}, {p['num_warps']} warps, {p['num_stages']} stages{', TMA' if p['tma'] else ''}"
+        tiles = f"{p['block_m']}x{p['block_n']}, {p['num_warps']} warps, {p['num_stages']} stages{', TMA' if p['tma'] else ''}{', heads fastest' if p['heads_fastest'] else ''}"
         lines.append(f"| {T} | {tiles} | {p['pruned_acp30']:.3f} | {p['pruned_auto']:.3f} | "
                      f"{p['pruned_acp30_128x128']:.3f} | {p['plan_ms_given_u']:.4f} | {p['plan_ms_auto_u']:.4f} |")
     return "\n".join(lines) + "\n"
@@ -282,8 +283,8 @@ def plot(rows, path):
 
 
 SWEEP = {
-    128: [FwdConfig(128, 128, 8, 3), FwdConfig(128, 128, 8, 3, True), FwdConfig(128, 128, 8, 2, True),
-          FwdConfig(128, 64, 8, 3, True), FwdConfig(64, 64, 4, 3), FwdConfig(128, 64, 8, 3)],
+    128: [FwdConfig(128, 128, 8, 3), FwdConfig(128, 128, 8, 3, True), FwdConfig(128, 128, 8, 3, True, True),
+          FwdConfig(128, 128, 8, 3, False, True), FwdConfig(128, 64, 8, 3, True), FwdConfig(128, 128, 8, 2, True)],
     64: [FwdConfig(128, 64, 4, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 128, 8, 3, True), FwdConfig(128, 64, 4, 3, True)],
 }
 
@@ -321,8 +322,16 @@ def sweep(Ts, head_dims=(128, 64)):
         full = {cfg: sc for cfg, sc in scores.items() if sum(1 for r in out if r.get("D") == d and r.get("cfg") == list(cfg.__dict__.values()) and "error" not in r) == n_T}
         if full:
             cfg = min(full, key=full.get)
-            picks.append(f"{d}:{cfg.block_m},{cfg.block_n},{cfg.num_warps},{cfg.num_stages},{int(cfg.tma)}")
+            picks.append(f"{d}:{cfg.block_m},{cfg.block_n},{cfg.num_warps},{cfg.num_stages},{int(cfg.tma)},{int(cfg.heads_fastest)}")
     return out, ";".join(picks)
+
+
+def save(out: Path, rows, plans, meta) -> str:
+    derive(rows, plans)
+    md = markdown(rows, plans, meta)
+    (out / "attention_w1.json").write_text(json.dumps({"meta": meta, "plans": plans, "rows": rows}, indent=1))
+    (out / "attention_w1.md").write_text(md)
+    return md
 
 
 def main(argv=None):
@@ -358,11 +367,8 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
             rows.append(row)
         print(f"# T={T} done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    derive(rows, plans)
-    md = markdown(rows, plans, meta)
+        md = save(out, rows, plans, meta)      # after every T, so a run cut short still leaves results
     print(md)
-    (out / "attention_w1.json").write_text(json.dumps({"meta": meta, "plans": plans, "rows": rows}, indent=1))
-    (out / "attention_w1.md").write_text(md)
     try:
         plot(rows, out / "attention_w1.png")
     except ImportError:

@@ -25,6 +25,7 @@ class FwdConfig:
     num_warps: int
     num_stages: int
     tma: bool = False     # tensor-descriptor (TMA) loads/stores where the GPU and the strides allow
+    heads_fastest: bool = False   # launch order: grid (B * Hq, Mq) instead of (Mq, Hq, B)
 
 
 # (padded head dim upper bound, element bytes) -> config; the first row whose bound >= D_PAD wins.
@@ -57,12 +58,14 @@ def padded_head_dim(d: int) -> int:
 
 
 def parse_override(text: str) -> dict[int, FwdConfig]:
-    """"128:128,128,8,3,1;64:128,64,4,3,0" -> {padded head dim: config} (16-bit dtypes only)."""
+    """"128:128,128,8,3,1,0;64:128,64,4,3" -> {padded head dim: config} (16-bit dtypes only);
+    fields: block_m, block_n, num_warps, num_stages[, tma[, heads_fastest]]."""
     out = {}
     for part in filter(None, (p.strip() for p in text.split(";"))):
         d, _, rest = part.partition(":")
-        bm, bn, w, st, *tma = (int(x) for x in rest.split(","))
-        out[int(d)] = FwdConfig(bm, bn, w, st, bool(tma and tma[0]))
+        bm, bn, w, st, *flags = (int(x) for x in rest.split(","))
+        flags = [bool(f) for f in flags] + [False, False]
+        out[int(d)] = FwdConfig(bm, bn, w, st, flags[0], flags[1])
     return out
 
 

@@ -16,7 +16,9 @@ Key blocks visited by block m (BN keys each):
   [start[m], n_full)         full tiles (every key j <= p_first): no mask
   [max(start[m], n_full), n_hi]   diagonal tiles: causal mask j <= p_i (and j < Tk)
   n_full = (p_first + 1) // BN, n_hi = p_last // BN; start[m] = 0 without pruning (PRUNE=False
-  does not even read the plan). Query blocks run heaviest-first (m reversed) to shorten the tail.
+  does not even read the plan). Query blocks run heaviest-first (m reversed) to shorten the tail;
+  config.heads_fastest launches the heaviest block of every head before the next-heaviest ones
+  (grid (B * Hq, Mq)) instead of all blocks of one head side by side (grid (Mq, Hq, B)).
 
 Compile-time specialisation: head dim and its power-of-two padding, dtype (through the pointers),
 GQA group, pruning on/off, whether Tq divides the block (EVEN_M); strides equal to 1 and divisibility
@@ -103,11 +105,17 @@ def _fox_fwd_kernel(
     Hq, Tq, Tk, Mq, qk_scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRUNE: tl.constexpr, EVEN_M: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, HEADS_FASTEST: tl.constexpr,
 ):
-    m = Mq - 1 - tl.program_id(0)                 # heaviest query blocks first
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    if HEADS_FASTEST:                             # grid (B * Hq, Mq): every head's heaviest block first
+        bh = tl.program_id(0)
+        h = bh % Hq
+        b = bh // Hq
+        m = Mq - 1 - tl.program_id(1)
+    else:                                         # grid (Mq, Hq, B): blocks of one head side by side
+        m = Mq - 1 - tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     hk = h // GROUP
@@ -213,12 +221,13 @@ def launch_forward(
                           _descriptor(o, bm, d_pad))
     else:
         qa, ka, va, oa = q, k, v, o
-    _fox_fwd_kernel[(Mq, Hq, B)](
+    grid = (B * Hq, Mq) if config.heads_fastest else (Mq, Hq, B)
+    _fox_fwd_kernel[grid](
         qa, ka, va, c, start if prune else lse, oa, lse,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *o.stride(),
         Hq, Tq, Tk, Mq, float(sm_scale) * LOG2E,
         GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn,
-        PRUNE=prune, EVEN_M=(Tq % bm == 0), USE_TMA=use_tma,
+        PRUNE=prune, EVEN_M=(Tq % bm == 0), USE_TMA=use_tma, HEADS_FASTEST=config.heads_fastest,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return o, lse
@@ -238,6 +247,6 @@ def forward(
     config = forward_config(q) if config is None else config
     start = None
     if pruning_enabled(log_eps):
-        start, _ = compute_plan(q, k, c, sm_scale, log_eps, u_bound, config.block_m, config.block_n)
+        start, _ = compute_plan(q, k, c, sm_scale, log_eps, u_bound, config.block_m, config.block_n, with_end=False)
     return launch_forward(q, k, v, c, sm_scale, start, config)
 

@@ -75,7 +75,7 @@ def _plan_kernel(
     sc_b, sc_h, sc_t, su_b, su_h,
     Hq, Tq, Tk, Mq, Nk, n_chunks, group,
     sm_scale, delta_offset,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, AUTO_U: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, AUTO_U: tl.constexpr, WRITE_END: tl.constexpr,
     CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr, PART_CHUNK: tl.constexpr,
 ):
     h = tl.program_id(0)
@@ -118,8 +118,15 @@ def _plan_kernel(
             cand = tl.where(skip | (ns[None, :] >= Nk), 2147483647, ns[None, :])
             first_kept = tl.minimum(first_kept, tl.min(cand, axis=1))
         tl.store(START + bh * Mq + ms, first_kept.to(tl.int32), mask=ms < Mq)
-    tl.debug_barrier()   # start written by all threads of this program before they read it back
-    # end[n] = 1 + last m with start[m] <= n <= n_hi(m)
+    if WRITE_END:
+        tl.debug_barrier()   # start written by all threads of this program before they read it back
+        _write_end(START, END, bh, Tq, Tk, Mq, Nk, offset, BLOCK_M, BLOCK_N, CHUNK_M, CHUNK_N)
+
+
+@triton.jit
+def _write_end(START, END, bh, Tq, Tk, Mq, Nk, offset,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr):
+    """end[n] = 1 + last m with start[m] <= n <= n_hi(m), 0 if none."""
     for n0 in range(0, Nk, CHUNK_N):
         ns = n0 + tl.arange(0, CHUNK_N)
         last = tl.zeros((CHUNK_N,), tl.int32)
@@ -139,18 +146,19 @@ def num_blocks(t: int, block: int) -> int:
 
 def compute_plan(
     q: Tensor, k: Tensor, c: Tensor, sm_scale: float, log_eps: float | None, u_bound: Tensor | None,
-    block_m: int, block_n: int,
-) -> tuple[Tensor, Tensor]:
-    """start (B, Hq, Mq) and end (B, Hq, Nk), int32 on q's device; see the module header."""
+    block_m: int, block_n: int, with_end: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """start (B, Hq, Mq) and end (B, Hq, Nk), int32 on q's device; see the module header.
+    with_end=False (the forward needs only start) skips the end pass and returns end None."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     Mq, Nk = num_blocks(Tq, block_m), num_blocks(Tk, block_n)
     if not pruning_enabled(log_eps):
         start = torch.zeros((B, Hq, Mq), dtype=torch.int32, device=q.device)
-        end = torch.full((B, Hq, Nk), Mq, dtype=torch.int32, device=q.device)
+        end = torch.full((B, Hq, Nk), Mq, dtype=torch.int32, device=q.device) if with_end else None
         return start, end
     start = torch.empty((B, Hq, Mq), dtype=torch.int32, device=q.device)
-    end = torch.empty((B, Hq, Nk), dtype=torch.int32, device=q.device)
+    end = torch.empty((B, Hq, Nk), dtype=torch.int32, device=q.device) if with_end else None
     auto_u = u_bound is None
     if auto_u:
         n_chunks = num_blocks(max(Tq, Tk), NORM_ROWS)
@@ -167,11 +175,11 @@ def compute_plan(
         u_in = u_bound.to(device=q.device, dtype=torch.float32).expand(B, Hq)
         su_b, su_h = u_in.stride()
     _plan_kernel[(Hq, B)](
-        c, u_in, q_part if auto_u else u_in, k_part if auto_u else u_in, start, end,
+        c, u_in, q_part if auto_u else u_in, k_part if auto_u else u_in, start, end if with_end else start,
         *c.stride(), su_b, su_h,
         Hq, Tq, Tk, Mq, Nk, n_chunks, Hq // Hkv,
         float(sm_scale), float(log_eps - math.log(Tk)),
-        BLOCK_M=block_m, BLOCK_N=block_n, AUTO_U=auto_u,
+        BLOCK_M=block_m, BLOCK_N=block_n, AUTO_U=auto_u, WRITE_END=with_end,
         CHUNK_M=PLAN_CHUNK_M, CHUNK_N=PLAN_CHUNK_N, PART_CHUNK=64, num_warps=4,
     )
     return start, end
