@@ -339,6 +339,8 @@ def main(argv=None):
     ap.add_argument("--T", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--out", default="examples/results")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--flex-T", type=int, nargs="*", help="run FlexAttention only at these T (default: all)")
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[128, 64], help="head dims of the --sweep")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     ap.add_argument("--sweep", action="store_true", help="time forward configurations instead")
@@ -350,7 +352,7 @@ def main(argv=None):
             "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")}
     print(json.dumps(meta), flush=True)
     if args.sweep:
-        res, pick = sweep(args.T)
+        res, pick = sweep(args.T, tuple(args.head_dims))
         print("picked ACP_FWD_CONFIG=" + pick, flush=True)
         (out / "attention_fwd_config_sweep.json").write_text(json.dumps({"meta": meta, "rows": res, "pick": pick}, indent=1))
         (out / "attention_fwd_config_pick.txt").write_text(pick + "\n")
@@ -360,7 +362,8 @@ def main(argv=None):
         t0 = time.time()
         plans[T] = plan_stats(T)
         print(json.dumps(plans[T]), flush=True)
-        for name, make in variants(T, not args.no_flex).items():
+        flex_on = not args.no_flex and (not args.flex_T or T in args.flex_T)
+        for name, make in variants(T, flex_on).items():
             if args.only and name not in args.only:
                 continue
             row = measure_variant(name, make, T, not args.no_backward, mem=(T == max(args.T)))

@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         tests) shift; python3 -m pytest tests/gpu -q -x -p no:cacheprovider --durations=8 2>&1 | tee "$OUT/gpu_tests.txt" || status=1 ;;
         tests-all) shift; python3 -m pytest tests/gpu -q -p no:cacheprovider --durations=8 2>&1 | tee "$OUT/gpu_tests.txt" || status=1 ;;
-        sweep) shift; python3 examples/benchmarks/bench_attention.py --sweep --T 2048 16384 --out "$OUT" || status=1
+        sweep) shift; python3 examples/benchmarks/bench_attention.py --sweep --T 2048 16384 --head-dims ${SWEEP_DIMS:-128 64} --out "$OUT" || status=1
                pick=$(cat "$OUT/attention_fwd_config_pick.txt" 2>/dev/null)
                if [ -n "$pick" ]; then export ACP_FWD_CONFIG="$pick"; echo "using ACP_FWD_CONFIG=$pick from the sweep"; fi ;;
         bench) shift; args=(); while [ $# -gt 0 ] && [[ ! "$1" =~ ^(tests|tests-all|sweep|bench)$ ]]; do args+=("$1"); shift; done
