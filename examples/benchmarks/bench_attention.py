@@ -284,8 +284,8 @@ def plot(rows, path):
 
 SWEEP = {
     128: [FwdConfig(128, 128, 8, 3), FwdConfig(128, 128, 8, 3, True), FwdConfig(128, 128, 8, 3, True, True),
-          FwdConfig(128, 128, 8, 3, False, True), FwdConfig(128, 64, 8, 3, True), FwdConfig(128, 128, 8, 2, True)],
-    64: [FwdConfig(128, 64, 4, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 128, 8, 3, True), FwdConfig(128, 64, 4, 3, True)],
+          FwdConfig(128, 128, 8, 3, False, True), FwdConfig(128, 128, 8, 2, True)],
+    64: [FwdConfig(128, 64, 4, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 128, 8, 3, True)],
 }
 
 
