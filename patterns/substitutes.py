@@ -160,43 +160,46 @@ def _shapes_supported(q, k, v, gate, head_first: bool, same_length: bool) -> boo
 def _acp_log_eps(label: str, exact: bool):
     """At trace time: "original" unless backend "acp" is tracing and the call is exact; else the op's
     log_eps from the backend's options (a float, or None for dense). Counts and logs the decision."""
-    options = _tracing_acp_options()
-    if options is None:
+    config = _tracing_acp_config()
+    if config is None:
         return "original"
     if not exact:
         acp_counters()["near_miss"] += 1
         log.info("acp near-miss: %s called with options or shapes the op does not cover (window_size, "
                  "cu_seqlens, seq_start, adaptive_threshold, Dv != D or Tq > Tk); left as it is", label)
         return "original"
-    from acp_compile.config import ACPConfig
-    config = ACPConfig.from_options(options)
     acp_counters()["fox_attention"] += 1
     acp_counters()["fox_substituted"] += 1
     log.debug("acp: %s redirected to acp::fox_attention_fwd (log_eps=%s)", label, config.effective_log_eps)
     return config.effective_log_eps
 
 
-def _tracing_acp_options() -> dict | None:
-    """The options dict of the backend Dynamo is tracing for, when that backend is acp; else None.
+def _tracing_acp_config():
+    """The ACPConfig of the backend Dynamo is tracing for, when that backend is acp; else None.
 
+    Recognised: the function acp_compile.backend.acp (backend="acp", options from torch.compile) and
+    any backend object with an `acp_config` attribute (acp_compile.decorator.ACPBackend).
     PRIVATE TORCH API (to move into acp_compile/_torch_private.py): Dynamo's current instruction
     translator and the compiler_fn chain of its output graph (WrapBackendDebug -> _TorchCompileWrapper
-    -> the backend function), present in torch 2.11 to 2.13.
+    -> the backend), present in torch 2.11 to 2.13.
     """
+    from acp_compile.config import ACPConfig
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
         tx = InstructionTranslator.current_tx()
         fn: Any = tx.output.compiler_fn
     except Exception:   # noqa: BLE001 - not tracing, or torch moved it: never substitute
         return None
-    options, seen = {}, set()
+    options, seen = None, set()
     while fn is not None and id(fn) not in seen:
         seen.add(id(fn))
+        if isinstance(getattr(fn, "acp_config", None), ACPConfig):
+            return fn.acp_config
         kwargs = getattr(fn, "kwargs", None)
-        if isinstance(kwargs, dict) and isinstance(kwargs.get("options"), dict):
+        if isinstance(kwargs, dict) and kwargs.get("options") is not None:
             options = kwargs["options"]
         if getattr(fn, "__module__", None) == "acp_compile.backend" and getattr(fn, "__name__", "") == "acp":
-            return dict(options)
+            return options if isinstance(options, ACPConfig) else ACPConfig.from_options(options)
         fn = (getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None)
               or getattr(fn, "__wrapped__", None))
     return None
