@@ -52,7 +52,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: ACPConfig, m
         return compiled
     for g in result.guards:
         g.seed(list(example_inputs))
-    return _guarded(compiled, result.guards, gm)
+    return _guarded(compiled, result.guards, result.original)
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: ACPConfig, mode: str | None) -> Callable:
@@ -65,10 +65,10 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: ACPConfig, 
     return inner(gm, example_inputs)
 
 
-def _guarded(compiled: Callable, guards: list, original: fx.GraphModule) -> Callable:
+def _guarded(compiled: Callable, guards: list, original: Callable[[], fx.GraphModule]) -> Callable:
     """Runs `compiled` while every guard holds; otherwise the original (unrewritten) graph, eagerly."""
     def call_original(inputs: list):
-        return original(*inputs)
+        return original()(*inputs)
 
     def run(*args):
         inputs = list(args)

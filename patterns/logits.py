@@ -336,12 +336,15 @@ def prove_causal(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int, site: 
         return []
     inputs_used = tensors + symbols
     indices = tuple(ctx.placeholder_index[n] for n in inputs_used)
-    mask_gm = extract_subgraph(ctx, [m.node for m in masks], inputs_used)
+    mask_graph = extract_subgraph(ctx, [m.node for m in masks], inputs_used)
+    cell: dict = {}
 
     def verify(inputs: list) -> bool:
         args = [tp.concrete_int(inputs[i]) if isinstance(inputs[i], torch.SymInt) else inputs[i] for i in indices]
+        if "gm" not in cell:                      # built on first use: most guards never fire
+            cell["gm"] = fx.GraphModule(torch.nn.Module(), mask_graph)
         with torch.no_grad():
-            values = mask_gm(*args)
+            values = cell["gm"](*args)
         total = None
         for m, val in zip(masks, values):
             mk = _masked(m, val)
@@ -351,8 +354,8 @@ def prove_causal(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int, site: 
     return [MaskGuard(indices, verify, site.name)]
 
 
-def extract_subgraph(ctx: MatchContext, outputs: list, inputs: list) -> fx.GraphModule:
-    """A standalone GraphModule computing `outputs` from `inputs` (copies of the graph's nodes), so
+def extract_subgraph(ctx: MatchContext, outputs: list, inputs: list) -> fx.Graph:
+    """A standalone graph computing `outputs` from `inputs` (copies of the graph's nodes), so
     a run-time check does not depend on the rewritten graph that inductor may change later."""
     graph = fx.Graph()
     env: dict = {}
@@ -366,4 +369,4 @@ def extract_subgraph(ctx: MatchContext, outputs: list, inputs: list) -> fx.Graph
             raise NotProven(f"the mask reads {n.name}, which is not among its guarded inputs")
         env[n] = graph.node_copy(n, lambda a: env[a])
     graph.output(tuple(env[o] for o in outputs))
-    return fx.GraphModule(torch.nn.Module(), graph)
+    return graph

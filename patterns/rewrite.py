@@ -1,7 +1,8 @@
 """The pass: run every anchor over a Dynamo graph, emit the op for each proven site, count and log.
 
     result = rewrite_graph(gm, example_inputs, config)
-    result.gm          a new GraphModule (the input graph module is left untouched)
+    result.gm          the same GraphModule, rewritten in place (result.original: a copy from before,
+                       kept when a run-time guard may need it)
     result.sites       names of the rewritten sites, in graph order
     result.near_misses NearMiss records (also counted and logged; strict mode raised on the first)
     result.guards      run-time guards the compiled graph needs (patterns/guards.py)
@@ -36,15 +37,23 @@ class RewriteResult:
     sites: list = field(default_factory=list)
     near_misses: list = field(default_factory=list)
     guards: list = field(default_factory=list)
+    original: object = None    # () -> GraphModule of the graph before the rewrite (kept only when guards exist)
 
 
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of gm's graph (node meta shared, parameters shared)."""
+def copy_graph_module(gm: fx.GraphModule):
+    """A function returning a GraphModule over a copy of gm's graph as it is now; the graph is
+    copied at once, the module (Python code generation) is built on the first call."""
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
-    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    return new
+    cell: dict = {}
+
+    def build() -> fx.GraphModule:
+        if "gm" not in cell:
+            cell["gm"] = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+        return cell["gm"]
+
+    return build
 
 
 def site_name(node: fx.Node, taken: set) -> str:
@@ -79,14 +88,16 @@ def _undo(graph: fx.Graph, before: set) -> None:
 
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs, config: ACPConfig) -> RewriteResult:
-    new = copy_graph_module(gm)
-    ctx = MatchContext.build(new, example_inputs, config)
-    result = RewriteResult(new)
+    """Rewrites `gm` in place (see the module notes). All sites are proven on the unmodified graph
+    first, then emitted; when a proof needs a run-time guard, a copy of the original graph is kept
+    (result.original) for the calls where the guard fails."""
+    ctx = MatchContext.build(gm, example_inputs, config)
+    result = RewriteResult(gm)
     counters = tp.acp_counters()
-    taken: set = set()
+    matches: list[FoxMatch] = []
     for anchor in anchors():
-        for node in list(anchor.candidates(new.graph)):
-            if node.graph is not new.graph or node in ctx.claimed:
+        for node in list(anchor.candidates(gm.graph)):
+            if node in ctx.claimed:
                 continue
             try:
                 found = anchor.match(node, ctx)
@@ -97,41 +108,48 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: ACPConfig) -> Rewr
             if found is None:
                 continue
             if isinstance(found, NearMiss):
-                counters["near_miss"] += 1
-                result.near_misses.append(found)
-                log.info("acp near-miss: %s", found)
-                if config.strict:
-                    raise NearMissError(
-                        f"acp (strict): {found}. Rewrite the attention in a supported spelling "
-                        f"(see README), or pass options={{'strict': False}} to let it fall back."
-                    )
+                _near_miss(found, result, counters, config)
                 continue
             assert isinstance(found, FoxMatch)
-            site = site_name(found.replace, taken)
-            before = set(new.graph.nodes)
-            try:
-                emit_fox_attention(new, found, config, site)
-            except Exception as err:
-                _undo(new.graph, before)
-                log.warning("acp: emitting the op for %s failed (%s: %s); left as it was", site,
-                            type(err).__name__, err, exc_info=log.isEnabledFor(10))
-                counters["near_miss"] += 1
-                result.near_misses.append(NearMiss(found.anchor, found.replace.name, f"internal error: {err}"))
-                if config.strict:
-                    raise
-                continue
-            ctx.claimed.update(n for n in found.region if isinstance(n, fx.Node))
-            for g in found.guards:
-                g.site = site
-            result.guards.extend(found.guards)
-            result.sites.append(site)
-            counters["fox_attention"] += 1
-            log.debug("acp: rewrote %s (%s anchor, sm_scale=%s)", site, found.anchor, found.sm_scale)
-            ctx.position = {n: i for i, n in enumerate(new.graph.nodes)}
+            ctx.claimed.update(n for n in (found.replace, *found.region) if isinstance(n, fx.Node))
+            matches.append(found)
+    if any(m.guards for m in matches):
+        result.original = copy_graph_module(gm)
+    taken: set = set()
+    for found in matches:
+        site = site_name(found.replace, taken)
+        n_before = len(gm.graph.nodes)
+        before = set(gm.graph.nodes)
+        try:
+            emit_fox_attention(gm, found, config, site)
+        except Exception as err:
+            if len(gm.graph.nodes) != n_before:
+                _undo(gm.graph, before)
+            log.warning("acp: emitting the op for %s failed (%s: %s); left as it was", site,
+                        type(err).__name__, err, exc_info=log.isEnabledFor(10))
+            _near_miss(NearMiss(found.anchor, found.replace.name, f"internal error: {err}"), result, counters, config)
+            continue
+        for g in found.guards:
+            g.site = site
+        result.guards.extend(found.guards)
+        result.sites.append(site)
+        counters["fox_attention"] += 1
+        log.debug("acp: rewrote %s (%s anchor, sm_scale=%s)", site, found.anchor, found.sm_scale)
     for observe in observers:
         observe(result)
     if result.sites:
-        new.graph.lint()
-        new.recompile()
+        gm.graph.lint()
+        gm.recompile()
         log.info("acp: rewrote %d FoX attention site(s): %s", len(result.sites), ", ".join(result.sites))
     return result
+
+
+def _near_miss(found: NearMiss, result: RewriteResult, counters, config: ACPConfig) -> None:
+    counters["near_miss"] += 1
+    result.near_misses.append(found)
+    log.info("acp near-miss: %s", found)
+    if config.strict:
+        raise NearMissError(
+            f"acp (strict): {found}. Rewrite the attention in a supported spelling "
+            f"(see README), or pass options={{'strict': False}} to let it fall back."
+        )
