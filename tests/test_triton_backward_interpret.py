@@ -156,6 +156,32 @@ else:
         for g, w, name in zip(got_dense, want, ("dq", "dk", "dv", "dc")):
             assert_close(g, w, 2e-4, name + " (dense)")
 
+    def test_dq_on_the_shared_coarser_plan_is_exact(poisoned):
+        """MIXED tiles share the dk/dv kernel's plan: dq keeps, per 32-row block, the keys from the smaller
+        start of its two 16-row plan blocks. Checked exactly against that formula."""
+        from acp_compile.kernels.reference import causal_mask, logits, repeat_kv
+
+        assert MIXED.shares_plan and not (MIXED.kv_block_m, MIXED.kv_block_n) == (MIXED.q_block_m, MIXED.q_block_n)
+        B, Hq, Hkv, Tq, Tk, D = 1, 2, 1, 75, 110, 16
+        q, k, v, c, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, decay=0.5, seed=21, qk_gain=1.8)
+        scale, log_eps, u_bound = 1.0 / math.sqrt(D), 0.0, torch.tensor(0.0)
+        plan = make_plan(q, k, c, scale, log_eps, u_bound, MIXED.kv_block_m, MIXED.kv_block_n)
+        keep_kv = kept_entries(plan, Tq, Tk)
+        o, lse, *want = reference_grads(q, k, v, c, do, scale, keep=keep_kv)
+        got = run_kernel(q, k, v, c, do, o, lse, scale, log_eps, u_bound, MIXED)
+        for g, w, name in zip(got[1:], want[1:], ("dk", "dv", "dc")):
+            assert_close(g, w, 2e-4, name)
+        ratio = MIXED.q_block_m // MIXED.kv_block_m
+        blk = torch.arange(Tq) // MIXED.q_block_m
+        sub = torch.clamp(blk[:, None] * ratio + torch.arange(ratio)[None, :], max=plan.num_query_blocks - 1)
+        first_key = plan.start[..., sub].amin(-1).long() * MIXED.kv_block_n          # (B, Hq, Tq)
+        keep_q = (torch.arange(Tk) >= first_key[..., None]) & causal_mask(Tq, Tk)
+        assert (keep_q & ~keep_kv).any(), "the case must tell the two key sets apart"
+        p = torch.exp(logits(q, k, c, scale).masked_fill(~keep_q, float("-inf")) - lse[..., None])
+        delta = (do.double() * o).sum(-1, keepdim=True)
+        ds = p * (do.double() @ repeat_kv(v.double(), Hq).transpose(-1, -2) - delta)
+        assert_close(got[0], scale * ds @ repeat_kv(k.double(), Hq), 2e-4, "dq")
+
     def test_any_strides_and_reproducible(poisoned):
         """(B, T, H, D) views and a transposed gate; two runs give identical bits."""
         B, Hq, Hkv, T, D = 2, 2, 1, 45, 32

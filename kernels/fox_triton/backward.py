@@ -14,8 +14,11 @@ gradients are bitwise reproducible from run to run):
   3. dq:         one program per (b, query head, query block)       (backward_dq.py)
 The ACP plans come from kernels/fox_triton/plan.py (device, no host sync): one per partition.
 
-Tile partition and the eps bound: each kernel takes its own (BLOCK_M, BLOCK_N) and the ACP plan
-of exactly that partition, which may differ from the forward's. Every plan is safe on its own:
+Tile partition and the eps bound: each kernel has its own (BLOCK_M, BLOCK_N), which may differ
+from the forward's. The dk/dv kernel uses the ACP plan of exactly its partition; the dq kernel
+reads that same plan when its tiles nest in it (BackwardConfig.shares_plan: one plan launch per
+backward; it then keeps the union of the plan tiles its block overlaps, a superset of what the
+plan keeps), else the plan of its own partition. Every plan is safe on its own:
 an entry that a plan skips has c_i - c_j < delta, hence P_ij <= exp(2U + delta) = eps / Tk, so
 a backward tile set that differs from the forward's changes each P_ij it drops or adds by at
 most eps / Tk per entry and each row's mass by at most eps. The gradients therefore differ from
@@ -30,6 +33,7 @@ the switch that runs them on CPU tensors under the interpreter, is decided in su
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -37,12 +41,14 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from acp_compile.kernels.fox_triton.backward_dkdv import fox_bwd_dkdv_kernel
 from acp_compile.kernels.fox_triton.backward_dq import fox_bwd_dq_kernel
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
+logger = logging.getLogger("acp_compile")
 
 
 @dataclass(frozen=True)
@@ -59,24 +65,40 @@ class BackwardConfig:
     pre_block_m: int = 64    # Delta preprocess rows per program
 
     @property
-    def same_partition(self) -> bool:
-        return (self.kv_block_m, self.kv_block_n) == (self.q_block_m, self.q_block_n)
+    def shares_plan(self) -> bool:
+        """The dq kernel can read the dk/dv kernel's plan (its tiles are unions of whole plan tiles
+        along the query axis and pieces of one plan tile along the key axis): one plan per backward."""
+        return self.q_block_m % self.kv_block_m == 0 and self.kv_block_n % self.q_block_n == 0
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Measured on an H200 (torch 2.11, triton 3.6) by examples/benchmarks/tune_backward.py on W1-like
+# inputs (bf16, B * T = 32768, T = 4k and 16k): the best sum of dense and ACP times per kernel.
+HOPPER_D64 = BackwardConfig(32, 128, 128, 64, 4, 3, 4, 3)
+HOPPER_D128 = BackwardConfig(64, 128, 128, 32, 8, 3, 4, 3)
+# Not tuned (correct on the H200; no Ampere GPU was available): small tiles that fit 164 KiB of
+# shared memory on Ampere and the 256-wide head dim / 4-byte elements on Hopper.
+SMALL_TILES = BackwardConfig(32, 64, 64, 32, 4, 2, 4, 2)
+AMPERE_D64 = BackwardConfig(32, 128, 128, 32, 4, 2, 4, 2)
+INTERPRETER = BackwardConfig(32, 32, 32, 32, 4, 1, 4, 1, 32)
+# Used when a configuration does not compile for the device (Triton's OutOfResources).
+FALLBACK = BackwardConfig(16, 32, 32, 16, 4, 1, 4, 1, 32)
+
+
 def default_config(q: torch.Tensor) -> BackwardConfig:
-    """Tile sizes by head dim and device (H200 measurements in the GPU benchmark; Ampere shares them)."""
+    """Tile sizes by device, head dim and element size. Every entry satisfies shares_plan."""
     D = q.shape[-1]
     if _interpreting() or q.device.type != "cuda":
-        return BackwardConfig(32, 32, 32, 32, 4, 1, 4, 1, 32)
-    if D <= 64:
-        return BackwardConfig(32, 128, 128, 32, 4, 3, 4, 3)
-    if D <= 128:
-        return BackwardConfig(32, 128, 128, 32, 4, 3, 8, 3)
-    return BackwardConfig(32, 64, 64, 32, 4, 2, 4, 2)
+        return INTERPRETER
+    if q.element_size() >= 4 or D > 128:
+        return SMALL_TILES
+    major, _ = torch.cuda.get_device_capability(q.device)
+    if major >= 9:
+        return HOPPER_D64 if D <= 64 else HOPPER_D128
+    return AMPERE_D64 if D <= 64 else SMALL_TILES
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -157,18 +179,23 @@ def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: fl
     )
 
 
-def launch_dq(q, k, v, c, do, row, delta, start, dq, sm_scale: float, cfg: BackwardConfig):
-    """dq (B, Hq, Tq, D), written in place. start None: dense."""
+def launch_dq(q, k, v, c, do, row, delta, start, dq, sm_scale: float, cfg: BackwardConfig, plan_tiles=None):
+    """dq (B, Hq, Tq, D), written in place. start None: dense. plan_tiles (bm, bn): the partition of
+    `start` when it is not the dq kernel's own (bm must divide q_block_m and q_block_n divide bn)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     bm, bn = cfg.q_block_m, cfg.q_block_n
+    pbm, pbn = plan_tiles or (bm, bn)
+    if bm % pbm or pbn % bn:
+        raise ValueError(f"dq tiles {bm}x{bn} cannot use a plan of {pbm}x{pbn} tiles")
     Mq = triton.cdiv(Tq, bm)
     acp = start is not None
     fox_bwd_dq_kernel[(B * Hq, Mq)](
         q, k, v, c, do, row, delta, start if acp else delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dq.stride(),
-        Hq, Tq, Tk, Mq, sm_scale, sm_scale * LOG2E,
+        Hq, Tq, Tk, Mq, triton.cdiv(Tq, pbm), sm_scale, sm_scale * LOG2E,
         GROUP=Hq // Hkv, ACP=acp, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
+        PLAN_ROWS=bm // pbm, PLAN_COLS=pbn // bn,
         EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2_head_dim(D),
         num_warps=cfg.q_warps, num_stages=cfg.q_stages,
     )
@@ -181,18 +208,29 @@ def backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps=None, u_bound=None
         raise ValueError(f"fox_attention Triton backward: head dim {D} > {MAX_HEAD_DIM}; use the blocked path")
     sm_scale = float(1.0 / math.sqrt(D) if sm_scale is None else sm_scale)
     cfg = config or default_config(q)
+    try:
+        return _backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, cfg)
+    except OutOfResources as e:
+        if cfg == FALLBACK:
+            raise
+        logger.info("acp_compile: backward tiles %s do not fit this GPU (%s); using %s", cfg, e, FALLBACK)
+        return _backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, FALLBACK)
+
+
+def _backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps, u_bound, cfg: BackwardConfig):
     acp = log_eps is not None and log_eps != float("-inf")
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dc = torch.empty_like(c, dtype=torch.float32)
     delta, row = preprocess(do, o, c, lse, cfg.pre_block_m)
     kv_start = kv_end = q_start = None
+    q_plan_tiles = None
     if acp:
         kv_start, kv_end = plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.kv_block_m, cfg.kv_block_n)
-        if cfg.same_partition:
-            q_start = kv_start
+        if cfg.shares_plan:
+            q_start, q_plan_tiles = kv_start, (cfg.kv_block_m, cfg.kv_block_n)
         else:
             q_start, _ = plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.q_block_m, cfg.q_block_n)
     launch_dkdv(q, k, v, c, do, row, delta, kv_start, kv_end, dk, dv, dc, sm_scale, cfg)
-    launch_dq(q, k, v, c, do, row, delta, q_start, dq, sm_scale, cfg)
+    launch_dq(q, k, v, c, do, row, delta, q_start, dq, sm_scale, cfg, q_plan_tiles)
     return dq, dk, dv, dc
