@@ -192,3 +192,15 @@ def test_look_alike_keeps_its_eager_result(name):
 def test_strict_mode_raises_on_a_flex_near_miss():
     with pytest.raises(Exception, match="reversed"):
         run(reversed_bias, inputs(Tq=37, seed=5), strict=True)
+
+
+def test_dynamic_shapes_compile_once_for_several_lengths():
+    torch._dynamo.reset()
+    counters.clear()
+    fn = torch.compile(causal_inside_score_mod, backend="acp", dynamic=True,
+                       options={"inner_backend": "eager", "log_eps": None})
+    with torch.no_grad():
+        for T in (20, 37, 50):
+            args = inputs(Tq=T, seed=T)
+            torch.testing.assert_close(fn(*args), causal_inside_score_mod(*args), atol=2e-5, rtol=2e-5)
+    assert counters["acp"]["fox_attention"] == 1 and not counters["acp"]["near_miss"]
