@@ -108,12 +108,21 @@ def _head_groups(starts_m: list[list[int]], Hq: int, Hkv: int, device) -> list[t
     return groups
 
 
-def _matmul_heads(a: Tensor, b: Tensor, transpose_b: bool) -> Tensor:
-    """(Gq, R, X) x per-kv-head (Gk, Y, X) or (Gk, X, Y) -> (Gq, R, Y), stacking Gq // Gk heads as rows."""
+def _matmul_heads(a: Tensor, b: Tensor, transpose_b: bool, add_to: Tensor | None = None) -> Tensor:
+    """(Gq, R, X) x per-kv-head (Gk, Y, X) or (Gk, X, Y) -> (Gq, R, Y), stacking Gq // Gk heads as rows.
+
+    add_to (Gq, R, Y) contiguous (updated in place) or (Gq, R, 1): added to the product in the same gemm.
+    """
     Gq, R = a.shape[0], a.shape[1]
     Gk = b.shape[0]
     rhs = b.transpose(-1, -2) if transpose_b else b
-    out = a.reshape(Gk, (Gq // Gk) * R, a.shape[-1]) @ rhs
+    lhs = a.reshape(Gk, (Gq // Gk) * R, a.shape[-1])
+    if add_to is None:
+        out = lhs @ rhs
+    elif add_to.is_contiguous() and add_to.shape == (Gq, R, rhs.shape[-1]):
+        out = add_to.view(Gk, (Gq // Gk) * R, rhs.shape[-1]).baddbmm_(lhs, rhs)
+    else:                                                             # a row term (Gq, R, 1), broadcast
+        out = torch.baddbmm(add_to.reshape(Gk, (Gq // Gk) * R, 1), lhs, rhs)
     return out.view(Gq, R, out.shape[-1])
 
 
@@ -152,17 +161,21 @@ def _blocks(q: Tensor, k: Tensor, plan: Plan):
             yield _Block(r0, r1, k0, k1, heads)
 
 
-def _scores(blk: _Block, q: Tensor, k: Tensor, c: Tensor, sm_scale: float, dt: torch.dtype):
-    """Returns q rows (G, BMa, D), k rows, and masked scores s (G, BMa, L) of one block visit."""
+def _scores(blk: _Block, q: Tensor, k: Tensor, c: Tensor, sm_scale: float, dt: torch.dtype, row_shift=None):
+    """One block visit: scaled q rows (G, BMa, D), k rows (Gk, L, D) and the masked scores
+    s = scale q k^T + c_i - c_j - row_shift_i (G, BMa, L), built as bias + gemm in one baddbmm."""
     off = k.shape[2] - q.shape[2]
-    q_blk = blk.heads.q_rows(q, blk.r0, blk.r1, dt)                       # (G, BMa, D)
+    q_blk = blk.heads.q_rows(q, blk.r0, blk.r1, dt) * sm_scale          # (G, BMa, D), scale folded in (a copy:
+    # q_rows may return a view of the caller's q)
     k_blk = blk.heads.kv_rows(k, blk.k0, blk.k1, dt)                      # (Gk, L, D)
-    s = _matmul_heads(q_blk, k_blk, transpose_b=True)                     # (G, BMa, L)
     c_rows = blk.heads.q_rows(c, off + blk.r0, off + blk.r1, dt)          # (G, BMa)
     c_cols = blk.heads.q_rows(c, blk.k0, blk.k1, dt)                      # (G, L)
+    if row_shift is not None:
+        c_rows = c_rows - row_shift
     # c_i - c_j first: both may be large (a long decay) while their difference near the diagonal is
     # small, so subtracting them before adding q.k keeps fp32 rounding relative to |c_i - c_j|.
-    s = s.mul_(sm_scale).add_(c_rows[:, :, None] - c_cols[:, None, :])
+    bias = c_rows[:, :, None] - c_cols[:, None, :]                        # (G, BMa, L)
+    s = _matmul_heads(q_blk, k_blk, transpose_b=True, add_to=bias)        # (G, BMa, L)
     bma = blk.r1 - blk.r0
     idx = torch.arange(bma, device=q.device)
     above_diagonal = idx[None, :] > idx[:, None]                          # (BMa, BMa): key after query
@@ -176,14 +189,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, plan: P
     o = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     for blk in _blocks(q, k, plan):
-        _, _, s = _scores(blk, q, k, c, sm_scale, dt)
-        row_max = s.amax(dim=-1, keepdim=True)                            # (G, BMa, 1)
-        p = torch.exp(s.sub_(row_max))                                    # (G, BMa, L)
-        row_sum = p.sum(dim=-1, keepdim=True)
+        _, _, s = _scores(blk, q, k, c, sm_scale, dt)                     # (G, BMa, L)
+        blk.heads.write_q_rows(lse, blk.r0, blk.r1, torch.logsumexp(s, dim=-1))
+        p = torch.softmax(s, dim=-1)                                      # (G, BMa, L)
         v_blk = blk.heads.kv_rows(v, blk.k0, blk.k1, dt)                  # (Gk, L, D)
-        o_blk = _matmul_heads(p, v_blk, transpose_b=False) / row_sum       # (G, BMa, D)
-        blk.heads.write_q_rows(o, blk.r0, blk.r1, o_blk)
-        blk.heads.write_q_rows(lse, blk.r0, blk.r1, (row_max + torch.log(row_sum)).squeeze(-1))
+        blk.heads.write_q_rows(o, blk.r0, blk.r1, _matmul_heads(p, v_blk, transpose_b=False))
     return o, lse
 
 
@@ -204,20 +214,21 @@ def backward(
     dc_acc = torch.zeros(B * Hq, Tk, dtype=dt, device=q.device)
     for blk in _blocks(q, k, plan):
         heads, r0, r1, k0, k1 = blk.heads, blk.r0, blk.r1, blk.k0, blk.k1
-        q_blk, k_blk, s = _scores(blk, q, k, c, sm_scale, dt)
         if dt == torch.float64:
-            p = torch.exp(s - torch.logsumexp(s, dim=-1, keepdim=True))
-        else:
-            p = torch.exp(s.sub_(heads.q_rows(lse, r0, r1, dt)[:, :, None]))   # (G, BMa, L)
+            q_blk, k_blk, s = _scores(blk, q, k, c, sm_scale, dt)
+            p = torch.softmax(s, dim=-1)
+        else:                                                             # exp(s - lse) straight from the gemm
+            q_blk, k_blk, s = _scores(blk, q, k, c, sm_scale, dt, row_shift=heads.q_rows(lse, r0, r1, dt))
+            p = s.exp_()                                                  # (G, BMa, L)
         do_blk = heads.q_rows(do, r0, r1, dt)                             # (G, BMa, D)
         v_blk = heads.kv_rows(v, k0, k1, dt)                              # (Gk, L, D)
-        dp = _matmul_heads(do_blk, v_blk, transpose_b=True)               # (G, BMa, L)
-        ds = p * dp.sub_(heads.q_rows(do_dot_o, r0, r1, dt)[:, :, None])
-        heads.write_q_rows(dq, r0, r1, _matmul_heads(ds, k_blk, transpose_b=False).mul_(sm_scale))
         Gk = k_blk.shape[0]
-        heads.add_kv_rows(dk_acc, k0, k1, _matmul_heads_t(ds, q_blk, Gk).mul_(sm_scale))
         heads.add_kv_rows(dv_acc, k0, k1, _matmul_heads_t(p, do_blk, Gk))
-        heads.add_q_rows(dc_acc, k0, k1, -ds.sum(dim=1))                  # column sums, (G, L)
+        minus_delta = -heads.q_rows(do_dot_o, r0, r1, dt)[:, :, None]     # (G, BMa, 1)
+        ds = p.mul_(_matmul_heads(do_blk, v_blk, transpose_b=True, add_to=minus_delta))  # P * (dP - Delta)
+        heads.write_q_rows(dq, r0, r1, _matmul_heads(ds, k_blk, transpose_b=False).mul_(sm_scale))
+        heads.add_kv_rows(dk_acc, k0, k1, _matmul_heads_t(ds, q_blk, Gk))   # q_blk carries the scale
+        heads.add_q_rows(dc_acc, k0, k1, ds.sum(dim=1).neg_())            # -column sums, (G, L)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dk.copy_(dk_acc.view(B, Hkv, Tk, D))
     dv.copy_(dv_acc.view(B, Hkv, Tk, D))

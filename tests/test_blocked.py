@@ -169,3 +169,16 @@ def test_blocked_runs_on_cuda():
     grads = blocked.backward(do, q, k, v, c, o, lse, scale, plan)
     for name, got, want in zip(("dq", "dk", "dv", "dc"), grads, reference_grads(q, k, v, c, scale, keep, do)):
         assert_close_scaled(got, want, 5e-4, name)
+
+
+def test_inputs_are_left_untouched():
+    """The path reads views of the caller's tensors (fp32, all heads in one group): none may change."""
+    q, k, v, c = fox_inputs(1, 2, 1, 70, 70, 8, strength=0.5, seed=12)
+    scale = 1 / math.sqrt(8)
+    plan = make_plan(q, k, c, scale, -10.0, None, 16, 16)
+    copies = [t.clone() for t in (q, k, v, c)]
+    o, lse = blocked.forward(q, k, v, c, scale, plan)
+    do = torch.randn_like(o)
+    saved = [t.clone() for t in (do, o, lse)]
+    blocked.backward(do, q, k, v, c, o, lse, scale, plan)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v, c, do, o, lse), copies + saved))
