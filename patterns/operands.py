@@ -172,6 +172,8 @@ def qk_operands(S: fx.Node, ctx: MatchContext) -> QK:
     if sa is None or len(sa) not in (3, 4):
         raise NotProven("q k^T on tensors that are neither 3D nor 4D")
     k = _transposed(b)
+    if isinstance(k, fx.Node):
+        k = _strip_scalars(k, fb)                       # (k * s).transpose(-2, -1)
     if len(sa) == 4:
         return QK(a, k, fa + fb, c_layout="4d", q_node=a)
     kt = b.args[0] if _is_last_two_transpose(b) else None
