@@ -6,7 +6,8 @@ q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D); block_mask is a tuple whose last entr
 score_buffers / mask_buffers are the tensors the two closures read (c, perhaps twice). The node returns
 (o, lse, ...); a site is rewritten only when nothing but o is used.
 
-Proof by meaning, not spelling. With off = Tk - Tq (queries are the last Tq positions) and fresh random
+A score_mod that leaves every visible score unchanged (plain attention, any mask) is not FoX and is
+ignored (no near-miss). Proof by meaning, not spelling. With off = Tk - Tq (queries are the last Tq positions) and fresh random
 values for c and for the scores, the effective logit of flex_attention at a point p = (b, h, i, j) is
     eff(p) = score_mod(s, p)  if mask_mod(p) else -inf
 and the site is FoX attention when, on a sample of points covering both sides of the diagonal,
@@ -62,7 +63,7 @@ class FlexAnchor:
             return NearMiss(ANCHOR, node.name, str(err))
 
 
-def _prove(node: fx.Node) -> FoxMatch:
+def _prove(node: fx.Node) -> FoxMatch | None:
     q, k, v, score_node, block_mask, scale, _kernel_options, score_bufs, mask_bufs = _unpack(node)
     out_node, dead_getitems = _output_use(node)
     sizes = _sizes(q, k, v)
@@ -77,7 +78,10 @@ def _prove(node: fx.Node) -> FoxMatch:
     s1 = torch.randn(b.shape, generator=rng)
     s2 = torch.randn(b.shape, generator=rng) * 3.0
     m = _evaluate(mask_gm, (b, h, i, j), mask_values, "mask_mod").to(torch.bool)
-    e1 = torch.where(m, _evaluate(score_gm, (s1, b, h, i, j), score_values, "score_mod").float(), -math.inf)
+    scored1 = _evaluate(score_gm, (s1, b, h, i, j), score_values, "score_mod").float()
+    if torch.equal(scored1[m], s1[m]):
+        return None                                  # no bias at all: plain attention, not FoX; left alone
+    e1 = torch.where(m, scored1, -math.inf)
     e2 = torch.where(m, _evaluate(score_gm, (s2, b, h, i, j), score_values, "score_mod").float(), -math.inf)
 
     causal = i + off >= j

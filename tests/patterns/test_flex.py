@@ -189,6 +189,16 @@ def test_look_alike_keeps_its_eager_result(name):
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
 
 
+def plain_causal(q, k, v, c):
+    return flex_attention(q, k, v, block_mask=GLOBAL_MASK)
+
+
+def test_plain_flex_attention_is_neither_rewritten_nor_a_near_miss():
+    out, ref, count = run(plain_causal, inputs(Tq=37, seed=9), strict=True)
+    assert not count.get("fox_attention") and not count.get("near_miss"), count
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
 def test_strict_mode_raises_on_a_flex_near_miss():
     with pytest.raises(Exception, match="reversed"):
         run(reversed_bias, inputs(Tq=37, seed=5), strict=True)
