@@ -7,6 +7,7 @@ from acp_compile.api import fox_attention
 from acp_compile.config import ACPConfig
 from acp_compile import report
 from acp_compile.backend import acp as acp_backend
+from acp_compile.decorator import acp
 
-__all__ = ["fox_attention", "ACPConfig", "report", "acp_backend"]
+__all__ = ["fox_attention", "ACPConfig", "report", "acp_backend", "acp"]
 __version__ = "0.1.0"
