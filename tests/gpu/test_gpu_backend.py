@@ -1,6 +1,7 @@
 """backend="acp" on CUDA: training under CUDA graphs (mode="reduce-overhead") matches eager, and
 the rewritten graph is captured without cudagraph skips (the op never synchronises)."""
 import copy
+import functools
 import os
 import sys
 
@@ -10,6 +11,8 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from fox_tiny_model import TinyFox  # noqa: E402
+
+import acp_compile.backend  # noqa: E402
 
 
 def _batches(steps, B, T, vocab=64, seed=0):
@@ -36,7 +39,9 @@ def test_training_under_acp_matches_eager(mode):
     model = copy.deepcopy(eager)
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(model, backend="acp", mode=mode, fullgraph=True, options={"log_eps": None})
+    # torch.compile refuses mode= together with options=: bind both into the backend instead.
+    backend = functools.partial(acp_compile.backend.acp, options={"log_eps": None}, mode=mode)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
     data = _batches(4, B=2, T=300)
     ref = _train(eager, data)
     got = _train(compiled, data)
