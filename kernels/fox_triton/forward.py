@@ -21,8 +21,8 @@ Key blocks visited by block m (BN keys each):
   (grid (B * Hq, Mq)) instead of all blocks of one head side by side (grid (Mq, Hq, B)).
 
 Compile-time specialisation: head dim and its power-of-two padding, dtype (through the pointers),
-GQA group, pruning on/off, whether Tq divides the block (EVEN_M); strides equal to 1 and divisibility
-by 16 are specialised by Triton itself. Offsets that can exceed 2^31 (batch, head, row * stride)
+GQA group, pruning on/off, whether Tq divides the block (EVEN_M), whether Tq < Tk (TQ_LT_TK),
+tensor descriptors on/off; strides equal to 1 and divisibility by 16 are specialised by Triton. Offsets that can exceed 2^31 (batch, head, row * stride)
 are computed in int64. fp32 inputs: tl.dot runs in TF32 (see support.py).
 """
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _fox_fwd_kernel(
     so_b, so_h, so_t, so_d,
     Hq, Tq, Tk, Mq, qk_scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRUNE: tl.constexpr, EVEN_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRUNE: tl.constexpr, EVEN_M: tl.constexpr, TQ_LT_TK: tl.constexpr,
     USE_TMA: tl.constexpr, HEADS_FASTEST: tl.constexpr,
 ):
     if HEADS_FASTEST:                             # grid (B * Hq, Mq): every head's heaviest block first
@@ -120,7 +120,10 @@ def _fox_fwd_kernel(
     h64 = h.to(tl.int64)
     hk = h // GROUP
     hk64 = hk.to(tl.int64)
-    offset = Tk - Tq
+    if TQ_LT_TK:
+        offset = Tk - Tq                          # queries are the last Tq positions
+    else:
+        offset = 0
 
     rm = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D_PAD)
@@ -227,7 +230,7 @@ def launch_forward(
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *o.stride(),
         Hq, Tq, Tk, Mq, float(sm_scale) * LOG2E,
         GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn,
-        PRUNE=prune, EVEN_M=(Tq % bm == 0), USE_TMA=use_tma, HEADS_FASTEST=config.heads_fastest,
+        PRUNE=prune, EVEN_M=(Tq % bm == 0), TQ_LT_TK=(Tq < Tk), USE_TMA=use_tma, HEADS_FASTEST=config.heads_fastest,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return o, lse
