@@ -38,13 +38,13 @@ def inputs(B, H, T, D, rate, seed=0):
     return q, k, v, c
 
 
-def median_ms(fn, reps):
+def median_ms(fn, reps, clock=time.perf_counter):
     fn()                                                            # warm-up
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((clock() - t0) * 1e3)
     return statistics.median(times)
 
 
@@ -70,16 +70,19 @@ def main() -> None:
     ap.add_argument("--log-eps", type=float, default=-10.0)
     ap.add_argument("--rates", type=str, default=None, help="comma-separated decay rates per token")
     ap.add_argument("--markdown", type=str, default=None, help="also write the table to this file")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: this process's CPU time (use with --threads 1 on a shared, busy machine)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rates = [float(r) for r in args.rates.split(",")] if args.rates else RATES
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
 
     header = (
         f"date {datetime.date.today().isoformat()}, CPU {cpu_name()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, python {platform.python_version()}\n"
         f"B={args.B}, H={args.H}, T={args.T}, D={args.D}, fp32, tiles {blocked.BLOCK_M}x{blocked.BLOCK_N}, "
-        f"log_eps={args.log_eps}, median of {args.reps} after a warm-up, times in ms"
+        f"log_eps={args.log_eps}, median of {args.reps} after a warm-up, {args.clock} clock, times in ms"
     )
     rows = [
         "| decay r (nats/token) | pruned tiles | fwd ACP | fwd dense | fwd ideal | fwd speed-up "
@@ -104,7 +107,7 @@ def main() -> None:
                 o, lse = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
                 return torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, None, log_eps, None)
 
-            result[name] = (median_ms(fwd, args.reps), median_ms(fwd_bwd, args.reps))
+            result[name] = (median_ms(fwd, args.reps, clock), median_ms(fwd_bwd, args.reps, clock))
         (fa, fba), (fd, fbd) = result["acp"], result["dense"]
         row = (
             f"| {rate:g} | {pruned:.2f} | {fa:.0f} | {fd:.0f} | {fd * (1 - pruned):.0f} | {fd / fa:.2f}x "
