@@ -192,6 +192,49 @@ def kv_cache_offset(q, k, v, fg):
     return s.softmax(-1) @ v
 
 
+def sdpa_enable_gqa(q, k, v, fg):
+    c = gate(fg)
+    T = q.shape[-2]
+    bias = (c[..., :, None] - c[..., None, :]).masked_fill(~causal_keep(T), float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+
+
+def sdpa_kv_cache(q, k, v, fg):
+    c = gate(fg)
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    keep = torch.ones(Tq, Tk, dtype=torch.bool).tril(diagonal=Tk - Tq)
+    bias = torch.where(keep, c[..., Tk - Tq:, None] - c[..., None, :], float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def tril_eq_zero_views_mT(q, k, v, fg):
+    B, H, T, D = q.shape
+    c = gate(fg)
+    s = torch.matmul(q, k.mT) / D ** 0.5
+    s = s + c.view(B, H, T, 1) - c.reshape(B, H, 1, T)
+    s = s.masked_fill(torch.tril(torch.ones(T, T)) == 0, float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def where_two_aranges(q, k, v, fg):
+    c = gate(fg)
+    T = q.shape[-2]
+    pos = torch.arange(T)
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + c[..., :, None] - c[..., None, :]
+    s = torch.where(pos[:, None] >= pos[None, :], s, float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def bf16_fp32_softmax(q, k, v, fg):
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    c = gate(fg)
+    T = q.shape[-2]
+    s = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])
+    s = s + c[..., :, None] - c[..., None, :]
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return (s.softmax(-1).to(v.dtype) @ v).float()
+
+
 class NanoGPTBufferAttention(torch.nn.Module):
     def __init__(self, block_size=64):
         super().__init__()
@@ -261,6 +304,32 @@ def dropout_training(q, k, v, fg):
     s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + c[..., :, None] - c[..., None, :]
     s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     return F.dropout(s.softmax(-1), p=0.5, training=True) @ v
+
+
+def sliding_window(q, k, v, fg):
+    c = gate(fg)
+    T = q.shape[-2]
+    pos = torch.arange(T)
+    keep = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < 8)
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + c[..., :, None] - c[..., None, :]
+    s = s.masked_fill(~keep, float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def query_side_bias_only(q, k, v, fg):
+    c = gate(fg)
+    T = q.shape[-2]
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + c[..., None, :]
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def unbalanced_bias(q, k, v, fg):
+    c = gate(fg)
+    T = q.shape[-2]
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + c[..., :, None] - 2 * c[..., None, :]
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return s.softmax(-1) @ v
 
 
 def plain_causal(q, k, v, fg):
