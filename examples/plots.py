@@ -1,0 +1,95 @@
+"""PNG plots for train.py --compare and the W2 benchmark. Needs matplotlib (the `examples` extra);
+importing this module without it raises ImportError, which the callers turn into a message."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RUN_STYLE = {"acp": ("tab:blue", "-"), "inductor": ("tab:gray", "--"), "acp-no-prune": ("tab:orange", ":")}
+
+
+def _smooth(values: list[float], window: int = 5) -> list[float]:
+    out, acc = [], []
+    for v in values:
+        acc.append(v)
+        if len(acc) > window:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def plot_losses(payload: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, run in payload["runs"].items():
+        color, style = RUN_STYLE.get(name, (None, "-"))
+        ax.plot(run["steps"], _smooth(run["train_loss"]), color=color, linestyle=style, label=f"{name} (train)")
+        ax.plot(run["eval_steps"], run["heldout_loss"], color=color, linestyle="none", marker="o",
+                label=f"{name} (held-out)")
+    s = payload["settings"]
+    ax.set(xlabel="step", ylabel="loss (nats per byte)",
+           title=f"FoX {s['config']}: {s['batch_size']}x{s['seq_len']} bytes per step, seed {s['seed']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_skipped(payload: dict, run_name: str, path: Path) -> Path:
+    """Skipped-tile fraction over training, one line per (layer, head)."""
+    run = payload["runs"][run_name]
+    per_eval = run["skipped_per_head"]                       # [eval][layer][head]
+    n_layers, n_heads = len(per_eval[0]), len(per_eval[0][0])
+    names = run.get("sites") or [f"layer {i}" for i in range(n_layers)]
+    fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers, 3.2), sharey=True, squeeze=False)
+    for layer in range(n_layers):
+        ax = axes[0][layer]
+        for head in range(n_heads):
+            ax.plot(run["eval_steps"], [e[layer][head] for e in per_eval], marker=".", label=f"head {head}")
+        ax.set(title=names[layer], xlabel="step", ylim=(-0.02, 1.0))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("fraction of causal tiles skipped")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"ACP skipped tiles per layer and head ({run_name})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_compare(payload: dict, out_dir: Path) -> list[Path]:
+    paths = [plot_losses(payload, out_dir / "loss_curves.png")]
+    for name, run in payload["runs"].items():
+        if any(any(any(h > 0 for h in layer) for layer in e) for e in run["skipped_per_head"]):
+            paths.append(plot_skipped(payload, name, out_dir / f"skipped_tiles_{name}.png"))
+    return paths
+
+
+def plot_w2(results: list[dict], path: Path) -> Path:
+    """Bar chart of tokens/s per sequence length and run; a missing bar is labelled (OOM or error)."""
+    seq_lens = sorted({r["seq_len"] for r in results})
+    runs = list(dict.fromkeys(r["run"] for r in results))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    width = 0.8 / len(runs)
+    for i, run in enumerate(runs):
+        color = RUN_STYLE.get(run, (None, "-"))[0]
+        for j, T in enumerate(seq_lens):
+            r = next((r for r in results if r["run"] == run and r["seq_len"] == T), None)
+            x = j + (i - (len(runs) - 1) / 2) * width
+            if r is None or r.get("tokens_per_s") is None:
+                ax.text(x, 0, r.get("status", "n/a") if r else "n/a", rotation=90, ha="center", va="bottom", fontsize=8)
+                continue
+            ax.bar(x, r["tokens_per_s"] / 1e3, width, color=color, label=run if j == 0 else None)
+    ax.set_xticks(range(len(seq_lens)), [f"T={T // 1024}k (B={32768 // T})" for T in seq_lens])
+    ax.set(ylabel="training throughput (k tokens/s)", title="FoX 125M, 32768 tokens per step, bf16, H200")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
