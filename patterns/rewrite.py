@@ -57,7 +57,8 @@ def copy_graph_module(gm: fx.GraphModule):
 
 
 def site_name(node: fx.Node, taken: set) -> str:
-    """A stable, readable name: the module path of the attention ("layers.3.attn"), else the node."""
+    """A stable, readable name: the module path of the attention ("layers.3.attn"); outside modules
+    the function and line of the attention's last matmul ("attend:42"), else the node's name."""
     stack = node.meta.get("nn_module_stack") or {}
     path = ""
     if stack:
@@ -66,6 +67,11 @@ def site_name(node: fx.Node, taken: set) -> str:
         path = re.sub(r"^L\['self'\]\.?", "", path)
         path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path).strip(".")
         path = re.sub(r"^(L|self)\.", "", path)
+    if not path:
+        frames = re.findall(r'line (\d+), in (\w+)', node.meta.get("stack_trace") or "")
+        if frames:
+            line, func = frames[-1]
+            path = f"{func}:{line}"
     name = path or node.name
     base, i = name, 1
     while name in taken:
@@ -73,7 +79,6 @@ def site_name(node: fx.Node, taken: set) -> str:
         name = f"{base}#{i}"
     taken.add(name)
     return name
-
 
 
 # Callables called with every RewriteResult (tests and debugging inspect the rewritten graph).
