@@ -8,8 +8,9 @@ Inputs: q and k with unit-RMS rows (as after QK RMSNorm, so U = sqrt(D)), v norm
 with the same per-token decay rate r (log f = -r * U(0.5, 1.5)); r sweeps from 0 (nothing prunable)
 to strong decay (about 90% of the tiles skipped at log_eps = -10). For each r the script times the
 op's forward (torch.ops.acp.fox_attention_fwd) and forward+backward (fwd then fox_attention_bwd),
-with ACP (log_eps = -10) and with pruning off (log_eps = None), as the median of --reps runs after
-one warm-up. Times include the plan. The "ideal" column is the dense time times (1 - pruned).
+with ACP (log_eps = -10) and with pruning off (log_eps = None): the four are timed in turn, --reps
+rounds after one warm-up each, and the median (or --stat min) is reported. Times include the plan.
+The "ideal" column is the dense time times (1 - pruned).
 """
 from __future__ import annotations
 
@@ -38,14 +39,19 @@ def inputs(B, H, T, D, rate, seed=0):
     return q, k, v, c
 
 
-def median_ms(fn, reps, clock=time.perf_counter):
-    fn()                                                            # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = clock()
+def interleaved_ms(fns: dict, reps: int, clock, stat):
+    """Times every function once per round, `reps` rounds, so that load from other processes hits all
+    of them alike; returns {name: statistic of the times in ms}. One warm-up call each."""
+    for fn in fns.values():
         fn()
-        times.append((clock() - t0) * 1e3)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = clock()
+            fn()
+            times[name].append((clock() - t0) * 1e3)
+    pick = statistics.median if stat == "median" else min
+    return {name: pick(ts) for name, ts in times.items()}
 
 
 def cpu_name() -> str:
@@ -70,6 +76,7 @@ def main() -> None:
     ap.add_argument("--log-eps", type=float, default=-10.0)
     ap.add_argument("--rates", type=str, default=None, help="comma-separated decay rates per token")
     ap.add_argument("--markdown", type=str, default=None, help="also write the table to this file")
+    ap.add_argument("--stat", choices=["median", "min"], default="median", help="statistic over the reps")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: this process's CPU time (use with --threads 1 on a shared, busy machine)")
     args = ap.parse_args()
@@ -82,7 +89,7 @@ def main() -> None:
         f"date {datetime.date.today().isoformat()}, CPU {cpu_name()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, python {platform.python_version()}\n"
         f"B={args.B}, H={args.H}, T={args.T}, D={args.D}, fp32, tiles {blocked.BLOCK_M}x{blocked.BLOCK_N}, "
-        f"log_eps={args.log_eps}, median of {args.reps} after a warm-up, {args.clock} clock, times in ms"
+        f"log_eps={args.log_eps}, {args.stat} of {args.reps} interleaved reps after a warm-up, {args.clock} clock, times in ms"
     )
     rows = [
         "| decay r (nats/token) | pruned tiles | fwd ACP | fwd dense | fwd ideal | fwd speed-up "
@@ -95,7 +102,7 @@ def main() -> None:
         q, k, v, c = inputs(args.B, args.H, args.T, args.D, rate)
         scale = 1 / math.sqrt(args.D)
         pruned = skipped_fraction(make_plan(q, k, c, scale, args.log_eps, None, blocked.BLOCK_M, blocked.BLOCK_N)).mean().item()
-        result = {}
+        fns = {}
         for name, log_eps in (("acp", args.log_eps), ("dense", None)):
             o, lse = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
             do = torch.randn_like(o)
@@ -103,11 +110,13 @@ def main() -> None:
             def fwd(log_eps=log_eps):
                 return torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
 
-            def fwd_bwd(log_eps=log_eps):
+            def fwd_bwd(log_eps=log_eps, do=do):
                 o, lse = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
                 return torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, None, log_eps, None)
 
-            result[name] = (median_ms(fwd, args.reps, clock), median_ms(fwd_bwd, args.reps, clock))
+            fns[name, "fwd"], fns[name, "fwd_bwd"] = fwd, fwd_bwd
+        t = interleaved_ms(fns, args.reps, clock, args.stat)
+        result = {name: (t[name, "fwd"], t[name, "fwd_bwd"]) for name in ("acp", "dense")}
         (fa, fba), (fd, fbd) = result["acp"], result["dense"]
         row = (
             f"| {rate:g} | {pruned:.2f} | {fa:.0f} | {fd:.0f} | {fd * (1 - pruned):.0f} | {fd / fa:.2f}x "
