@@ -12,13 +12,14 @@ gradients are bitwise reproducible from run to run):
                                                                    (preprocess kernel below)
   2. dk, dv, dc: one program per (b, kv head, key block)            (backward_dkdv.py)
   3. dq:         one program per (b, query head, query block)       (backward_dq.py)
-The ACP plans come from kernels/fox_triton/plan.py (device, no host sync): one per partition.
+The ACP plan comes from kernels/fox_triton/plan.py (on the device, no host sync): one launch per backward.
 
 Tile partition and the eps bound: each kernel has its own (BLOCK_M, BLOCK_N), which may differ
-from the forward's. The dk/dv kernel uses the ACP plan of exactly its partition; the dq kernel
-reads that same plan when its tiles nest in it (BackwardConfig.shares_plan: one plan launch per
-backward; it then keeps the union of the plan tiles its block overlaps, a superset of what the
-plan keeps), else the plan of its own partition. Every plan is safe on its own:
+from the forward's. The dk/dv kernel uses the ACP plan of exactly its partition; when the dq tiles
+nest in it (BackwardConfig.shares_plan, true for every shipped configuration) the dq kernel's
+start indices are derived from that plan by coarsen_start (three tiny device ops instead of a
+second plan launch; it keeps the union of the plan tiles a dq block overlaps, a superset of what
+the plan keeps), else the plan of its own partition is computed. Every plan is safe on its own:
 an entry that a plan skips has c_i - c_j < delta, hence P_ij <= exp(2U + delta) = eps / Tk, so
 a backward tile set that differs from the forward's changes each P_ij it drops or adds by at
 most eps / Tk per entry and each row's mass by at most eps. The gradients therefore differ from
@@ -66,8 +67,8 @@ class BackwardConfig:
 
     @property
     def shares_plan(self) -> bool:
-        """The dq kernel can read the dk/dv kernel's plan (its tiles are unions of whole plan tiles
-        along the query axis and pieces of one plan tile along the key axis): one plan per backward."""
+        """dq tiles are unions of whole dk/dv tiles along the query axis and pieces of one along the
+        key axis, so the dq start indices can be derived from the dk/dv plan (coarsen_start)."""
         return self.q_block_m % self.kv_block_m == 0 and self.kv_block_n % self.q_block_n == 0
 
 
@@ -163,13 +164,14 @@ def preprocess(do, o, c, lse, block_m: int = 64):
 
 
 def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: float, cfg: BackwardConfig):
-    """dk, dv (B, Hkv, Tk, D) and dc (B, Hq, Tk) fp32, written in place. start/end None: dense."""
+    """dk, dv (B, Hkv, Tk, D) and dc (B, Hq, Tk) fp32, written in place. start/end None: dense.
+    Returns Triton's launch handle (its n_regs / n_spills are read by the tuning script)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     bm, bn = cfg.kv_block_m, cfg.kv_block_n
     Mq, Nk = triton.cdiv(Tq, bm), triton.cdiv(Tk, bn)
     acp = start is not None
-    fox_bwd_dkdv_kernel[(B * Hkv, Nk)](
+    return fox_bwd_dkdv_kernel[(B * Hkv, Nk)](
         q, k, v, c, do, row, delta, start if acp else delta, end if acp else delta, dk, dv, dc,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dk.stride(), *dv.stride(), *dc.stride(),
         Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, sm_scale * LOG2E,
@@ -179,23 +181,32 @@ def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: fl
     )
 
 
-def launch_dq(q, k, v, c, do, row, delta, start, dq, sm_scale: float, cfg: BackwardConfig, plan_tiles=None):
-    """dq (B, Hq, Tq, D), written in place. start None: dense. plan_tiles (bm, bn): the partition of
-    `start` when it is not the dq kernel's own (bm must divide q_block_m and q_block_n divide bn)."""
+def coarsen_start(start: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """start (B, H, M) of a plan with (bm, bn) tiles -> start (B, H, ceil(M / rows)) for tiles of
+    (rows * bm, bn / cols): the smallest start of the `rows` plan blocks inside each new block, in
+    units of bn / cols keys. It keeps every entry any of those plan blocks keeps (a superset, so it
+    stays inside the eps bound), with three small device ops and no host sync."""
+    if rows == 1 and cols == 1:
+        return start
+    B, H, M = start.shape
+    pad = (-M) % rows
+    if pad:
+        start = torch.nn.functional.pad(start, (0, pad), value=2 ** 30)
+    return (start.view(B, H, -1, rows).amin(dim=-1) * cols).contiguous()
+
+
+def launch_dq(q, k, v, c, do, row, delta, start, dq, sm_scale: float, cfg: BackwardConfig):
+    """dq (B, Hq, Tq, D), written in place. start (B, Hq, ceil(Tq / q_block_m)) in q_block_n units, or None: dense."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     bm, bn = cfg.q_block_m, cfg.q_block_n
-    pbm, pbn = plan_tiles or (bm, bn)
-    if bm % pbm or pbn % bn:
-        raise ValueError(f"dq tiles {bm}x{bn} cannot use a plan of {pbm}x{pbn} tiles")
     Mq = triton.cdiv(Tq, bm)
     acp = start is not None
-    fox_bwd_dq_kernel[(B * Hq, Mq)](
+    return fox_bwd_dq_kernel[(B * Hq, Mq)](
         q, k, v, c, do, row, delta, start if acp else delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dq.stride(),
-        Hq, Tq, Tk, Mq, triton.cdiv(Tq, pbm), sm_scale, sm_scale * LOG2E,
+        Hq, Tq, Tk, Mq, sm_scale, sm_scale * LOG2E,
         GROUP=Hq // Hkv, ACP=acp, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
-        PLAN_ROWS=bm // pbm, PLAN_COLS=pbn // bn,
         EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2_head_dim(D),
         num_warps=cfg.q_warps, num_stages=cfg.q_stages,
     )
@@ -224,13 +235,12 @@ def _backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps, u_bound, cfg: Ba
     dc = torch.empty_like(c, dtype=torch.float32)
     delta, row = preprocess(do, o, c, lse, cfg.pre_block_m)
     kv_start = kv_end = q_start = None
-    q_plan_tiles = None
     if acp:
         kv_start, kv_end = plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.kv_block_m, cfg.kv_block_n)
         if cfg.shares_plan:
-            q_start, q_plan_tiles = kv_start, (cfg.kv_block_m, cfg.kv_block_n)
+            q_start = coarsen_start(kv_start, cfg.q_block_m // cfg.kv_block_m, cfg.kv_block_n // cfg.q_block_n)
         else:
             q_start, _ = plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.q_block_m, cfg.q_block_n)
     launch_dkdv(q, k, v, c, do, row, delta, kv_start, kv_end, dk, dv, dc, sm_scale, cfg)
-    launch_dq(q, k, v, c, do, row, delta, q_start, dq, sm_scale, cfg, q_plan_tiles)
+    launch_dq(q, k, v, c, do, row, delta, q_start, dq, sm_scale, cfg)
     return dq, dk, dv, dc

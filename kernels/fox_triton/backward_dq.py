@@ -8,11 +8,8 @@ Notation (one batch element b, query head h, kv head hk = h // G):
 
 Grid (B * Hq, Mq): one program per (b, query head, query block m), heaviest query blocks first
 (m runs from the last block down; the batch-head axis varies fastest). Like the forward, it visits
-the key blocks n = start[m] .. n_hi(m) of an ACP plan: either the plan of this kernel's own
-(BLOCK_M, BLOCK_N) partition (PLAN_ROWS = PLAN_COLS = 1), or, to share one plan with the dk/dv
-kernel, a plan of (BLOCK_M / PLAN_ROWS, BLOCK_N * PLAN_COLS) tiles: then start[m] is the smallest
-start of the PLAN_ROWS plan query blocks inside this block, times PLAN_COLS. That keeps every entry
-either plan block keeps (a superset, so still inside the eps bound). First the key blocks that every row of the block sees in full (no mask, never past Tk),
+the key blocks n = start[m] .. n_hi(m), start in units of BLOCK_N keys for blocks of BLOCK_M rows
+(the launcher derives it from the dk/dv kernel's plan, see backward.coarsen_start). First the key blocks that every row of the block sees in full (no mask, never past Tk),
 then those that straddle the diagonal (causal mask). start[m] <= n_hi(m) always, so the diagonal
 is always visited. Rows past Tq load r = -inf and are not stored; keys past Tk only occur in masked
 tiles (their position exceeds every query's), so the causal mask removes them.
@@ -69,9 +66,8 @@ def fox_bwd_dq_kernel(
     stride_cb, stride_ch, stride_ct,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-    Hq, Tq, Tk, Mq, Mq_plan, sm_scale, qk_scale,
+    Hq, Tq, Tk, Mq, sm_scale, qk_scale,
     GROUP: tl.constexpr, ACP: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PLAN_ROWS: tl.constexpr, PLAN_COLS: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -102,12 +98,7 @@ def fox_bwd_dq_kernel(
     n_end = last_pos // BLOCK_N + 1
     n_full = tl.minimum((m * BLOCK_M + q_shift + 1) // BLOCK_N, n_end)
     if ACP:
-        if PLAN_ROWS == 1 and PLAN_COLS == 1:
-            n_start = tl.load(START + bh64 * Mq_plan + m)
-        else:   # a coarser plan: the first kept key of any of its PLAN_ROWS query blocks, in BLOCK_N units
-            sub = m * PLAN_ROWS + tl.arange(0, PLAN_ROWS)
-            sub_start = tl.load(START + bh64 * Mq_plan + sub, mask=sub < Mq_plan, other=2 ** 30)
-            n_start = tl.min(sub_start, axis=0) * PLAN_COLS
+        n_start = tl.load(START + bh64 * Mq + m)
     else:
         n_start = 0
     Kb = K + b * stride_kb + hk * stride_kh
