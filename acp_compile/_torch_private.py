@@ -30,6 +30,18 @@ def register_torch_log() -> None:
         pass
 
 
+def torch_log_registered() -> bool:
+    """True when TORCH_LOGS knows the name "acp_compile"."""
+    from torch._logging import _internal as logging_internal
+    return LOG_NAME in logging_internal.log_registry.log_alias_to_log_qnames
+
+
+def inductor_config():
+    """torch._inductor.config (tests patch fx_graph_cache through it)."""
+    from torch._inductor import config
+    return config
+
+
 def acp_counters() -> "Any":
     """torch._dynamo.utils.counters["acp"]: a Counter keyed by event name."""
     from torch._dynamo.utils import counters

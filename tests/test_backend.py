@@ -34,7 +34,7 @@ def rewrites():
     """Every RewriteResult of the test, for looking at the emitted op's arguments."""
     seen = []
     rewrite.observers.append(seen.append)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     counters.clear()
     yield seen
     rewrite.observers.remove(seen.append)
@@ -47,7 +47,7 @@ def op_calls(result):
 def test_backend_is_declared_as_entry_point():
     eps = importlib.metadata.entry_points(group="torch_dynamo_backends")
     assert any(ep.name == "acp" and ep.value == "acp_compile.backend:acp" for ep in eps)
-    assert "acp" in torch._dynamo.list_backends(exclude_tags=())
+    assert "acp" in torch.compiler.list_backends(exclude_tags=())
 
 
 def test_unknown_option_is_an_error_listing_valid_ones():
@@ -81,8 +81,7 @@ def test_near_miss_is_counted_and_logged_with_reason(rewrites):
 
 def test_torch_logs_knows_acp_compile():
     tp.register_torch_log()
-    from torch._logging._internal import log_registry
-    assert "acp_compile" in log_registry.log_alias_to_log_qnames
+    assert tp.torch_log_registered()
 
 
 def test_dynamic_true_compiles_once_and_lets_the_op_compute_the_scale(rewrites):
@@ -135,7 +134,7 @@ def test_buffer_mask_is_reverified_when_it_changes(rewrites):
 
 
 def test_pruned_output_within_the_eps_bound():
-    torch._dynamo.reset()
+    torch.compiler.reset()
     args = inputs(T=300, D=8, decay=-3.0, seed=1)             # log f about -3: strongly prunable
     f = torch.compile(sc.matmul_div_sqrt_triu, backend="acp", options={"inner_backend": "eager", "report": True})
     acp_compile.report.reset()
@@ -148,7 +147,7 @@ def test_pruned_output_within_the_eps_bound():
 
 
 def test_report_records_sites_and_draws_the_map(tmp_path):
-    torch._dynamo.reset()
+    torch.compiler.reset()
     acp_compile.report.reset()
     model = TinyFox(n_layer=2, block_size=128)
     f = torch.compile(model, backend="acp", options={"inner_backend": "eager", "report": True})
@@ -175,7 +174,7 @@ def test_mode_goes_to_inductor_and_report_refuses_cuda_graphs(monkeypatch):
         return gm.forward
 
     monkeypatch.setattr(tp, "compile_fx_inner_backend", lambda name: fake_compile_fx)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.compile(sc.matmul_div_sqrt_triu, backend="acp", mode="reduce-overhead")(*inputs())
     assert seen["patches"].get("triton.cudagraphs") is True
     with pytest.raises(Exception, match="CUDA graphs"):
@@ -186,12 +185,12 @@ def test_fx_graph_cache_key_follows_the_rewrite(tmp_path, monkeypatch):
     """The rewritten graph (with the op and its log_eps) is what inductor hashes: same config hits,
     another log_eps misses."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    from torch._inductor import config as inductor_config
+    inductor_config = tp.inductor_config()
     args = inputs(T=20)
     events = []
     with inductor_config.patch(fx_graph_cache=True):
         for opts in ({"log_eps": -10.0}, {"log_eps": -10.0}, {"log_eps": -5.0}):
-            torch._dynamo.reset()
+            torch.compiler.reset()
             counters.clear()
             out = torch.compile(sc.matmul_div_sqrt_triu, backend="acp", options=opts)(*args)
             torch.testing.assert_close(out, sc.matmul_div_sqrt_triu(*args), rtol=1e-4, atol=1e-5)

@@ -34,7 +34,7 @@ def test_training_matches_eager(inner):
     torch.manual_seed(0)
     eager = TinyFox(n_layer=2)
     compiled_model = copy.deepcopy(eager)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     counters.clear()
     # log_eps=None: dense, so only rounding separates the two runs (pruning is checked elsewhere).
     compiled = torch.compile(compiled_model, backend="acp", fullgraph=True,
@@ -56,7 +56,7 @@ def test_training_with_pruning_stays_within_eps():
     with torch.no_grad():
         eager.layers[0].attn.fgate.bias.fill_(-4.0)        # log f about -4: short memory, prunable
     compiled_model = copy.deepcopy(eager)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     counters.clear()
     compiled = torch.compile(compiled_model, backend="acp", fullgraph=True,
                              options={"inner_backend": "aot_eager", "report": True})

@@ -37,7 +37,7 @@ def test_training_under_acp_matches_eager(mode):
     torch.manual_seed(0)
     eager = TinyFox(n_layer=2, d_model=128, n_head=2, block_size=512).cuda()   # head dim 64
     model = copy.deepcopy(eager)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     counters.clear()
     # torch.compile refuses mode= together with options=: bind both into the backend instead.
     backend = functools.partial(acp_compile.backend.acp, options={"log_eps": None}, mode=mode)
@@ -57,7 +57,7 @@ def test_pruned_training_bf16_runs_under_cuda_graphs():
     with torch.no_grad():
         for layer in model.layers:
             layer.attn.fgate.bias.fill_(-3.0)                 # short memory: many tiles prunable
-    torch._dynamo.reset()
+    torch.compiler.reset()
     counters.clear()
     compiled = torch.compile(model, backend="acp", mode="reduce-overhead", fullgraph=True)
     data = _batches(4, B=1, T=2048)

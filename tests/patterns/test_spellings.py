@@ -26,7 +26,7 @@ def make_inputs(Hq=H, Hkv=H, Tq=T, Tk=T, d=D, seed=0, layout="bhtd"):
 
 
 def compile_and_run(fn, args, dynamic=False, **options):
-    torch._dynamo.reset()
+    torch.compiler.reset()
     counters.clear()
     opts = {"inner_backend": "eager", "log_eps": None, **options}
     compiled = torch.compile(fn, backend="acp", options=opts, dynamic=dynamic, fullgraph=True)
