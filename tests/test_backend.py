@@ -209,3 +209,11 @@ def test_pass_overhead_for_24_attention_layers(rewrites):
     seconds = backend.pass_seconds[n0:]
     print(f"acp pass on 24 attention layers: {1e3 * sum(seconds):.0f} ms")
     assert sum(seconds) < 5.0
+
+
+@pytest.mark.parametrize("options,expected", [({}, -10.0), ({"log_eps": -7.5}, -7.5), ({"prune": False}, None),
+                                              ({"log_eps": None}, None)])
+def test_options_reach_the_op(rewrites, options, expected):
+    torch.compile(sc.matmul_div_sqrt_triu, backend="acp", options={"inner_backend": "eager", **options})(*inputs())
+    (call,) = op_calls(rewrites[0])
+    assert call.args[5] == expected
