@@ -20,8 +20,10 @@ Delta_i = dO_i . O_i; dq = scale dS K is written once per query block; dk += sca
 dv += P^T dO and dc -= colsum(dS) are accumulated per query block into fp32 (fp64) buffers.
 dc needs only the column sum: the row term sum_j dS_ij is zero because each row of P sums to one
 over the kept entries (tests/test_blocked.py checks this against the fp64 reference).
-GQA: the g query heads of one kv head are stacked as rows of one matmul, k and v are never repeated
-when every head of the call is in the group; in a partial group they are gathered per head.
+Head groups: the heads of a query block are grouped by their start; a group that is every head,
+or one contiguous run of heads, reads plain views; any other group gathers its rows (a copy).
+GQA: the g query heads of one kv head are stacked as rows of one matmul, so k and v are not repeated
+(a gathered group reads k and v once per query head).
 
 Host sync: the loop bounds come from plan.start, read with ONE .tolist() per call. On CUDA that is
 a device-to-host synchronisation; the Triton path has none. Inputs of any strides are accepted
@@ -46,47 +48,72 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 @dataclass
 class _Heads:
-    """A set of (b, h) query heads processed by one matmul; index tensors are None for all heads."""
-    b: Tensor | None        # (G,) batch index of each query head
-    h: Tensor | None        # (G,) query head index
-    h_kv: Tensor | None     # (G,) kv head index, h // g
-    flat_q: Tensor | None   # (G,) b * Hq + h
-    flat_kv: Tensor | None  # (G,) b * Hkv + h // g
-
-    @property
-    def all(self) -> bool:
-        return self.b is None
+    """The query heads that one matmul processes, in one of three modes:
+      all    every (b, h) of the call: plain slices, no copy
+      slice  heads h0..h1-1 of one batch element b, whose kv heads kv0..kv1-1 stack them: views, no copy
+      index  any other set: gathered with index tensors (copies the rows it reads)
+    """
+    mode: str
+    b: int | Tensor | None = None        # slice: batch index; index: (G,) batch of each query head
+    h: slice | Tensor | None = None      # slice: query heads h0:h1; index: (G,) query head
+    h_kv: slice | Tensor | None = None   # slice: kv heads kv0:kv1; index: (G,) kv head h // g
+    flat_q: slice | Tensor | None = None   # rows of a (B*Hq, ...) accumulator
+    flat_kv: slice | Tensor | None = None  # rows of a (B*Hkv, ...) accumulator
 
     def q_rows(self, x: Tensor, t0: int, t1: int, dtype: torch.dtype) -> Tensor:
         """x (B, Hq, T, ...) -> (G, t1 - t0, ...) for the selected query heads."""
-        part = x[:, :, t0:t1].flatten(0, 1) if self.all else x[self.b, self.h, t0:t1]
+        if self.mode == "all":
+            part = x[:, :, t0:t1].flatten(0, 1)
+        else:
+            part = x[self.b, self.h, t0:t1]
         return part.to(dtype)
 
     def kv_rows(self, x: Tensor, t0: int, t1: int, dtype: torch.dtype) -> Tensor:
-        """x (B, Hkv, T, D) -> (B*Hkv, L, D) when all heads are selected, else (G, L, D) per query head."""
-        part = x[:, :, t0:t1].flatten(0, 1) if self.all else x[self.b, self.h_kv, t0:t1]
+        """x (B, Hkv, T, D) -> (Gk, L, D): one row block per kv head (all, slice), or per query head (index)."""
+        if self.mode == "all":
+            part = x[:, :, t0:t1].flatten(0, 1)
+        else:
+            part = x[self.b, self.h_kv, t0:t1]
         return part.to(dtype)
 
     def write_q_rows(self, out: Tensor, t0: int, t1: int, value: Tensor) -> None:
         """out[b, h, t0:t1] = value for the selected heads; value (G, t1 - t0, ...)."""
-        if self.all:
+        if self.mode == "all":
             out[:, :, t0:t1] = value.reshape(*out.shape[:2], *value.shape[1:])
         else:
             out[self.b, self.h, t0:t1] = value.to(out.dtype)
 
     def add_q_rows(self, acc: Tensor, t0: int, t1: int, value: Tensor) -> None:
         """acc (B*Hq, T, ...) [heads, t0:t1] += value (G, t1 - t0, ...)."""
-        if self.all:
-            acc[:, t0:t1] += value
-        else:
+        if self.mode == "index":
             acc[:, t0:t1].index_add_(0, self.flat_q, value)
+        else:
+            acc[self.flat_q, t0:t1] += value
 
     def add_kv_rows(self, acc: Tensor, t0: int, t1: int, value: Tensor) -> None:
-        """acc (B*Hkv, T, D) [kv heads, t0:t1] += value, value (B*Hkv or G, L, D); repeated heads add up."""
-        if self.all:
-            acc[:, t0:t1] += value
-        else:
+        """acc (B*Hkv, T, D) [kv heads, t0:t1] += value (Gk, L, D); heads sharing a kv head add up."""
+        if self.mode == "index":
             acc[:, t0:t1].index_add_(0, self.flat_kv, value)
+        else:
+            acc[self.flat_kv, t0:t1] += value
+
+
+def _heads_of(members: list[tuple[int, int]], B: int, Hq: int, Hkv: int, device) -> _Heads:
+    """The cheapest mode that covers the (b, h) pairs in `members` (sorted by b, then h)."""
+    g = Hq // Hkv
+    if len(members) == B * Hq:
+        return _Heads("all", flat_q=slice(None), flat_kv=slice(None))
+    b0, h0 = members[0]
+    h1 = members[-1][1] + 1
+    one_run = all(b == b0 for b, _ in members) and h1 - h0 == len(members)
+    if one_run and (h1 - h0 == 1 or (h0 % g == 0 and h1 % g == 0)):
+        kv0, kv1 = h0 // g, (h1 - 1) // g + 1
+        return _Heads("slice", b0, slice(h0, h1), slice(kv0, kv1),
+                      slice(b0 * Hq + h0, b0 * Hq + h1), slice(b0 * Hkv + kv0, b0 * Hkv + kv1))
+    b = torch.tensor([m[0] for m in members], device=device)
+    h = torch.tensor([m[1] for m in members], device=device)
+    h_kv = torch.div(h, g, rounding_mode="floor")
+    return _Heads("index", b, h, h_kv, b * Hq + h, b * Hkv + h_kv)
 
 
 def _head_groups(starts_m: list[list[int]], Hq: int, Hkv: int, device) -> list[tuple[int, _Heads]]:
@@ -95,17 +122,7 @@ def _head_groups(starts_m: list[list[int]], Hq: int, Hkv: int, device) -> list[t
     for b, row in enumerate(starts_m):
         for h, s in enumerate(row):
             by_start.setdefault(s, []).append((b, h))
-    if len(by_start) == 1:
-        (s,) = by_start
-        return [(s, _Heads(None, None, None, None, None))]
-    g = Hq // Hkv
-    groups = []
-    for s, heads in by_start.items():
-        b = torch.tensor([bh[0] for bh in heads], device=device)
-        h = torch.tensor([bh[1] for bh in heads], device=device)
-        h_kv = torch.div(h, g, rounding_mode="floor")
-        groups.append((s, _Heads(b, h, h_kv, b * Hq + h, b * Hkv + h_kv)))
-    return groups
+    return [(s, _heads_of(members, len(starts_m), Hq, Hkv, device)) for s, members in by_start.items()]
 
 
 def _matmul_heads(a: Tensor, b: Tensor, transpose_b: bool, add_to: Tensor | None = None) -> Tensor:
@@ -163,18 +180,19 @@ def _blocks(q: Tensor, k: Tensor, plan: Plan):
 
 def _scores(blk: _Block, q: Tensor, k: Tensor, c: Tensor, sm_scale: float, dt: torch.dtype, row_shift=None):
     """One block visit: scaled q rows (G, BMa, D), k rows (Gk, L, D) and the masked scores
-    s = scale q k^T + c_i - c_j - row_shift_i (G, BMa, L), built as bias + gemm in one baddbmm."""
+    s = scale q k^T + c_i - c_j - row_shift_i (G, BMa, L), built as bias + gemm in one baddbmm.
+    row_shift (G, BMa) is the saved lse in the backward, so that exp(s) is P directly."""
     off = k.shape[2] - q.shape[2]
-    q_blk = blk.heads.q_rows(q, blk.r0, blk.r1, dt) * sm_scale          # (G, BMa, D), scale folded in (a copy:
-    # q_rows may return a view of the caller's q)
+    # (G, BMa, D) with the scale folded in; out of place, since q_rows may return a view of q.
+    q_blk = blk.heads.q_rows(q, blk.r0, blk.r1, dt) * sm_scale
     k_blk = blk.heads.kv_rows(k, blk.k0, blk.k1, dt)                      # (Gk, L, D)
     c_rows = blk.heads.q_rows(c, off + blk.r0, off + blk.r1, dt)          # (G, BMa)
     c_cols = blk.heads.q_rows(c, blk.k0, blk.k1, dt)                      # (G, L)
-    if row_shift is not None:
-        c_rows = c_rows - row_shift
-    # c_i - c_j first: both may be large (a long decay) while their difference near the diagonal is
-    # small, so subtracting them before adding q.k keeps fp32 rounding relative to |c_i - c_j|.
-    bias = c_rows[:, :, None] - c_cols[:, None, :]                        # (G, BMa, L)
+    # c may be large (a long decay) while c_i - c_j near the diagonal is small: measure both from the
+    # block's first row, so the rounding of the bias is relative to |c_i - c_j|, not to |c|.
+    ref = c_rows[:, :1]                                                   # (G, 1)
+    rows = c_rows - ref if row_shift is None else (c_rows - ref) - row_shift
+    bias = rows[:, :, None] - (c_cols - ref)[:, None, :]                  # (G, BMa, L)
     s = _matmul_heads(q_blk, k_blk, transpose_b=True, add_to=bias)        # (G, BMa, L)
     bma = blk.r1 - blk.r0
     idx = torch.arange(bma, device=q.device)

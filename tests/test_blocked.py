@@ -182,3 +182,40 @@ def test_inputs_are_left_untouched():
     saved = [t.clone() for t in (do, o, lse)]
     blocked.backward(do, q, k, v, c, o, lse, scale, plan)
     assert all(torch.equal(a, b) for a, b in zip((q, k, v, c, do, o, lse), copies + saved))
+
+
+def test_large_gate_values_keep_fp32_accuracy(poison):
+    """c far from 0 (a long decay before this window): the bias c_i - c_j - lse_i must not round to |c|."""
+    q, k, v, c = fox_inputs(1, 2, 1, 100, 100, 16, strength=0.3, qk_scale=0.5, seed=13)
+    c = c - 5000.0                                    # attention is unchanged; fp32 ulp of c is now 5e-4
+    plan, scale, (o, lse), (o_ref, lse_ref), keep = run_forward(q, k, v, c)
+    assert_close_scaled(o, o_ref, TOL[torch.float32], "o")
+    do = torch.randn_like(o)
+    grads = blocked.backward(do, q, k, v, c, o, lse, scale, plan)
+    for name, got, want in zip(("dq", "dk", "dv", "dc"), grads, reference_grads(q, k, v, c, scale, keep, do)):
+        assert_close_scaled(got, want, 5 * TOL[torch.float32], name)
+
+
+def test_head_group_modes():
+    """all heads -> slices; one contiguous run aligned to kv groups (or one head) -> views; else gathered."""
+    B, Hq, Hkv = 2, 6, 3                                                  # g = 2
+    every = [(b, h) for b in range(B) for h in range(Hq)]
+    assert blocked._heads_of(every, B, Hq, Hkv, "cpu").mode == "all"
+    assert blocked._heads_of([(1, 2), (1, 3)], B, Hq, Hkv, "cpu").mode == "slice"      # kv head 1 of b=1
+    assert blocked._heads_of([(0, 3)], B, Hq, Hkv, "cpu").mode == "slice"              # one head
+    assert blocked._heads_of([(0, 1), (0, 2)], B, Hq, Hkv, "cpu").mode == "index"      # splits kv groups
+    assert blocked._heads_of([(0, 0), (1, 0)], B, Hq, Hkv, "cpu").mode == "index"      # two batch elements
+
+
+def test_all_three_head_modes_in_one_call_match_the_reference(poison, monkeypatch):
+    q, k, v, c = fox_inputs(2, 4, 2, 150, 150, 16, strength=1.0, qk_scale=0.3, gate="mixed", seed=14)
+    modes = []
+    original = blocked._heads_of
+    monkeypatch.setattr(blocked, "_heads_of", lambda *a: modes.append(original(*a).mode) or original(*a))
+    plan, scale, (o, lse), (o_ref, _), keep = run_forward(q, k, v, c)
+    assert {"all", "slice", "index"} <= set(modes)
+    assert_close_scaled(o, o_ref, TOL[torch.float32], "o")
+    do = torch.randn_like(o)
+    grads = blocked.backward(do, q, k, v, c, o, lse, scale, plan)
+    for name, got, want in zip(("dq", "dk", "dv", "dc"), grads, reference_grads(q, k, v, c, scale, keep, do)):
+        assert_close_scaled(got, want, 5 * TOL[torch.float32], name)
