@@ -54,12 +54,12 @@ logger = logging.getLogger("acp_compile")
 
 @dataclass(frozen=True)
 class BackwardConfig:
-    """Tile sizes of the two main kernels (each kernel gets the ACP plan of its own partition)."""
-    kv_block_m: int = 32     # dk/dv kernel: query rows streamed per step
+    """Tile sizes, warps and pipeline stages of the two main kernels (defaults: the H200 D = 128 row)."""
+    kv_block_m: int = 64     # dk/dv kernel: query rows streamed per step
     kv_block_n: int = 128    # dk/dv kernel: keys held by one program
     q_block_m: int = 128     # dq kernel: query rows held by one program
     q_block_n: int = 32      # dq kernel: keys streamed per step
-    kv_warps: int = 4
+    kv_warps: int = 8
     kv_stages: int = 3
     q_warps: int = 4
     q_stages: int = 3
