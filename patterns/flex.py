@@ -15,8 +15,15 @@ and the site is FoX attention when, on a sample of points covering both sides of
     eff(p) - s     =  X[b, h, i + off] - Y[b, h, j]     (the same for two different s: the bias ignores s)
 where X and Y are score buffers holding the same tensor (one node, or a clone/contiguous copy of it) laid
 out (B, Hq, Tk) or (B, Tk, Hq). flex's own `scale` multiplies q.k before score_mod and becomes sm_scale.
-Assumption: the BlockMask's block tables agree with its mask_mod (create_block_mask builds them so); a
-hand-edited BlockMask that drops causal blocks is outside what the proof sees.
+Block tables. flex_attention visits only the key blocks its BlockMask lists and skips mask_mod on
+"full" blocks, so the tables must agree with causality: every block holding a causal entry is listed,
+and every full block is causal throughout. Tables that enter the graph as inputs (a BlockMask built
+outside the compiled function) or constants are checked on their real values at compile time, and a
+run-time guard re-checks them when their storage, version or shape changes (patterns/guards.py);
+tables computed inside the graph come from create_block_mask over the proven mask_mod and are trusted.
+(Measured on torch 2.13 CPU: eager flex_attention applies mask_mod everywhere and ignores the tables,
+compiled flex_attention follows them; inconsistent tables therefore give different eager and compiled
+results, and the pass leaves such a site as the inner backend would compile it.)
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import torch
 import torch.fx as fx
 
 from acp_compile._torch_private import concrete_int, example_value, sym_expr
+from acp_compile.patterns.guards import MaskGuard
 from acp_compile.patterns.match import FoxMatch, NearMiss, NotProven
 from acp_compile.patterns.registry import register_anchor
 
@@ -58,12 +66,12 @@ class FlexAnchor:
 
     def match(self, node: fx.Node, ctx=None) -> FoxMatch | NearMiss | None:
         try:
-            return _prove(node)
+            return _prove(node, ctx)
         except NotProven as err:
             return NearMiss(ANCHOR, node.name, str(err))
 
 
-def _prove(node: fx.Node) -> FoxMatch | None:
+def _prove(node: fx.Node, ctx) -> FoxMatch | None:
     q, k, v, score_node, block_mask, scale, _kernel_options, score_bufs, mask_bufs = _unpack(node)
     out_node, dead_getitems = _output_use(node)
     sizes = _sizes(q, k, v)
@@ -98,9 +106,10 @@ def _prove(node: fx.Node) -> FoxMatch | None:
                         "scale through flex_attention's `scale` argument")
     bv, hv, iv, jv = b[visible], h[visible], i[visible], j[visible]
     c_node, layout = _find_gate(bias, (bv, hv, iv + off, jv), score_bufs, score_values, classes, sizes)
+    guards = _block_table_guards(node, block_mask, sizes, ctx)
     return FoxMatch(
         anchor=ANCHOR, replace=out_node, q=q, k=k, v=v, c=_gate_builder(c_node, layout),
-        sm_scale=_scale(scale, sizes.D), region=tuple(dead_getitems) + (node,),
+        sm_scale=_scale(scale, sizes.D), guards=guards, region=tuple(dead_getitems) + (node,),
     )
 
 
@@ -176,6 +185,85 @@ def _subgraph(node: fx.Node, ref, what: str) -> fx.GraphModule:
     if not isinstance(sub, fx.GraphModule):
         raise NotProven(f"flex_attention's {what} is not a traced subgraph")
     return sub
+
+
+# ---------------------------------------------------------------------------- block tables
+
+_KV_TABLES = slice(2, 6)    # BlockMask.as_tuple(): Q_LEN, KV_LEN, kv_num_blocks, kv_indices, full_kv_num, full_kv_idx, ...
+
+
+def block_tables_are_causal(kv_num, kv_idx, full_num, full_idx, Tq: int, Tk: int, q_block: int, kv_block: int) -> bool:
+    """True when flex_attention with these tables and a causal mask_mod computes exactly causal attention.
+
+    kv_num (B', H', M') int, kv_idx (B', H', M', N') int: the partial key blocks of each query block (the
+    first kv_num entries of kv_idx count); full_num / full_idx the same for full blocks (or None). B', H'
+    broadcast. With off = Tk - Tq, block (m, n) holds a causal entry when n*kv_block <= last row of m + off,
+    and is causal throughout when the last key of n <= first row of m + off.
+    """
+    Mq, Nk = -(-Tq // q_block), -(-Tk // kv_block)
+    if kv_num.shape[-1] < Mq or (full_num is not None and full_num.shape[-1] < Mq):
+        return False
+
+    def listed(num, idx):                                            # (B', H', Mq, Nk) bool
+        num, idx = num[..., :Mq].long(), idx[..., :Mq, :].long()
+        valid = torch.arange(idx.shape[-1]) < num[..., None]
+        width = max(Nk, int(idx.max()) + 1 if idx.numel() else Nk)
+        hits = torch.zeros(*idx.shape[:-1], width + 1, dtype=torch.bool)
+        hits.scatter_(-1, torch.where(valid, idx.clamp(0, width - 1), width), True)
+        return hits[..., :Nk]
+
+    partial = listed(kv_num, kv_idx)
+    full = listed(full_num, full_idx) if full_num is not None else torch.zeros_like(partial)
+    off = Tk - Tq
+    first_row = torch.arange(Mq) * q_block
+    last_row = torch.clamp(first_row + q_block, max=Tq) - 1
+    first_key = torch.arange(Nk) * kv_block
+    last_key = torch.clamp(first_key + kv_block, max=Tk) - 1
+    has_causal = first_key[None, :] <= last_row[:, None] + off                # (Mq, Nk)
+    all_causal = last_key[None, :] <= first_row[:, None] + off
+    return bool(((partial | full) | ~has_causal).all() and (~full | all_causal).all())
+
+
+def _block_table_guards(node: fx.Node, block_mask: tuple, sizes: _Sizes, ctx) -> tuple:
+    tables = list(block_mask[_KV_TABLES])
+    q_block, kv_block = block_mask[-3], block_mask[-2]
+    external = [t for t in tables if isinstance(t, fx.Node) and t.op in ("placeholder", "get_attr")]
+    if not external:
+        return ()                                     # computed in the graph from the proven mask_mod
+    if any(isinstance(x, fx.Node) for x in (q_block, kv_block)) or not all(
+            isinstance(t, fx.Node) or t is None for t in tables):
+        raise NotProven("the BlockMask's block sizes are not constants; its tables cannot be checked")
+    if any(t.op == "get_attr" for t in external):
+        root = node.graph.owning_module
+        values = [_get_attr(root, t.target) if isinstance(t, fx.Node) else None for t in tables]
+        if not block_tables_are_causal(*values, sizes.Tq, sizes.Tk, int(q_block), int(kv_block)):
+            raise NotProven("the BlockMask's block tables skip causal blocks or mark partly masked blocks full")
+        return ()
+    if ctx is None or any(t.op != "placeholder" or t not in ctx.placeholder_index for t in tables if t is not None):
+        raise NotProven("the BlockMask's block tables are neither inputs nor computed in the graph")
+    if any(sym_expr(x) != int(concrete_int(x)) for x in _symbolic_lengths(node)):
+        raise NotProven("a BlockMask passed into a graph with dynamic sequence lengths cannot be re-checked; "
+                        "build it inside the compiled function or compile with dynamic=False")
+    positions = [ctx.placeholder_index[t] if t is not None else None for t in tables]
+    Tq, Tk, qb, kb = sizes.Tq, sizes.Tk, int(q_block), int(kv_block)
+
+    def verify(inputs: list) -> bool:
+        return block_tables_are_causal(*(inputs[i] if i is not None else None for i in positions), Tq, Tk, qb, kb)
+
+    if not verify(ctx.example_inputs):
+        raise NotProven("the BlockMask's block tables skip causal blocks or mark partly masked blocks full")
+    return (MaskGuard(indices=tuple(i for i in positions if i is not None), verify=verify, site=node.name),)
+
+
+def _symbolic_lengths(node: fx.Node) -> list:
+    return [example_value(node.args[0]).shape[2], example_value(node.args[1]).shape[2]]
+
+
+def _get_attr(root, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 # ---------------------------------------------------------------------------- concrete evaluation

@@ -11,9 +11,10 @@ import warnings
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 import acp_compile.backend  # noqa: F401  (sets up the acp_compile logger before a test attaches to it)
+from acp_compile.patterns.flex import block_tables_are_causal
 
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -214,3 +215,59 @@ def test_dynamic_shapes_compile_once_for_several_lengths():
             args = inputs(Tq=T, seed=T)
             torch.testing.assert_close(fn(*args), causal_inside_score_mod(*args), atol=2e-5, rtol=2e-5)
     assert counters["acp"]["fox_attention"] == 1 and not counters["acp"]["near_miss"]
+
+
+# ----------------------------------------------------------------------------------------- block tables
+
+def tables(mask):
+    return mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices
+
+
+@pytest.mark.parametrize("Tq,Tk,mask_mod,want", [
+    (37, 37, causal, True),
+    (20, 45, lambda b, h, i, j: i + 25 >= j, True),              # cache offset Tk - Tq
+    (20, 45, causal, False),                                      # offset missing: blocks of the cache dropped
+    (37, 37, lambda b, h, i, j: (i >= j) & (i - j < 8), False),   # sliding window drops causal blocks
+    (37, 37, lambda b, h, i, j: j >= 0, False),                   # everything full: future blocks unmasked
+])
+def test_block_table_check_against_create_block_mask(Tq, Tk, mask_mod, want):
+    mask = create_block_mask(mask_mod, 1, 1, Tq, Tk, device="cpu", BLOCK_SIZE=(8, 16))
+    assert block_tables_are_causal(*tables(mask), Tq, Tk, 8, 16) is want
+
+
+WINDOW = create_block_mask(lambda b, h, i, j: (i >= j) & (i - j < 16), 1, 2, 37, 37, device="cpu", BLOCK_SIZE=8)
+CAUSAL_MOD_WINDOW_TABLES = BlockMask.from_kv_blocks(*tables(WINDOW), BLOCK_SIZE=8, mask_mod=causal,
+                                                    seq_lengths=(37, 37))
+
+
+def causal_mask_mod_with_window_tables(q, k, v, c):
+    return flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + c[b, h, i] - c[b, h, j],
+                          block_mask=CAUSAL_MOD_WINDOW_TABLES)
+
+
+def test_block_tables_that_skip_causal_blocks_are_a_near_miss():
+    out, ref, count = run(causal_mask_mod_with_window_tables, inputs(Tq=37, seed=11))
+    assert not count.get("fox_attention") and count.get("near_miss") == 1, count
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_block_tables_changed_after_compiling_run_the_original_graph():
+    """Eager flex_attention on CPU applies mask_mod everywhere and ignores the tables, while compiled
+    flex_attention follows them; so the oracle here is the guard's log line, plus the eager output."""
+    mask = create_block_mask(causal, 1, 2, 37, 37, device="cpu", BLOCK_SIZE=8)
+
+    def fox(q, k, v, c):
+        return flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + c[b, h, i] - c[b, h, j], block_mask=mask)
+
+    args = inputs(Tq=37, seed=12)
+    torch._dynamo.reset()
+    counters.clear()
+    fn = torch.compile(fox, backend="acp", options={"inner_backend": "eager", "log_eps": None})
+    with torch.no_grad(), LogLines("acp_compile") as lines:
+        torch.testing.assert_close(fn(*args), fox(*args), atol=2e-5, rtol=2e-5)
+        assert counters["acp"]["fox_attention"] == 1
+        assert not any("changed at run time" in line for line in lines)
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+            getattr(mask, name).copy_(getattr(WINDOW, name))   # in place: Dynamo does not notice
+        torch.testing.assert_close(fn(*args), fox(*args), atol=1e-6, rtol=1e-6)
+        assert any("changed at run time" in line for line in lines), lines
