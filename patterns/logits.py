@@ -185,10 +185,10 @@ def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasP
                 continue                                  # a constant shift
             raise NotProven(f"bias term {t.node.name} of shape {s} is not of the form c_i - c_j")
         rows, cols = s[-2], s[-1]
-        if rows == 1 and cols == 1:
-            continue                                      # per-head constant: cancels in softmax
-        if cols == 1 and rows == Tq:
+        if cols == 1 and rows == Tq:                      # with Tq == 1 this is the (..., 1, 1) c_i
             query.append(t)
+        elif rows == 1 and cols == 1:
+            continue                                      # per-head constant: cancels in softmax
         elif rows == 1 and cols == Tk:
             key.append(t)
         elif (rows, cols) == (Tq, Tk):
@@ -206,7 +206,9 @@ def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasP
             except NotProven as err:
                 raise NotProven(f"an additive (Tq, Tk) bias that is not c_i - c_j ({err})") from None
         return None
-    if not query or not key:
+    if not key or (not query and Tq > 1):
+        # Softmax ignores a per-row term, so a lone c_i would not even matter; the pass still asks
+        # for the c_i - c_j pairing when there are several queries (one query: c_i is a constant).
         raise NotProven("the bias depends only on the query or only on the key position, not c_i - c_j")
     # Random stand-ins for the tensors the terms view; the same base gets the same values.
     gen = torch.Generator().manual_seed(0)
@@ -227,8 +229,8 @@ def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasP
             total = val if total is None else total + val
         return total.squeeze(squeeze_dim)
 
-    q_side = side(query, -1)                      # (..., Tq)
     k_side = side(key, -2)                        # (..., Tk)
+    q_side = side(query, -1) if query else -k_side[..., Tk - Tq:]   # (..., Tq)
     q_side, k_side = torch.broadcast_tensors(q_side[..., None], k_side[..., None, :])
     lhs = q_side[..., 0]                           # (..., Tq)
     rhs = -k_side[..., 0, Tk - Tq:]                # (..., Tq)

@@ -98,9 +98,12 @@ def strip_kv_repeat(node: Any, ctx: MatchContext) -> Any:
                 if gu.is_op(u, "unsqueeze") and gu.arg(u, 1, "dim") in (2, -3):
                     x = u.args[0]
                 elif gu.is_op(u, "getitem"):
+                    # x[:, :, None] or Llama's x[:, :, None, :, :]: a new axis right after the heads
                     idx = u.args[1]
-                    if (isinstance(idx, tuple) and len(idx) == 3 and idx[2] is None
-                            and all(isinstance(i, slice) and i == slice(None) for i in idx[:2])):
+                    full = lambda i: (isinstance(i, slice) and i == slice(None)) or i is Ellipsis
+                    if (isinstance(idx, tuple) and len(idx) >= 3 and idx[2] is None
+                            and all(full(i) for i in idx[:2]) and all(full(i) for i in idx[3:])
+                            and idx.count(Ellipsis) <= (1 if idx[-1] is Ellipsis else 0)):
                         x = u.args[0]
                 xs = gu.shape(x) if x is not None else None
                 out = gu.shape(node)

@@ -111,7 +111,7 @@ def test_custom_scale_is_passed_as_a_float(rewrites):
     assert call.args[4] == pytest.approx(0.3)
 
 
-@pytest.mark.parametrize("fn", [sc.gqa_repeat_interleave, sc.gqa_expand])
+@pytest.mark.parametrize("fn", [sc.gqa_repeat_interleave, sc.gqa_expand, sc.gqa_llama_repeat_kv])
 def test_gqa_passes_the_unrepeated_kv(rewrites, fn):
     torch.compile(fn, backend="acp", options={"inner_backend": "eager"})(*inputs(Hq=4, Hkv=2))
     (call,) = op_calls(rewrites[0])

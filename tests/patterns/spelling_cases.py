@@ -181,6 +181,21 @@ def gqa_expand(q, k, v, fg):
     return matmul_div_sqrt_triu(q, k, v, fg)
 
 
+def gqa_llama_repeat_kv(q, k, v, fg):
+    B, Hkv, T, D = k.shape
+    n_rep = q.shape[1] // Hkv
+    k = k[:, :, None, :, :].expand(B, Hkv, n_rep, T, D).reshape(B, Hkv * n_rep, T, D)
+    v = v[:, :, None, :, :].expand(B, Hkv, n_rep, T, D).reshape(B, Hkv * n_rep, T, D)
+    return matmul_div_sqrt_triu(q, k, v, fg)
+
+
+def decode_step_no_mask(q, k, v, fg):
+    # one query (the last position) sees every key: no mask is needed
+    c = gate(fg)
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + c[..., -1:, None] - c[..., None, :]
+    return s.softmax(-1) @ v
+
+
 def kv_cache_offset(q, k, v, fg):
     # q (B, H, Tq, D) holds the last Tq of Tk positions; fg (B, H, Tk)
     c = gate(fg)

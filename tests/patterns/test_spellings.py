@@ -55,6 +55,8 @@ MATCH = [
     ("gqa_expand", {"Hq": 4, "Hkv": 2}),
     ("kv_cache_offset", {"Tq": 11, "Tk": 37}),
     ("sdpa_enable_gqa", {"Hq": 4, "Hkv": 2}),
+    ("gqa_llama_repeat_kv", {"Hq": 4, "Hkv": 2}),
+    ("decode_step_no_mask", {"Tq": 1, "Tk": 37}),
     ("sdpa_kv_cache", {"Tq": 5, "Tk": 37}),
     ("tril_eq_zero_views_mT", {}),
     ("where_two_aranges", {}),
