@@ -271,3 +271,12 @@ def test_block_tables_changed_after_compiling_run_the_original_graph():
             getattr(mask, name).copy_(getattr(WINDOW, name))   # in place: Dynamo does not notice
         torch.testing.assert_close(fn(*args), fox(*args), atol=1e-6, rtol=1e-6)
         assert any("changed at run time" in line for line in lines), lines
+
+
+def test_bf16_inputs_and_bf16_gate():
+    q, k, v, c = (t.bfloat16() for t in inputs(Tq=37, seed=13))
+    out, _, count = run(time_major_gate_global_block_mask, (q, k, v, c))
+    assert count.get("fox_attention") == 1 and out.dtype == torch.bfloat16, count
+    with torch.no_grad():
+        want = time_major_gate_global_block_mask(*(t.double() for t in (q, k, v, c)))
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
