@@ -23,7 +23,11 @@ def register_torch_log() -> None:
     if LOG_NAME in getattr(registry, "log_alias_to_log_qnames", {}):
         return
     logging_internal.register_log(LOG_NAME, LOG_NAME)
-    # TORCH_LOGS was parsed when torch was imported, before this alias existed: parse it again.
+    # TORCH_LOGS was parsed when torch was imported, before this alias existed: parse it again,
+    # only when it names us (re-parsing resets settings made with torch._logging.set_logs).
+    import os
+    if LOG_NAME not in os.environ.get("TORCH_LOGS", ""):
+        return
     try:
         logging_internal._init_logs()
     except Exception:  # pragma: no cover - never let logging setup break compilation
