@@ -15,11 +15,13 @@ Forward, per query block m and group of heads sharing start[b,h,m]: ONE matmul a
 key range, a direct softmax over it in fp32 (fp64 for fp64 inputs), o = P V and lse = logsumexp.
 No (Tq, Tk) matrix is ever built; the largest temporary is (heads in group, BM, L).
 
-Backward, per query block likewise: P = exp(s - lse), dP = dO V^T, dS = P * (dP - Delta) with
-Delta_i = dO_i . O_i; dq = scale dS K is written once per query block; dk += scale dS^T Q,
-dv += P^T dO and dc -= colsum(dS) are accumulated per query block into fp32 (fp64) buffers.
+Backward, per query block likewise: P = softmax(s) as in the forward, dP = dO V^T and
+dS = P * (dP - Delta) with Delta_i = dO_i . O_i; dq = scale dS K is written once per query block;
+dk += scale dS^T Q, dv += P^T dO and dc -= colsum(dS) are accumulated per query block into fp32
+(fp64) buffers.
 dc needs only the column sum: the row term sum_j dS_ij is zero because each row of P sums to one
-over the kept entries (tests/test_blocked.py checks this against the fp64 reference).
+over the kept entries (tests/test_reference.py checks it; tests/test_blocked.py compares dc with
+the fp64 reference, which keeps both terms).
 Head groups: the heads of a query block are grouped by their start; a group that is every head,
 or one contiguous run of heads, reads plain views; any other group gathers its rows (a copy).
 GQA: the g query heads of one kv head are stacked as rows of one matmul, so k and v are not repeated
@@ -178,10 +180,9 @@ def _blocks(q: Tensor, k: Tensor, plan: Plan):
             yield _Block(r0, r1, k0, k1, heads)
 
 
-def _scores(blk: _Block, q: Tensor, k: Tensor, c: Tensor, sm_scale: float, dt: torch.dtype, row_shift=None):
+def _scores(blk: _Block, q: Tensor, k: Tensor, c: Tensor, sm_scale: float, dt: torch.dtype):
     """One block visit: scaled q rows (G, BMa, D), k rows (Gk, L, D) and the masked scores
-    s = scale q k^T + c_i - c_j - row_shift_i (G, BMa, L), built as bias + gemm in one baddbmm.
-    row_shift (G, BMa) is the saved lse in the backward, so that exp(s) is P directly."""
+    s = scale q k^T + c_i - c_j (G, BMa, L), built as bias + gemm in one baddbmm."""
     off = k.shape[2] - q.shape[2]
     # (G, BMa, D) with the scale folded in; out of place, since q_rows may return a view of q.
     q_blk = blk.heads.q_rows(q, blk.r0, blk.r1, dt) * sm_scale
@@ -191,8 +192,7 @@ def _scores(blk: _Block, q: Tensor, k: Tensor, c: Tensor, sm_scale: float, dt: t
     # c may be large (a long decay) while c_i - c_j near the diagonal is small: measure both from the
     # block's first row, so the rounding of the bias is relative to |c_i - c_j|, not to |c|.
     ref = c_rows[:, :1]                                                   # (G, 1)
-    rows = c_rows - ref if row_shift is None else (c_rows - ref) - row_shift
-    bias = rows[:, :, None] - (c_cols - ref)[:, None, :]                  # (G, BMa, L)
+    bias = (c_rows - ref)[:, :, None] - (c_cols - ref)[:, None, :]        # (G, BMa, L)
     s = _matmul_heads(q_blk, k_blk, transpose_b=True, add_to=bias)        # (G, BMa, L)
     bma = blk.r1 - blk.r0
     idx = torch.arange(bma, device=q.device)
@@ -223,7 +223,10 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq like q, dk like k, dv like v, dc (B, Hq, Tk) fp32 with c's strides) of the pruned attention.
 
-    fp64 inputs recompute the row normalisation in fp64 (the saved lse is fp32 by contract).
+    P is recomputed with the forward's softmax over the kept row, not as exp(s - lse): each visit holds
+    the whole kept row anyway, the result is the forward's P exactly (fp64 too, where lse is only fp32),
+    and torch's CPU exp is 10 to 40 times slower on the far-negative scores of a long decay, which the
+    softmax kernel avoids. lse is accepted for the common signature and not read.
     """
     dt = _compute_dtype(q)
     B, Hq, Tq, D = q.shape
@@ -235,12 +238,8 @@ def backward(
     dc_acc = torch.zeros(B * Hq, Tk, dtype=dt, device=q.device)
     for blk in _blocks(q, k, plan):
         heads, r0, r1, k0, k1 = blk.heads, blk.r0, blk.r1, blk.k0, blk.k1
-        if dt == torch.float64:
-            q_blk, k_blk, s = _scores(blk, q, k, c, sm_scale, dt)
-            p = torch.softmax(s, dim=-1)
-        else:                                                             # exp(s - lse) straight from the gemm
-            q_blk, k_blk, s = _scores(blk, q, k, c, sm_scale, dt, row_shift=heads.q_rows(lse, r0, r1, dt))
-            p = s.exp_()                                                  # (G, BMa, L)
+        q_blk, k_blk, s = _scores(blk, q, k, c, sm_scale, dt)
+        p = torch.softmax(s, dim=-1)                                      # (G, BMa, L), the forward's P
         do_blk = heads.q_rows(do, r0, r1, dt)                             # (G, BMa, D)
         v_blk = heads.kv_rows(v, k0, k1, dt)                              # (Gk, L, D)
         Gk = k_blk.shape[0]
