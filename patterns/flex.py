@@ -383,8 +383,8 @@ def _gate_builder(c_node: fx.Node, layout: str):
 
     def build(graph: fx.Graph) -> fx.Node:
         c = c_node
-        if layout == "bth":
-            c = graph.call_function(torch.permute, (c, (0, 2, 1)))
+        if layout == "bth":        # (B, T, H) -> (B, H, T); contiguous: c is small, and a strided c trips the
+            c = graph.call_method("contiguous", (graph.call_function(torch.permute, (c, (0, 2, 1))),))  # CPU path
         if value.dtype != torch.float32:
             c = graph.call_method("float", (c,))
         return c
