@@ -25,6 +25,8 @@ def fox_attention(
     exp(log_eps); None or -inf computes every tile. u_bound, broadcastable to (B, Hq), replaces the
     bound on |scale q.k| that is otherwise computed from the data (for example from QK-norm weights);
     it must hold, or the eps guarantee is lost. Output: like q, in q's dtype.
+    NaN in q, k or log_fgate spreads as in the eager formula (a NaN bound turns pruning off for that
+    head); a NaN in v is read only where a tile is computed, so a skipped tile does not spread it.
     """
     check_api_inputs(q, k, log_fgate, layout)
     check_log_eps(log_eps)
