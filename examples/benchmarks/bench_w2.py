@@ -54,10 +54,12 @@ DEFAULT_ORDER = [(16384, "acp"), (16384, "acp-no-prune"), (4096, "acp"), (4096, 
 
 
 def compile_model(model, run: str, report: bool = False):
+    """report=True: a forward-only copy that records the plan per site; the rest of its graph runs
+    under aot_eager (compiles in seconds; it is never timed)."""
     backend, options = RUN_OPTIONS[run]
     if backend == "inductor":
         return torch.compile(model)
-    options = dict(options, report=report)
+    options = dict(options, report=True, inner_backend="aot_eager") if report else dict(options)
     try:
         return torch.compile(model, backend="acp", options=options)
     except Exception:  # the package is on PYTHONPATH without its entry point: pass the backend itself
@@ -166,7 +168,8 @@ def markdown_table(results: list[dict]) -> str:
         mem = f"{r['peak_memory_gb']:.1f}" if r.get("peak_memory_gb") is not None else "-"
         skipped = f"{100 * r['skipped']['overall']:.0f}%" if r.get("skipped") else ("0%" if r["run"] != "acp" else "-")
         loss = f"{r['losses'][-1]:.3f}" if r.get("losses") else "-"
-        lines.append(f"| {r['seq_len'] // 1024}k ({r['batch']}) | {r['run']} | {tps} | {mem} | {skipped} | {loss} | {r['status']} |")
+        T = f"{r['seq_len'] // 1024}k" if r["seq_len"] >= 1024 else str(r["seq_len"])
+        lines.append(f"| {T} ({r['batch']}) | {r['run']} | {tps} | {mem} | {skipped} | {loss} | {r['status']} |")
     return "\n".join(lines)
 
 
