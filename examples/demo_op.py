@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=1024)
     ap.add_argument("--D", type=int, default=64)
     ap.add_argument("--log-eps", type=float, default=-10.0, help="log of the per-row pruned-mass tolerance")
-    ap.add_argument("--local-decay", type=float, default=0.1, help="nats of decay per token in the local heads")
+    ap.add_argument("--local-decay", type=float, default=0.3, help="nats of decay per token in the local heads")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -51,14 +51,19 @@ def main() -> None:
     print(f"q, k, v: {tuple(q.shape)} (B, H, T, D) {q.dtype}; log_fgate: {tuple(log_fgate.shape)} (B, H, T)")
     print(f"log_eps = {args.log_eps} (eps = {math.exp(args.log_eps):.3g}); tiles of {blocked.BLOCK_M} x {blocked.BLOCK_N}")
 
-    acp_compile.fox_attention(q[..., :64, :], k[..., :64, :], v[..., :64, :], log_fgate[..., :64])   # warm-up
-    t0 = time.perf_counter()
-    o = acp_compile.fox_attention(q, k, v, log_fgate, log_eps=args.log_eps)
-    t_acp = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    o_dense_path = acp_compile.fox_attention(q, k, v, log_fgate, log_eps=None)
-    t_dense = time.perf_counter() - t0
-    print(f"output: {tuple(o.shape)} {o.dtype}; forward {t_acp * 1e3:.0f} ms with ACP, {t_dense * 1e3:.0f} ms dense")
+    def best_ms(log_eps, reps=3):
+        """Fastest of a few calls (the first call of a process also warms torch up)."""
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = acp_compile.fox_attention(q, k, v, log_fgate, log_eps=log_eps)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return out, min(times)
+
+    o, t_acp = best_ms(args.log_eps)
+    o_dense_path, t_dense = best_ms(None)
+    print(f"output: {tuple(o.shape)} {o.dtype}; forward {t_acp:.0f} ms with ACP, {t_dense:.0f} ms with pruning off "
+          f"(best of 3, {torch.get_num_threads()} threads)")
 
     c = torch.cumsum(log_fgate, dim=-1)                            # what the op receives
     plan = make_plan(q, k, c, 1 / math.sqrt(args.D), args.log_eps, None, blocked.BLOCK_M, blocked.BLOCK_N)
