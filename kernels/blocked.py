@@ -13,8 +13,8 @@ Notation (one batch element b, query head h, kv head h // g with g = Hq // Hkv):
 
 Forward, per query block m and group of heads sharing start[b,h,m]: ONE matmul against the kept
 key range, a direct softmax over it in fp32 (fp64 for fp64 inputs), o = P V and lse = logsumexp.
-No (Tq, Tk) matrix is ever built; the largest temporary is (heads in group, BM, L), at most
-BM / D times the size of q.
+No (Tq, Tk) matrix is ever built; the largest temporary is (heads in group, BM, L): at most
+g * BM / D times the size of k.
 
 Backward, per query block likewise: P = softmax(s) as in the forward, dP = dO V^T and
 dS = P * (dP - Delta) with Delta_i = dO_i . O_i; dq = scale dS K is written once per query block;
