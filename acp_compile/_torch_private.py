@@ -107,6 +107,21 @@ def sym_sqrt_functions() -> tuple:
     return tuple(fns)
 
 
+def tracing_compiler_fn() -> Any:
+    """The backend callable of the graph Dynamo is tracing right now (the head of its wrapper chain,
+    e.g. WrapBackendDebug -> _TorchCompileWrapper -> backend), or None when not tracing."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        return InstructionTranslator.current_tx().output.compiler_fn
+    except Exception:   # noqa: BLE001 - not tracing, or torch moved it: callers treat None as "not acp"
+        return None
+
+
+def flex_attention_op() -> Any:
+    """The higher-order op that Dynamo records for torch.nn.attention.flex_attention calls."""
+    return torch.ops.higher_order.flex_attention
+
+
 def tensor_version(t: torch.Tensor) -> int:
     """The in-place modification counter of a tensor (host side, no device sync)."""
     return t._version

@@ -22,8 +22,13 @@ import torch.fx as fx
 from acp_compile import _torch_private as tp
 from acp_compile.config import ACPConfig
 from acp_compile.patterns.rewrite import rewrite_graph
+from acp_compile.patterns.substitutes import register_known_fox_functions
 
 tp.register_torch_log()
+# Known third-party FoX functions (fla, the FoX authors') already imported by the model's code are
+# redirected to our op while Dynamo traces for this backend; torch.compile resolves the backend
+# (importing this module) before it traces.
+register_known_fox_functions()
 log = tp.logger()
 
 # Seconds spent in the rewrite for each graph compiled in this process (benchmarks read it).
@@ -34,6 +39,7 @@ def acp(gm: fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | N
         mode: str | None = None) -> Callable:
     """Dynamo backend entry point (declared under the torch_dynamo_backends entry-point group)."""
     config = options if isinstance(options, ACPConfig) else ACPConfig.from_options(options)
+    register_known_fox_functions()   # idempotent; catches a FoX library imported after this module
     return compile_graph(gm, example_inputs, config, mode)
 
 

@@ -62,12 +62,13 @@ def reset() -> None:
 
 def draw_pruning_map(site_name: str, head: int = 0, batch: int = 0, path: str = "pruning_map.png") -> str:
     """Writes the pruning map (computed vs skipped tiles) of one site, batch element and head as a PNG."""
-    from acp_compile.pruning_map import write_pruning_map_png
+    from acp_compile.pruning_map import causal_tile_mask, write_pruning_map_png
     rec = site(site_name)
     B, H = rec.kept_tiles.shape[:2]
     if not (0 <= batch < B and 0 <= head < H):
         raise IndexError(f"site {site_name!r} has batch size {B} and {H} heads; got batch={batch}, head={head}")
-    write_pruning_map_png(rec.kept_tiles[batch, head], path)
+    causal = causal_tile_mask(rec.seq_q, rec.seq_k, rec.block_m, rec.block_n)
+    write_pruning_map_png(rec.kept_tiles[batch, head], path, causal_tiles=causal)
     return path
 
 

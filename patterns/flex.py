@@ -35,6 +35,7 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
+from acp_compile import _torch_private as tp
 from acp_compile._torch_private import concrete_int, example_value, sym_expr
 from acp_compile.patterns.guards import MaskGuard
 from acp_compile.patterns.match import FoxMatch, NearMiss, NotProven
@@ -61,7 +62,7 @@ class FlexAnchor:
     name = ANCHOR
 
     def candidates(self, graph: fx.Graph) -> Iterable[fx.Node]:
-        flex = torch.ops.higher_order.flex_attention
+        flex = tp.flex_attention_op()
         return [n for n in graph.nodes if n.op == "call_function" and n.target is flex]
 
     def match(self, node: fx.Node, ctx=None) -> FoxMatch | NearMiss | None:

@@ -179,17 +179,12 @@ def _tracing_acp_config():
 
     Recognised: the function acp_compile.backend.acp (backend="acp", options from torch.compile) and
     any backend object with an `acp_config` attribute (acp_compile.decorator.ACPBackend).
-    PRIVATE TORCH API (to move into acp_compile/_torch_private.py): Dynamo's current instruction
-    translator and the compiler_fn chain of its output graph (WrapBackendDebug -> _TorchCompileWrapper
-    -> the backend), present in torch 2.11 to 2.13.
+    The compiler_fn chain (WrapBackendDebug -> _TorchCompileWrapper -> the backend) comes from
+    acp_compile._torch_private, the one module that touches Dynamo internals.
     """
+    from acp_compile import _torch_private as tp
     from acp_compile.config import ACPConfig
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-        tx = InstructionTranslator.current_tx()
-        fn: Any = tx.output.compiler_fn
-    except Exception:   # noqa: BLE001 - not tracing, or torch moved it: never substitute
-        return None
+    fn: Any = tp.tracing_compiler_fn()
     options, seen = None, set()
     while fn is not None and id(fn) not in seen:
         seen.add(id(fn))
