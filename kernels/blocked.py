@@ -139,8 +139,8 @@ def _matmul_heads(a: Tensor, b: Tensor, transpose_b: bool, add_to: Tensor | None
     lhs = a.reshape(Gk, (Gq // Gk) * R, a.shape[-1])
     if add_to is None:
         out = lhs @ rhs
-    elif add_to.is_contiguous() and add_to.shape == (Gq, R, rhs.shape[-1]):
-        out = add_to.view(Gk, (Gq // Gk) * R, rhs.shape[-1]).baddbmm_(lhs, rhs)
+    elif add_to.shape == (Gq, R, rhs.shape[-1]):                     # a full term: add in place
+        out = add_to.contiguous().view(Gk, (Gq // Gk) * R, rhs.shape[-1]).baddbmm_(lhs, rhs)
     else:                                                             # a row term (Gq, R, 1), broadcast
         out = torch.baddbmm(add_to.reshape(Gk, (Gq // Gk) * R, 1), lhs, rhs)
     return out.view(Gq, R, out.shape[-1])
@@ -188,8 +188,9 @@ def _scores(blk: _Block, q: Tensor, k: Tensor, c: Tensor, sm_scale: float, dt: t
     # (G, BMa, D) with the scale folded in; out of place, since q_rows may return a view of q.
     q_blk = blk.heads.q_rows(q, blk.r0, blk.r1, dt) * sm_scale
     k_blk = blk.heads.kv_rows(k, blk.k0, blk.k1, dt)                      # (Gk, L, D)
-    c_rows = blk.heads.q_rows(c, off + blk.r0, off + blk.r1, dt)          # (G, BMa)
-    c_cols = blk.heads.q_rows(c, blk.k0, blk.k1, dt)                      # (G, L)
+    # contiguous: a strided c (a permuted (B, T, H) gate) would give the bias below a strided layout
+    c_rows = blk.heads.q_rows(c, off + blk.r0, off + blk.r1, dt).contiguous()   # (G, BMa)
+    c_cols = blk.heads.q_rows(c, blk.k0, blk.k1, dt).contiguous()               # (G, L)
     # c may be large (a long decay) while c_i - c_j near the diagonal is small: measure both from the
     # block's first row, so the rounding of the bias is relative to |c_i - c_j|, not to |c|.
     ref = c_rows[:, :1]                                                   # (G, 1)

@@ -219,3 +219,32 @@ def test_all_three_head_modes_in_one_call_match_the_reference(poison, monkeypatc
     grads = blocked.backward(do, q, k, v, c, o, lse, scale, plan)
     for name, got, want in zip(("dq", "dk", "dv", "dc"), grads, reference_grads(q, k, v, c, scale, keep, do)):
         assert_close_scaled(got, want, 5 * TOL[torch.float32], name)
+
+
+def _gate_layouts(c):
+    """c (B, H, T) in the layouts a graph may hand over: contiguous, permuted from (B, T, H),
+    one gate shared by all heads (stride 0), and a sliced view."""
+    B, H, T = c.shape
+    return {
+        "contiguous": c,
+        "from_bth": c.permute(0, 2, 1).contiguous().permute(0, 2, 1),
+        "shared_over_heads": c[:, :1].expand(B, H, T),
+        "sliced": torch.cat([c, c], dim=-1)[..., :T],
+    }
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "from_bth", "shared_over_heads", "sliced"])
+@pytest.mark.parametrize("B,Hq,Hkv,Tq,Tk", [(1, 4, 4, 100, 100), (2, 4, 2, 64, 64), (1, 2, 1, 30, 90)])
+def test_any_gate_layout_through_the_op(layout, B, Hq, Hkv, Tq, Tk):
+    q, k, v, c = fox_inputs(B, Hq, Hkv, Tq, Tk, 16, strength=0.5, qk_scale=0.5, seed=Tk)
+    c = _gate_layouts(c)[layout]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)] + [c.detach().requires_grad_()]
+    o, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None)
+    do = torch.randn_like(o)
+    o.backward(do)
+    plan = make_plan(q, k, c, 1 / 4, -10.0, None, blocked.BLOCK_M, blocked.BLOCK_N)
+    keep = kept_entries(plan, Tq, Tk)
+    o_ref, _ = fox_attention_reference(q, k, v, c, 1 / 4, keep=keep)
+    assert_close_scaled(o, o_ref, TOL[torch.float32], "o")
+    for name, got, want in zip(("dq", "dk", "dv", "dc"), leaves, reference_grads(q, k, v, c, 1 / 4, keep, do)):
+        assert_close_scaled(got.grad, want, 5 * TOL[torch.float32], name)
