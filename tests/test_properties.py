@@ -67,10 +67,19 @@ def test_a_skipped_mass_of_every_row_is_at_most_eps(prob, log_eps, bm, bn):
     assert mass.max() <= math.exp(log_eps) * (1 + 1e-5)
 
 
+def in_storage(q, k, v, c, storage):
+    """The same values in (B, T, H, D) / (B, T, H) storage seen as (B, H, T, D) / (B, H, T), if asked."""
+    if storage == "bhtd":
+        return q, k, v, c
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    return q, k, v, c.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 @settings(max_examples=30)
-@given(problems(dtypes=(torch.float32, torch.float16, torch.bfloat16)), st.floats(-12.0, -1.0))
-def test_b_op_output_within_eps_bound_of_dense(prob, log_eps):
-    q, k, v, c = fox_inputs(**prob)
+@given(problems(dtypes=(torch.float32, torch.float16, torch.bfloat16)), st.floats(-12.0, -1.0),
+       st.sampled_from(["bhtd", "bthd"]))
+def test_b_op_output_within_eps_bound_of_dense(prob, log_eps, storage):
+    q, k, v, c = in_storage(*fox_inputs(**prob), storage)
     o, lse = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
     o_dense, _ = fox_attention_reference(q, k, v, c)
     vmax = max_v_norm_per_head(v, prob["Hq"])
