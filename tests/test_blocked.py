@@ -160,10 +160,16 @@ def test_nan_in_gives_nan_out_like_eager():
 
 
 @requires_cuda
-def test_blocked_runs_on_cuda():
-    q, k, v, c = fox_inputs(2, 4, 2, 100, 300, 64, strength=0.5, qk_scale=0.5, seed=10, device="cuda")
+@pytest.mark.parametrize("gate,strided", [("monotone", False), ("mixed", True)])
+def test_blocked_runs_on_cuda(gate, strided):
+    """The fallback on CUDA tensors: same results, outputs on the device, any head-group mode."""
+    q, k, v, c = fox_inputs(2, 4, 2, 100, 300, 64, strength=0.5, qk_scale=0.5, gate=gate, seed=10, device="cuda")
+    if strided:
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+        c = c.transpose(1, 2).contiguous().transpose(1, 2)
     plan, scale, (o, lse), (o_ref, _), keep = run_forward(q, k, v, c, bm=64, bn=64)
-    assert o.device.type == "cuda"
+    assert o.device.type == "cuda" and o.stride() == q.stride()
+    assert skipped_fraction(plan).mean() > 0.1
     assert_close_scaled(o, o_ref, 1e-4, "o")
     do = torch.randn_like(o)
     grads = blocked.backward(do, q, k, v, c, o, lse, scale, plan)
