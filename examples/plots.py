@@ -23,14 +23,29 @@ def _smooth(values: list[float], window: int = 5) -> list[float]:
 
 
 def plot_losses(payload: dict, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, run in payload["runs"].items():
+    """Loss curves of every run (top) and each run's training loss minus the dense acp-no-prune one
+    (bottom: pruning's effect next to the backend-to-backend noise of the inductor run)."""
+    fig, (ax, diff_ax) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
+    runs = payload["runs"]
+    for name, run in runs.items():
         color, style = RUN_STYLE.get(name, (None, "-"))
         ax.plot(run["steps"], _smooth(run["train_loss"]), color=color, linestyle=style, label=f"{name} (train)")
         ax.plot(run["eval_steps"], run["heldout_loss"], color=color, linestyle="none", marker="o",
                 label=f"{name} (held-out)")
+    base = runs.get("acp-no-prune")
+    if base is not None:
+        for name, run in runs.items():
+            if name == "acp-no-prune":
+                continue
+            color, style = RUN_STYLE.get(name, (None, "-"))
+            diff_ax.plot(run["steps"], [a - b for a, b in zip(run["train_loss"], base["train_loss"])],
+                         color=color, linestyle=style, label=f"{name} - acp-no-prune")
+        diff_ax.axhline(0, color="black", linewidth=0.6)
+        diff_ax.legend(fontsize=8)
+    diff_ax.set(xlabel="step", ylabel="loss difference")
+    diff_ax.grid(alpha=0.3)
     s = payload["settings"]
-    ax.set(xlabel="step", ylabel="loss (nats per byte)",
+    ax.set(ylabel="loss (nats per byte)",
            title=f"FoX {s['config']}: {s['batch_size']}x{s['seq_len']} bytes per step, seed {s['seed']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -80,11 +80,11 @@ def compile_for(model: torch.nn.Module, run: str, log_eps: float, report: bool =
     return torch.compile(model, backend=backend)
 
 
-def reported_skips(n_layers: int, n_heads: int) -> tuple[list[str], list[list[float]]]:
+def reported_skips(n_layers: int, n_heads: int, uses_acp: bool) -> tuple[list[str], list[list[float]]]:
     """Site names and [site][head] fractions of causal tiles skipped in each site's last call, from the
-    acp pass's report (batch-averaged). Without a report (other backends) every tile was computed."""
+    acp pass's report (batch-averaged). Without acp (or without a report) every tile was computed."""
     from acp_compile import report
-    records = sorted(report.sites(), key=lambda r: _natural_key(r.site))
+    records = sorted(report.sites(), key=lambda r: _natural_key(r.site)) if uses_acp else []
     if not records:
         return [f"blocks.{i}.attn" for i in range(n_layers)], [[0.0] * n_heads for _ in range(n_layers)]
     return [r.site for r in records], [r.skipped.mean(dim=0).tolist() for r in records]
@@ -184,8 +184,10 @@ def train_one(run: str, s: TrainSettings, corpus=None, save: Path | None = None)
         if step % s.eval_every == 0 or step == s.steps:
             pause = time.perf_counter()
             result.eval_steps.append(step)
-            # The skipped tiles of this step's forward, as the op computed them (acp's report).
-            result.sites, skipped = reported_skips(cfg.n_layers, cfg.n_heads)
+            # The skipped tiles of this step's forward, as the op computed them (acp's report);
+            # other backends run the model's own attention, which computes every tile.
+            uses_acp = RUNS[run][0] == "acp"
+            result.sites, skipped = reported_skips(cfg.n_layers, cfg.n_heads, uses_acp)
             result.skipped_per_head.append(skipped)
             # Held-out loss with the uncompiled model: the same weights, and no second compilation.
             result.heldout_loss.append(heldout_loss(model, BatchSampler(
