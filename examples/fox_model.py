@@ -77,6 +77,15 @@ def paper_125m_config(vocab_size: int = 50304, **overrides) -> FoxConfig:
 CONFIGS = {"tiny": tiny_config, "small": small_config, "125m": paper_125m_config}
 
 
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm whose output keeps the input's dtype, as the fused norms of FoX's reference code do.
+    (nn.RMSNorm alone returns fp32 for a bf16 input with an fp32 weight under autocast on some torch
+    versions, which would leave q and k in fp32 next to a bf16 v.)"""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).to(x.dtype)
+
+
 class ForgettingAttention(nn.Module):
     def __init__(self, cfg: FoxConfig):
         super().__init__()
@@ -87,9 +96,9 @@ class ForgettingAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, inner, bias=False)
         self.fgate_proj = nn.Linear(cfg.d_model, cfg.n_heads, bias=True)     # one forget gate per head
         self.ogate_proj = nn.Linear(cfg.d_model, inner, bias=False)          # output gate
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
-        self.o_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.o_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
         self.o_proj = nn.Linear(inner, cfg.d_model, bias=False)
 
     def split_heads(self, x: Tensor) -> Tensor:
@@ -140,9 +149,9 @@ class SwiGLU(nn.Module):
 class FoxBlock(nn.Module):
     def __init__(self, cfg: FoxConfig):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = ForgettingAttention(cfg)
-        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x: Tensor, cache=None):
@@ -158,7 +167,7 @@ class FoxLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(FoxBlock(cfg) for _ in range(cfg.n_layers))
-        self.final_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight                                # tied
         self.reset_parameters()
