@@ -127,7 +127,7 @@ def measure_one(run: str, T: int, a) -> dict:
         out["tokens_per_s"] = round(a.tokens_per_step / out["step_s_median"])
         if run.startswith("acp") and out["acp_counters"].get("fox_attention", 0) == 0:
             out["status"] = "pass did not fire (no attention rewritten): the number is not an acp measurement"
-    if run == "acp" and out["status"] == "ok" and a.report_skips:
+    if run == "acp" and out["status"] == "ok" and a.report_skips and (not a.report_T or T in a.report_T):
         out["skipped"] = skipped_fractions(model, batches.next_batch(device)[0], autocast)
     out["wall_s"] = round(time.perf_counter() - t_start, 1)
     return out
@@ -250,6 +250,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--corpus-bytes", type=int, default=4_000_000)
     p.add_argument("--no-report-skips", dest="report_skips", action="store_false")
+    p.add_argument("--report-T", type=int, nargs="*", default=None, help="report skipped tiles only at these T")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting configurations after this")
     p.add_argument("--per-config-estimate-s", type=float, default=45.0)
     p.add_argument("--out", type=Path, default=EXAMPLES / "results")
@@ -260,6 +261,8 @@ def parse_args(argv=None):
                      "--device", a.device, "--corpus-bytes", str(a.corpus_bytes)]
     if not a.report_skips:
         a.passthrough.append("--no-report-skips")
+    if a.report_T:
+        a.passthrough += ["--report-T"] + [str(t) for t in a.report_T]
     return a
 
 
