@@ -86,21 +86,26 @@ def plot_compare(payload: dict, out_dir: Path) -> list[Path]:
 
 
 def plot_w2(results: list[dict], path: Path) -> Path:
-    """Bar chart of tokens/s per sequence length and run; a missing bar is labelled (OOM or error)."""
+    """Bar chart of tokens/s per sequence length and run; a missing bar says why (OOM, not run)."""
     seq_lens = sorted({r["seq_len"] for r in results})
     runs = list(dict.fromkeys(r["run"] for r in results))
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     width = 0.8 / len(runs)
+    labelled = set()
     for i, run in enumerate(runs):
         color = RUN_STYLE.get(run, (None, "-"))[0]
         for j, T in enumerate(seq_lens):
             r = next((r for r in results if r["run"] == run and r["seq_len"] == T), None)
             x = j + (i - (len(runs) - 1) / 2) * width
-            if r is None or r.get("tokens_per_s") is None:
-                ax.text(x, 0, r.get("status", "n/a") if r else "n/a", rotation=90, ha="center", va="bottom", fontsize=8)
+            if r is None or not r.get("tokens_per_s"):
+                why = (r.get("status", "n/a") if r else "n/a").split(" (")[0]
+                ax.text(x, 5, f"{run}: {why}", rotation=90, ha="center", va="bottom", fontsize=7, color=color)
                 continue
-            ax.bar(x, r["tokens_per_s"] / 1e3, width, color=color, label=run if j == 0 else None)
-    ax.set_xticks(range(len(seq_lens)), [f"T={T // 1024}k (B={32768 // T})" for T in seq_lens])
+            ax.bar(x, r["tokens_per_s"] / 1e3, width, color=color, label=None if run in labelled else run)
+            labelled.add(run)
+            ax.text(x, r["tokens_per_s"] / 1e3 + 3, f"{r['tokens_per_s'] / 1e3:.0f}k", ha="center", fontsize=8)
+    ax.set_xticks(range(len(seq_lens)), [f"T={T // 1024}k (B={32768 // T})" if T >= 1024 else f"T={T}"
+                                         for T in seq_lens])
     ax.set(ylabel="training throughput (k tokens/s)", title="FoX 125M, 32768 tokens per step, bf16, H200")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)

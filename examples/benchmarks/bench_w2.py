@@ -166,7 +166,10 @@ def markdown_table(results: list[dict]) -> str:
     for r in sorted(results, key=lambda r: (r["seq_len"], r["run"])):
         tps = f"{r['tokens_per_s'] / 1e3:.1f}k" if r.get("tokens_per_s") else "-"
         mem = f"{r['peak_memory_gb']:.1f}" if r.get("peak_memory_gb") is not None else "-"
-        skipped = f"{100 * r['skipped']['overall']:.0f}%" if r.get("skipped") else ("0%" if r["run"] != "acp" else "-")
+        if r.get("skipped"):
+            skipped = f"{100 * r['skipped']['overall']:.0f}%"
+        else:   # pruning off computes every tile; an acp row without a report, or a failed run: unknown
+            skipped = "0%" if r["run"] != "acp" and r.get("status") == "ok" else "-"
         loss = f"{r['losses'][-1]:.3f}" if r.get("losses") else "-"
         T = f"{r['seq_len'] // 1024}k" if r["seq_len"] >= 1024 else str(r["seq_len"])
         lines.append(f"| {T} ({r['batch']}) | {r['run']} | {tps} | {mem} | {skipped} | {loss} | {r['status']} |")
@@ -214,6 +217,7 @@ def orchestrate(a) -> None:
             results.append({"run": run, "seq_len": T, "batch": a.tokens_per_step // T,
                             "status": f"not run (time budget {a.budget_s:.0f} s)"})
             print(f"skip {run} T={T}: {elapsed:.0f} s used of the {a.budget_s:.0f} s budget", flush=True)
+            write_results(results, env, vars(a) | {"passthrough": a.passthrough}, a.out)
             continue
         cmd = [sys.executable, __file__, "--one", run, str(T)] + a.passthrough
         print(f"== {run} T={T} (B={a.tokens_per_step // T}) at {elapsed:.0f} s", flush=True)
