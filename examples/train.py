@@ -51,6 +51,7 @@ class TrainSettings:
     max_corpus_bytes: int | None = 8_000_000
     progress: bool = True
     inner_backend: str = "inductor"     # what compiles the rest of the graph under acp ("aot_eager": quick)
+    report: bool = True                 # acp records skipped tiles per call (one host sync per attention call)
 
 
 @dataclass
@@ -85,8 +86,9 @@ def reported_skips(n_layers: int, n_heads: int, uses_acp: bool) -> tuple[list[st
     acp pass's report (batch-averaged). Without acp (or without a report) every tile was computed."""
     from acp_compile import report
     records = sorted(report.sites(), key=lambda r: _natural_key(r.site)) if uses_acp else []
-    if not records:
-        return [f"blocks.{i}.attn" for i in range(n_layers)], [[0.0] * n_heads for _ in range(n_layers)]
+    if not records:   # no acp: every tile computed; acp without a report (--no-report): unknown
+        value = float("nan") if uses_acp else 0.0
+        return [f"blocks.{i}.attn" for i in range(n_layers)], [[value] * n_heads for _ in range(n_layers)]
     return [r.site for r in records], [r.skipped.mean(dim=0).tolist() for r in records]
 
 
@@ -146,7 +148,7 @@ def train_one(run: str, s: TrainSettings, corpus=None, save: Path | None = None)
     corpus = corpus if corpus is not None else load_corpus(max_bytes=s.max_corpus_bytes)
     torch.manual_seed(s.seed)
     model = FoxLM(CONFIGS[s.config]()).to(device)
-    compiled = compile_for(model, run, s.log_eps, inner=s.inner_backend)
+    compiled = compile_for(model, run, s.log_eps, report=s.report, inner=s.inner_backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay,
                                   betas=(0.9, 0.95), fused=device.type == "cuda")
     train_batches = BatchSampler(corpus.train, s.batch_size, s.seq_len, seed=s.seed)
@@ -214,7 +216,9 @@ def print_summary(r: RunResult, s: TrainSettings) -> None:
     if RUNS[r.name][0] == "acp":
         print(f"[{r.name}] acp pass: {r.acp_counts.get('fox_attention', 0)} attention rewrites (once per compiled graph) to the "
               f"pruned op, {r.acp_counts.get('near_miss', 0)} near-misses (TORCH_LOGS=+acp_compile says why)")
-    if RUNS[r.name][1]:
+    if RUNS[r.name][1] and math.isnan(r.skipped_fraction):
+        print(f"[{r.name}] skipped tiles not recorded (--no-report)")
+    elif RUNS[r.name][1]:
         print(f"[{r.name}] ACP skipped {100 * r.skipped_fraction:.1f}% of the causal attention tiles "
               f"(acp_compile.report, last training step); per layer: "
               + ", ".join(f"{100 * sum(h) / len(h):.0f}%" for h in r.skipped_per_head[-1]))
@@ -263,6 +267,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainSettings]:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--inner-backend", choices=["inductor", "aot_eager"], default=d.inner_backend,
                    help="what compiles the rest of the graph under acp (aot_eager compiles fast, runs slower)")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not record skipped tiles (the report syncs with the GPU once per attention call)")
     p.add_argument("--save", type=Path, default=None, help="write the trained weights here (for generate.py)")
     a = p.parse_args(argv)
     if a.no_prune and a.backend != "acp":
@@ -270,7 +276,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainSettings]:
     s = TrainSettings(config=a.config, seq_len=a.seq_len, batch_size=a.batch_size, steps=a.steps, lr=a.lr,
                       seed=a.seed, device=a.device, log_eps=a.log_eps, eval_every=a.eval_every,
                       max_corpus_bytes=a.max_corpus_bytes or None, progress=not a.no_progress,
-                      inner_backend=a.inner_backend)
+                      inner_backend=a.inner_backend, report=not a.no_report)
     return a, s
 
 
