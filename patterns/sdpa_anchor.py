@@ -16,6 +16,7 @@ from acp_compile import _torch_private as tp
 from acp_compile.patterns import graph_utils as gu
 from acp_compile.patterns import logits as lg
 from acp_compile.patterns import operands as ops
+from acp_compile.patterns.dtypes import cast_operand, operand_cast
 from acp_compile.patterns.match import FoxMatch, NearMiss, NotProven
 from acp_compile.patterns.registry import register_anchor
 from acp_compile.patterns.softmax_anchor import _scale_argument
@@ -60,6 +61,9 @@ class SdpaAnchor:
                 k2, v2 = ops.strip_kv_repeat(k, ctx), ops.strip_kv_repeat(v, ctx)
                 if (k2 is not k) == (v2 is not v):
                     k, v = k2, v2
+            cast = operand_cast((q, k, v), (node,))
+            if cast is not None:
+                q, k, v = (cast_operand(x, cast) for x in (q, k, v))
             return FoxMatch(
                 anchor=self.name, replace=node, q=q, k=k, v=v,
                 c=ops.c_builder(proof.key_terms, "4d", q), sm_scale=sm_scale,

@@ -18,6 +18,7 @@ from acp_compile.patterns import graph_utils as gu
 from acp_compile.patterns import logits as lg
 from acp_compile.patterns import operands as ops
 from acp_compile.patterns.context import MatchContext, is_default_scale
+from acp_compile.patterns.dtypes import cast_operand, operand_cast
 from acp_compile.patterns.match import FoxMatch, NearMiss, NotProven
 from acp_compile.patterns.registry import register_anchor
 
@@ -103,20 +104,15 @@ class SoftmaxMatmulAnchor:
                 k, v = k2, v2
         head_dim = ctx.shape(dec.qk.args[0] if not gu.is_op(dec.qk, "einsum") else O)[-1]
         sm_scale = _scale_argument(factors, head_dim)
-        self._check_dtypes(ctx, qk, k, v)
+        cast = operand_cast((qk.q, k, v), (dec.qk, O))
+        if cast is not None:
+            q, k, v = (cast_operand(x, cast) for x in (q, k, v))
         region = tuple(chain) + tuple(dec.chain) + (dec.qk,)
         return FoxMatch(
             anchor=self.name, replace=O, q=q, k=k, v=v,
             c=ops.c_builder(proof.key_terms, qk.c_layout, q),
             sm_scale=sm_scale, finish=pv.finish, guards=tuple(guards), region=region,
         )
-
-    @staticmethod
-    def _check_dtypes(ctx, qk, k, v) -> None:
-        dts = {getattr(gu.fake(x), "dtype", None) for x in (qk.q, k, v) if isinstance(x, fx.Node)}
-        dts.discard(None)
-        if len(dts) > 1:
-            raise NotProven(f"q, k and v have different dtypes {sorted(map(str, dts))}")
 
 
 def _scale_argument(factors: list, head_dim):
