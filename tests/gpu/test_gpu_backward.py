@@ -3,7 +3,7 @@
 Long sequences (up to 32k) are checked on sampled query rows (dq) and sampled key columns (dk, dv,
 dc) against an fp32 reference computed in row chunks (never T x T at once); short ones against
 fp64 autograd through the full reference, tightly with the kernels' own plan. Outputs are
-NaN-poisoned (every torch.empty / empty_like in the launcher), so an unwritten tile fails.
+NaN-poison (every torch.empty / empty_like in the launcher), so an unwritten tile fails.
 """
 from __future__ import annotations
 
@@ -17,22 +17,6 @@ from acp_compile.kernels.fox_triton.forward import forward
 from acp_compile.kernels.fox_triton.sampled_reference import gated_inputs
 from acp_compile.kernels.plan import kept_entries, make_plan
 from acp_compile.kernels.reference import fox_attention_reference
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    real_empty_like, real_empty = torch.empty_like, torch.empty
-
-    def empty_like(x, *args, **kwargs):
-        out = real_empty_like(x, *args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    def empty(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty_like", empty_like)
-    monkeypatch.setattr(torch, "empty", empty)
 
 
 def sample_indices(T: int, n: int = 40, seed: int = 0) -> torch.Tensor:
@@ -106,7 +90,7 @@ LONG_CASES = [
 
 
 @pytest.mark.parametrize("case", LONG_CASES, ids=lambda c: f"Hq{c[1]}Hkv{c[2]}Tq{c[3]}Tk{c[4]}D{c[5]}-{str(c[6])[6:]}-eps{c[7]}")
-def test_long_sequences_on_sampled_rows_and_columns(case, poisoned):
+def test_long_sequences_on_sampled_rows_and_columns(case, poison):
     B, Hq, Hkv, Tq, Tk, D, dtype, log_eps = case
     q, k, v, c = gated_inputs(B, Hq, Hkv, Tq, Tk, D, dtype=dtype, seed=Tk + D)
     do = torch.randn_like(q)
@@ -136,7 +120,7 @@ SHORT_CASES = [
 
 @pytest.mark.parametrize("case", SHORT_CASES, ids=lambda c: f"Hq{c[0]}Hkv{c[1]}T{c[2]}D{c[3]}-{str(c[4])[6:]}")
 @pytest.mark.parametrize("log_eps", [None, -10.0])
-def test_head_dims_and_dtypes_vs_fp64_autograd(case, log_eps, poisoned):
+def test_head_dims_and_dtypes_vs_fp64_autograd(case, log_eps, poison):
     Hq, Hkv, T, D, dtype = case
     q, k, v, c = gated_inputs(1, Hq, Hkv, T, T, D, dtype=dtype, local_decay=0.05, seed=D)
     do = torch.randn_like(q)
@@ -152,7 +136,7 @@ def test_head_dims_and_dtypes_vs_fp64_autograd(case, log_eps, poisoned):
         assert_close(g, w, *tol, name)
 
 
-def test_pruned_is_exact_for_the_kernels_own_plan(poisoned, monkeypatch):
+def test_pruned_is_exact_for_the_kernels_own_plan(poison, monkeypatch):
     """fp32 with exact dots, equal partitions, a bound small enough that many tiles are skipped."""
     monkeypatch.setenv("ACP_TRITON_FP32_DOT", "ieee")
     cfg = BackwardConfig(64, 64, 64, 64, 4, 2, 4, 2)

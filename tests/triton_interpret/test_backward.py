@@ -2,7 +2,7 @@
 
 Truth is the fp64 reference: gradients by autograd through `fox_attention_reference`, with
 `keep = kept_entries(plan)` for the kernels' own tile partition (tight), or dense (eps-level).
-Every output and the Delta scratch are NaN-poisoned before the launch, so an unwritten tile fails.
+Every output and the Delta scratch are NaN-poison before the launch, so an unwritten tile fails.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from acp_compile.kernels.reference import fox_attention_reference
 SAME = BackwardConfig(16, 32, 16, 32, 4, 1, 4, 1, 16)
 MIXED = BackwardConfig(16, 32, 32, 16, 4, 1, 4, 1, 32)
 
+
 def make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, decay, seed, monotone=True, qk_gain=1.0):
     g = torch.Generator().manual_seed(seed)
     q = (qk_gain * torch.randn(B, Hq, Tq, D, generator=g)).to(dtype)
@@ -35,6 +36,7 @@ def make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, decay, seed, monotone=True, qk_gai
     do = torch.randn(B, Hq, Tq, D, generator=g).to(dtype)
     return q, k, v, c.float(), do
 
+
 def reference_grads(q, k, v, c, do, scale, keep=None):
     """fp64 (o, lse, dq, dk, dv, dc) of the (pruned, if keep) attention, by autograd."""
     leaves = [t.double().requires_grad_() for t in (q, k, v, c)]
@@ -42,21 +44,6 @@ def reference_grads(q, k, v, c, do, scale, keep=None):
     grads = torch.autograd.grad(o, leaves, do.double())
     return (o.detach(), lse.detach(), *grads)
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every torch.empty / empty_like inside the kernels' launcher comes back NaN-filled."""
-    real_empty_like, real_empty = torch.empty_like, torch.empty
-
-    def empty_like(x, *args, **kwargs):
-        out = real_empty_like(x, *args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    def empty(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty_like", empty_like)
-    monkeypatch.setattr(torch, "empty", empty)
 
 def run_kernel(q, k, v, c, do, o, lse, scale, log_eps, u_bound, cfg):
     out = backward(do, q, k, v, c, o.to(q.dtype), lse.float(), scale, log_eps, u_bound, cfg)
@@ -64,11 +51,13 @@ def run_kernel(q, k, v, c, do, o, lse, scale, log_eps, u_bound, cfg):
         assert not torch.isnan(t).any(), "an output was not written (NaN poison survived)"
     return out
 
+
 def assert_close(got, want, tol, what):
     want = want.double()
     err = (got.double() - want).abs().max().item()
     scale = max(1.0, want.abs().max().item())
     assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3g}"
+
 
 def tol_for(dtype):
     return 2e-4 if dtype == torch.float32 else 2e-2
@@ -82,8 +71,9 @@ SHAPES = [
     (1, 4, 1, 1, 100, 32, torch.float16),     # one decode step, GQA group 4
 ]
 
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hq{}Hkv{}Tq{}Tk{}D{}-{}".format(*s[:6], str(s[6])[6:]))
-def test_dense_matches_reference(shape, poisoned):
+def test_dense_matches_reference(shape, poison):
     B, Hq, Hkv, Tq, Tk, D, dtype = shape
     q, k, v, c, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, decay=0.3, seed=Tk + D)
     scale = 1.0 / math.sqrt(D)
@@ -92,9 +82,10 @@ def test_dense_matches_reference(shape, poisoned):
     for g, w, name in zip(got, want, ("dq", "dk", "dv", "dc")):
         assert_close(g, w, tol_for(dtype), name)
 
+
 @pytest.mark.parametrize("monotone", [True, False], ids=["monotone_c", "non_monotone_c"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_pruned_matches_pruned_reference(monotone, dtype, poisoned):
+def test_pruned_matches_pruned_reference(monotone, dtype, poison):
     """Tight: the kernels compute exactly the pruned attention of the plan for their partition."""
     B, Hq, Hkv, Tq, Tk, D = 1, 4, 2, 70, 130, 32
     q, k, v, c, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, decay=0.5, seed=7, monotone=monotone, qk_gain=1.8)
@@ -119,7 +110,8 @@ def test_pruned_matches_pruned_reference(monotone, dtype, poisoned):
     unkept_keys = ~kept.any(dim=2)                                    # (B, Hq, Tk)
     assert (got[3][unkept_keys] == 0).all(), "dc of keys no query keeps must be exactly 0"
 
-def test_pruned_within_eps_of_dense_with_mixed_partitions(poisoned):
+
+def test_pruned_within_eps_of_dense_with_mixed_partitions(poison):
     """Valid U, kv and q kernels on different tile partitions: gradients stay eps-close to dense."""
     B, Hq, Hkv, Tq, Tk, D = 1, 2, 1, 90, 120, 16
     q, k, v, c, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, decay=2.0, seed=3, qk_gain=0.3)
@@ -136,7 +128,8 @@ def test_pruned_within_eps_of_dense_with_mixed_partitions(poisoned):
     for g, w, name in zip(got_dense, want, ("dq", "dk", "dv", "dc")):
         assert_close(g, w, 2e-4, name + " (dense)")
 
-def test_dq_on_the_shared_coarser_plan_is_exact(poisoned):
+
+def test_dq_on_the_shared_coarser_plan_is_exact(poison):
     """MIXED tiles share the dk/dv kernel's plan: dq keeps, per 32-row block, the keys from the smaller
     start of its two 16-row plan blocks. Checked exactly against that formula."""
     from acp_compile.kernels.reference import causal_mask, logits, repeat_kv
@@ -162,7 +155,8 @@ def test_dq_on_the_shared_coarser_plan_is_exact(poisoned):
     ds = p * (do.double() @ repeat_kv(v.double(), Hq).transpose(-1, -2) - delta)
     assert_close(got[0], scale * ds @ repeat_kv(k.double(), Hq), 2e-4, "dq")
 
-def test_any_strides_and_reproducible(poisoned):
+
+def test_any_strides_and_reproducible(poison):
     """(B, T, H, D) views and a transposed gate; two runs give identical bits."""
     B, Hq, Hkv, T, D = 2, 2, 1, 45, 32
     g = torch.Generator().manual_seed(11)
@@ -182,6 +176,7 @@ def test_any_strides_and_reproducible(poisoned):
     again = run_kernel(q, k, v, c, do, o.float(), lse, scale, log_eps, u_bound, SAME)
     for a, b in zip(got, again):
         assert torch.equal(a, b)
+
 
 def test_dc_row_term_really_cancels():
     """The kernels compute dc as -colsum(dS); autograd's dc also holds rowsum(dS), which must vanish."""
@@ -213,6 +208,7 @@ def test_property_matches_pruned_reference(Tq, extra, D, group, log_eps, seed):
     got = backward(do, q, k, v, c, o.float(), lse.float(), scale, log_eps, u_bound, SAME)
     for g, w, name in zip(got, want, ("dq", "dk", "dv", "dc")):
         assert_close(g, w, 2e-4, name)
+
 
 @pytest.mark.parametrize("log_eps", [None, -8.0])
 def test_op_gradients_route_to_triton_backward(log_eps):
