@@ -10,7 +10,6 @@ proof never costs more than a few small tensor ops.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 

@@ -16,7 +16,6 @@ masked(i, j) <=> j > i + off, also at other sequence lengths when the mask is bu
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +24,7 @@ import torch.fx as fx
 
 from acp_compile import _torch_private as tp
 from acp_compile.patterns import graph_utils as gu
-from acp_compile.patterns.context import MatchContext, product
+from acp_compile.patterns.context import MatchContext
 from acp_compile.patterns.guards import MaskGuard
 from acp_compile.patterns.match import NotProven
 

@@ -19,7 +19,6 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 import torch.fx as fx
 
 from acp_compile import _torch_private as tp
