@@ -41,6 +41,15 @@ def assert_close_scaled(actual, expected, tol, name):
     assert err <= tol * ref, f"{name}: max error {err:.3g} > {tol:.1g} * {ref:.3g}"
 
 
+def assert_backward_matches(q, k, v, c, o, lse, scale, plan, keep, tol):
+    """Blocked backward of a random do against fp64 autograd through the (pruned) reference."""
+    do = torch.randn_like(o)
+    grads = blocked.backward(do, q, k, v, c, o, lse, scale, plan)
+    for name, got, want in zip(("dq", "dk", "dv", "dc"), grads, reference_grads(q, k, v, c, scale, keep, do)):
+        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+        assert_close_scaled(got, want, tol, name)
+
+
 SHAPES = [
     # B, Hq, Hkv, Tq, Tk, D, strength
     (1, 2, 2, 100, 100, 16, 1.0),
@@ -58,11 +67,7 @@ def test_forward_and_backward_match_pruned_reference(poison, B, Hq, Hkv, Tq, Tk,
     plan, scale, (o, lse), (o_ref, lse_ref), keep = run_forward(q, k, v, c)
     assert_close_scaled(o, o_ref, TOL[torch.float32], "o")
     assert_close_scaled(lse, lse_ref, TOL[torch.float32], "lse")
-    do = torch.randn_like(o)
-    grads = blocked.backward(do, q, k, v, c, o, lse, scale, plan)
-    for name, got, want in zip(("dq", "dk", "dv", "dc"), grads, reference_grads(q, k, v, c, scale, keep, do)):
-        assert got.shape == want.shape
-        assert_close_scaled(got, want, 5 * TOL[torch.float32], name)
+    assert_backward_matches(q, k, v, c, o, lse, scale, plan, keep, 5 * TOL[torch.float32])
     if strength >= 0.7 and Tk > 64:
         assert skipped_fraction(plan).mean() > 0.2, "meant to prune: check the test inputs"
 
@@ -144,10 +149,7 @@ def test_heads_with_different_starts_are_grouped_correctly(poison):
     plan, scale, (o, lse), (o_ref, _), keep = run_forward(q, k, v, c)
     assert len({tuple(r) for r in plan.start[..., -1].tolist()}) > 1 or plan.start[..., -1].unique().numel() > 1
     assert_close_scaled(o, o_ref, TOL[torch.float32], "o")
-    do = torch.randn_like(o)
-    grads = blocked.backward(do, q, k, v, c, o, lse, scale, plan)
-    for name, got, want in zip(("dq", "dk", "dv", "dc"), grads, reference_grads(q, k, v, c, scale, keep, do)):
-        assert_close_scaled(got, want, 5 * TOL[torch.float32], name)
+    assert_backward_matches(q, k, v, c, o, lse, scale, plan, keep, 5 * TOL[torch.float32])
 
 
 def test_nan_in_gives_nan_out_like_eager():
@@ -171,10 +173,7 @@ def test_blocked_runs_on_cuda(gate, strided):
     assert o.device.type == "cuda" and o.stride() == q.stride()
     assert skipped_fraction(plan).mean() > 0.1
     assert_close_scaled(o, o_ref, 1e-4, "o")
-    do = torch.randn_like(o)
-    grads = blocked.backward(do, q, k, v, c, o, lse, scale, plan)
-    for name, got, want in zip(("dq", "dk", "dv", "dc"), grads, reference_grads(q, k, v, c, scale, keep, do)):
-        assert_close_scaled(got, want, 5e-4, name)
+    assert_backward_matches(q, k, v, c, o, lse, scale, plan, keep, 5e-4)
 
 
 def test_inputs_are_left_untouched():
@@ -196,10 +195,7 @@ def test_large_gate_values_keep_fp32_accuracy(poison):
     c = c - 5000.0                                    # attention is unchanged; fp32 ulp of c is now 5e-4
     plan, scale, (o, lse), (o_ref, lse_ref), keep = run_forward(q, k, v, c)
     assert_close_scaled(o, o_ref, TOL[torch.float32], "o")
-    do = torch.randn_like(o)
-    grads = blocked.backward(do, q, k, v, c, o, lse, scale, plan)
-    for name, got, want in zip(("dq", "dk", "dv", "dc"), grads, reference_grads(q, k, v, c, scale, keep, do)):
-        assert_close_scaled(got, want, 5 * TOL[torch.float32], name)
+    assert_backward_matches(q, k, v, c, o, lse, scale, plan, keep, 5 * TOL[torch.float32])
 
 
 def test_head_group_modes():
@@ -221,10 +217,7 @@ def test_all_three_head_modes_in_one_call_match_the_reference(poison, monkeypatc
     plan, scale, (o, lse), (o_ref, _), keep = run_forward(q, k, v, c)
     assert {"all", "slice", "index"} <= set(modes)
     assert_close_scaled(o, o_ref, TOL[torch.float32], "o")
-    do = torch.randn_like(o)
-    grads = blocked.backward(do, q, k, v, c, o, lse, scale, plan)
-    for name, got, want in zip(("dq", "dk", "dv", "dc"), grads, reference_grads(q, k, v, c, scale, keep, do)):
-        assert_close_scaled(got, want, 5 * TOL[torch.float32], name)
+    assert_backward_matches(q, k, v, c, o, lse, scale, plan, keep, 5 * TOL[torch.float32])
 
 
 def _gate_layouts(c):
