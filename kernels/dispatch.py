@@ -4,9 +4,8 @@ forward:  the Triton forward (kernels/fox_triton/forward.py) when kernels/fox_tr
           says the call is covered: CUDA tensors of a covered dtype and head dim on compute
           capability >= 8.0, or CPU tensors when the interpreter switch ACP_TRITON_ON_CPU=1 together
           with TRITON_INTERPRET=1 is set; the blocked PyTorch path otherwise.
-backward: the Triton backward, kernels/fox_triton/backward.py, imported lazily, when that module
-          exists, the call is covered (support.py) and the module's optional `supports(q, k, v, c)`
-          (returning a bool, or (bool, reason)) agrees; the blocked path otherwise.
+backward: the Triton backward (kernels/fox_triton/backward*.py) under the same coverage rule;
+          the blocked path otherwise.
 Every fallback is logged once per reason on the "acp_compile" logger, never raised.
 
 Mixing is safe: the forward may run in Triton and the backward in the blocked path (or the other
@@ -15,15 +14,11 @@ for the same delta, so both stay within the eps bound of the dense result.
 """
 from __future__ import annotations
 
-import importlib
-
 from torch import Tensor
 
 from acp_compile.kernels import blocked
 from acp_compile.kernels.fox_triton import support
 from acp_compile.kernels.plan import default_scale, make_plan
-
-_BACKWARD_MODULE = "acp_compile.kernels.fox_triton.backward"
 
 
 def _scale(q: Tensor, sm_scale: float | None) -> float:
@@ -50,41 +45,17 @@ def forward(q, k, v, c, sm_scale, log_eps, u_bound):
     return blocked.forward(q, k, v, c, scale, plan)
 
 
-def _triton_backward_module():
-    try:
-        return importlib.import_module(_BACKWARD_MODULE)
-    except ModuleNotFoundError as e:   # not written yet: fall back; any other import error is a bug
-        if e.name == _BACKWARD_MODULE:
-            return None
-        raise
-
-
-def _backward_reason(q, k, v, c) -> tuple[object | None, str | None]:
-    reason = support.unsupported_reason(q, k, v, c)
-    if reason is not None:
-        return None, reason
-    module = _triton_backward_module()
-    if module is None or not hasattr(module, "backward"):
-        return None, "the Triton backward (kernels/fox_triton/backward.py) is not available"
-    check = getattr(module, "supports", None)
-    if check is not None:
-        verdict = check(q, k, v, c)
-        ok, why = verdict if isinstance(verdict, tuple) else (bool(verdict), None)
-        if not ok:
-            return None, why or "the Triton backward does not cover this call"
-    return module, None
-
-
 def backward_implementation(q, k, v, c) -> str:
     """'triton' or 'blocked': what backward() will run for these inputs."""
-    return "triton" if _backward_reason(q, k, v, c)[0] is not None else "blocked"
+    return forward_implementation(q, k, v, c)
 
 
 def backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound):
     scale = _scale(q, sm_scale)
-    module, reason = _backward_reason(q, k, v, c)
-    if module is not None:
-        return module.backward(do, q, k, v, c, o, lse, scale, log_eps, u_bound)
+    reason = support.unsupported_reason(q, k, v, c)
+    if reason is None:
+        from acp_compile.kernels.fox_triton import backward as triton_backward
+        return triton_backward.backward(do, q, k, v, c, o, lse, scale, log_eps, u_bound)
     support.log_fallback_once("backward", reason)
     plan = blocked_plan(q, k, c, scale, log_eps, u_bound)
     return blocked.backward(do, q, k, v, c, o, lse, scale, plan)
