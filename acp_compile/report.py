@@ -73,14 +73,12 @@ def draw_pruning_map(site_name: str, head: int = 0, batch: int = 0, path: str = 
 
 
 def _tile_sizes(q: Tensor, k: Tensor, c: Tensor) -> tuple[int, int]:
-    """The forward's tile sizes for this call (Triton table or the blocked path)."""
-    try:
-        if dispatch.forward_implementation(q, k, k, c) == "triton":
-            from acp_compile.kernels.fox_triton.configs import forward_config
-            cfg = forward_config(q)
-            return cfg.block_m, cfg.block_n
-    except Exception:
-        pass
+    """The forward's tile sizes for this call (Triton table or the blocked path). An error here is
+    raised, not hidden: a report with another tile size than the kernel's would be wrong."""
+    if dispatch.forward_implementation(q, k, k, c) == "triton":
+        from acp_compile.kernels.fox_triton.configs import forward_config
+        cfg = forward_config(q)
+        return cfg.block_m, cfg.block_n
     return blocked.BLOCK_M, blocked.BLOCK_N
 
 
