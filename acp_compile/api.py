@@ -36,7 +36,7 @@ def fox_attention(
     if layout == "bthd":
         q, k, v = (t.transpose(1, 2) if isinstance(t, Tensor) and t.dim() == 4 else t for t in (q, k, v))  # views
         log_fgate = log_fgate.transpose(1, 2)
-    if isinstance(u_bound, (int, float)) and not isinstance(u_bound, bool):
+    if isinstance(u_bound, (int, float)):          # bool was refused above
         u_bound = torch.tensor(float(u_bound), device=q.device)
     c_dtype = torch.float64 if log_fgate.dtype == torch.float64 else torch.float32
     c = torch.cumsum(log_fgate, dim=-1, dtype=c_dtype)                                # (B, Hq, Tk)
