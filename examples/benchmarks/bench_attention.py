@@ -39,7 +39,7 @@ import torch
 import triton
 
 import acp_compile  # noqa: F401  (registers torch.ops.acp)
-from acp_compile.kernels.fox_triton.configs import FwdConfig, forward_config
+from acp_compile.kernels.fox_triton.configs import FwdConfig, forward_config, override_string
 from acp_compile.kernels.fox_triton.forward import launch_forward
 from acp_compile.kernels.fox_triton.plan import compute_plan
 from acp_compile.kernels.plan import causal_last_key_block
@@ -282,10 +282,10 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
-SWEEP = {
-    128: [FwdConfig(128, 128, 8, 3), FwdConfig(128, 128, 8, 3, True), FwdConfig(128, 128, 8, 3, True, True),
-          FwdConfig(128, 128, 8, 3, False, True), FwdConfig(128, 128, 8, 2, True)],
-    64: [FwdConfig(128, 64, 4, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 128, 8, 3, True)],
+SWEEP = {   # FwdConfig(block_m, block_n, warps, stages, tma, heads_fastest, newest_first)
+    128: [FwdConfig(128, 128, 8, 3, True), FwdConfig(128, 128, 8, 3, True, False, True),
+          FwdConfig(128, 128, 8, 3, False, False, True), FwdConfig(128, 128, 8, 2, True, False, True)],
+    64: [FwdConfig(128, 64, 4, 3), FwdConfig(128, 128, 8, 3, False, False, True), FwdConfig(128, 128, 8, 3, True, False, True)],
 }
 
 
@@ -322,7 +322,7 @@ def sweep(Ts, head_dims=(128, 64)):
         full = {cfg: sc for cfg, sc in scores.items() if sum(1 for r in out if r.get("D") == d and r.get("cfg") == list(cfg.__dict__.values()) and "error" not in r) == n_T}
         if full:
             cfg = min(full, key=full.get)
-            picks.append(f"{d}:{cfg.block_m},{cfg.block_n},{cfg.num_warps},{cfg.num_stages},{int(cfg.tma)},{int(cfg.heads_fastest)}")
+            picks.append(override_string(d, cfg))
     return out, ";".join(picks)
 
 

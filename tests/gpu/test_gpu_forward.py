@@ -124,8 +124,9 @@ def test_more_than_2_31_elements_in_k_and_v():
     assert (o[:, sl][:, :, rows.cuda()].double() - ro).abs().max().item() <= TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("cfg", [FwdConfig(128, 128, 8, 3, True), FwdConfig(128, 64, 8, 3, True), FwdConfig(64, 64, 4, 3)],
-                         ids=["tma128x128", "tma128x64", "plain64x64"])
+@pytest.mark.parametrize("cfg", [FwdConfig(128, 128, 8, 3, True), FwdConfig(128, 64, 8, 3, True), FwdConfig(64, 64, 4, 3),
+                                 FwdConfig(128, 128, 8, 3, True, False, True)],
+                         ids=["tma128x128", "tma128x64", "plain64x64", "tma128x128-newest-first"])
 @pytest.mark.parametrize("Tq,Tk,D", [(1000, 1500, 128), (4096, 4096, 128), (777, 777, 80), (300, 2000, 64)])
 def test_configs_including_tensor_descriptors(cfg, Tq, Tk, D):
     q, k, v, c = gated_inputs(2, 8, 4, Tq, Tk, D, dtype=torch.bfloat16, local_decay=0.05, seed=Tq + D)

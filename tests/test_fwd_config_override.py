@@ -1,0 +1,12 @@
+"""The ACP_FWD_CONFIG spelling of forward configs (the benchmark's tuning hook) round-trips."""
+from acp_compile.kernels.fox_triton.configs import FwdConfig, override_string, parse_override
+
+
+def test_override_string_round_trips_every_field():
+    cfgs = {128: FwdConfig(128, 64, 8, 3, True, False, True), 64: FwdConfig(64, 32, 4, 2)}
+    text = ";".join(override_string(d, c) for d, c in cfgs.items())
+    assert parse_override(text) == cfgs
+
+
+def test_short_override_leaves_the_flags_off():
+    assert parse_override("128:128,128,8,3") == {128: FwdConfig(128, 128, 8, 3, False, False, False)}
