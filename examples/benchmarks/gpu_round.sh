@@ -5,6 +5,7 @@
 #   bash examples/benchmarks/gpu_round.sh sweep        forward config sweep at T = 2k, 16k; the best config
 #                                                      is exported as ACP_FWD_CONFIG for the later steps
 #   bash examples/benchmarks/gpu_round.sh bench [args] W1 benchmark (bench_attention.py args)
+#   bash examples/benchmarks/gpu_round.sh profile      W2 training step at 16k under torch.profiler (profile_w2.py)
 # Several may be chained: gpu_round.sh tests sweep bench. Results go to $OUT (or examples/results).
 set -o pipefail
 cd "$(dirname "$0")/../.."
@@ -29,7 +30,8 @@ while [ $# -gt 0 ]; do
         sweep) shift; python3 examples/benchmarks/bench_attention.py --sweep --T 2048 16384 --head-dims ${SWEEP_DIMS:-128 64} --out "$OUT" || status=1
                pick=$(cat "$OUT/attention_fwd_config_pick.txt" 2>/dev/null)
                if [ -n "$pick" ]; then export ACP_FWD_CONFIG="$pick"; echo "using ACP_FWD_CONFIG=$pick from the sweep"; fi ;;
-        bench) shift; args=(); while [ $# -gt 0 ] && [[ ! "$1" =~ ^(tests|tests-all|tests-forward|sweep|bench)$ ]]; do args+=("$1"); shift; done
+        profile) shift; python3 examples/benchmarks/profile_w2.py --out "$OUT" || status=1 ;;
+        bench) shift; args=(); while [ $# -gt 0 ] && [[ ! "$1" =~ ^(tests|tests-all|tests-forward|sweep|bench|profile)$ ]]; do args+=("$1"); shift; done
                python3 examples/benchmarks/bench_attention.py --out "$OUT" "${args[@]}" || status=1 ;;
         *) echo "unknown step $1"; exit 2 ;;
     esac
