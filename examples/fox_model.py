@@ -190,12 +190,15 @@ class FoxLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: Tensor) -> Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab)."""
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T), the mean next-token
+        cross-entropy instead. Computing the loss here puts it inside the compiled graph, where the
+        fp32 log-softmax over the vocabulary is fused with the head instead of running in eager."""
         x = self.embed(idx)
         for block in self.blocks:
             x, _ = block(x)
-        return self.lm_head(self.final_norm(x))
+        logits = self.lm_head(self.final_norm(x))
+        return logits if targets is None else language_model_loss(logits, targets)
 
     def forward_with_cache(self, idx: Tensor, cache: list | None = None):
         """Decoding: idx (B, Tq) new tokens after the positions held in cache (None: none yet).

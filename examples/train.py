@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import BatchSampler, load_corpus  # noqa: E402
-from fox_model import CONFIGS, FoxLM, language_model_loss  # noqa: E402
+from fox_model import CONFIGS, FoxLM  # noqa: E402
 
 RUNS = {  # name -> (torch.compile backend or None for eager, prune)
     "acp": ("acp", True),
@@ -139,7 +139,7 @@ def heldout_loss(model, sampler: BatchSampler, n_batches: int, device) -> float:
     for _ in range(n_batches):
         x, y = sampler.next_batch(device)
         with autocast_for(device):
-            losses.append(language_model_loss(model(x), y).item())
+            losses.append(model(x, y).item())
     return sum(losses) / len(losses)
 
 
@@ -167,7 +167,7 @@ def train_one(run: str, s: TrainSettings, corpus=None, save: Path | None = None)
             group["lr"] = learning_rate(step - 1, s)
         x, y = train_batches.next_batch(device)
         with autocast_for(device):
-            loss = language_model_loss(compiled(x), y)
+            loss = compiled(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
