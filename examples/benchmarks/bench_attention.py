@@ -204,7 +204,7 @@ def plan_stats(T):
     u = u_for_delta(T)
     return {
         "T": T, "block_m": cfg.block_m, "block_n": cfg.block_n, "tma": cfg.tma, "num_warps": cfg.num_warps,
-        "heads_fastest": cfg.heads_fastest,
+        "heads_fastest": cfg.heads_fastest, "newest_first": cfg.newest_first,
         "num_stages": cfg.num_stages,
         "pruned_acp30": pruned_fraction(s30, T, cfg.block_m, cfg.block_n),
         "pruned_auto": pruned_fraction(sauto, T, cfg.block_m, cfg.block_n),
@@ -255,7 +255,7 @@ def markdown(rows, plans, meta):
     lines += ["", "| T | forward tiles | pruned (delta=-30) | pruned (auto) | pruned at 128x128 (delta=-30) | "
               "plan ms (u given) | plan ms (U from data) |", "|---|---|---|---|---|---|---|"]
     for T, p in plans.items():
-        tiles = f"{p['block_m']}x{p['block_n']}, {p['num_warps']} warps, {p['num_stages']} stages{', TMA' if p['tma'] else ''}{', heads fastest' if p['heads_fastest'] else ''}"
+        tiles = f"{p['block_m']}x{p['block_n']}, {p['num_warps']} warps, {p['num_stages']} stages{', TMA' if p['tma'] else ''}{', heads fastest' if p['heads_fastest'] else ''}{', newest first' if p.get('newest_first') else ''}"
         lines.append(f"| {T} | {tiles} | {p['pruned_acp30']:.3f} | {p['pruned_auto']:.3f} | "
                      f"{p['pruned_acp30_128x128']:.3f} | {p['plan_ms_given_u']:.4f} | {p['plan_ms_auto_u']:.4f} |")
     return "\n".join(lines) + "\n"
