@@ -40,5 +40,5 @@ def fox_attention(
         u_bound = torch.tensor(float(u_bound), device=q.device)
     c_dtype = torch.float64 if log_fgate.dtype == torch.float64 else torch.float32
     c = torch.cumsum(log_fgate, dim=-1, dtype=c_dtype)                                # (B, Hq, Tk)
-    o, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound)
+    o, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound)
     return o.transpose(1, 2) if layout == "bthd" else o

@@ -1,14 +1,17 @@
 """The torch.library custom ops that the compiler pass and the functional API call.
 
-  acp::fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound) -> (o, lse)
+  acp::fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound) -> (o, lse, u)
   acp::fox_attention_bwd(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound) -> (dq, dk, dv, dc)
 
 Shapes: q, o, do, dq (B, Hq, Tq, D); k, v, dk, dv (B, Hkv, Tk, D); c, dc (B, Hq, Tk) fp32;
 lse (B, Hq, Tq) fp32 natural-log log-sum-exp. Outputs take the strides of the matching input
 (torch.empty_like), so a transposed (B, T, H, D) view stays copy-free. sm_scale None means
 1/sqrt(D), computed here so that a graph does not pin the head dim; log_eps None or -inf means
-dense. u_bound, optional, broadcasts to (B, Hq) and replaces the computed bound U. lse carries no
-gradient (it is marked non-differentiable). The ops are opaque to torch.compile: the real
+dense. u_bound, optional, broadcasts to (B, Hq) and replaces the computed bound U. u (B, Hq) fp32
+is the bound the forward pruned with (u_bound, or U computed from q and k; zeros when pruning is
+off); autograd hands it to the backward as its u_bound, so the backward prunes with the same delta
+and does not read q and k a second time to recompute U. lse and u carry no gradient (they are
+marked non-differentiable). The ops are opaque to torch.compile: the real
 implementation picks a Triton kernel or the blocked PyTorch path in kernels/dispatch.py.
 Values of u_bound (finite, >= 0) are checked on CPU only, where reading them costs no sync.
 """
@@ -30,6 +33,10 @@ def _lse_like(q: Tensor) -> Tensor:
     return q.new_empty((B, Hq, Tq), dtype=torch.float32)
 
 
+def _u_like(q: Tensor) -> Tensor:
+    return q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
 def _check(q, k, v, c, sm_scale, log_eps, u_bound) -> None:
     check_attention_inputs(q, k, v, c, u_bound)
     check_scale(sm_scale)
@@ -40,7 +47,7 @@ def _check(q, k, v, c, sm_scale, log_eps, u_bound) -> None:
 def fox_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, c: Tensor,
     sm_scale: Optional[float] = None, log_eps: Optional[float] = DEFAULT_LOG_EPS, u_bound: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     _check(q, k, v, c, sm_scale, log_eps, u_bound)
     check_u_bound_values(u_bound)
     return dispatch.forward(q, k, v, c, sm_scale, log_eps, u_bound)
@@ -49,7 +56,7 @@ def fox_attention_fwd(
 @fox_attention_fwd.register_fake
 def _fox_attention_fwd_fake(q, k, v, c, sm_scale=None, log_eps=DEFAULT_LOG_EPS, u_bound=None):
     _check(q, k, v, c, sm_scale, log_eps, u_bound)
-    return torch.empty_like(q), _lse_like(q)
+    return torch.empty_like(q), _lse_like(q), _u_like(q)
 
 
 @torch.library.custom_op("acp::fox_attention_bwd", mutates_args=())
@@ -68,17 +75,17 @@ def _fox_attention_bwd_fake(do, q, k, v, c, o, lse, sm_scale=None, log_eps=DEFAU
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, c, sm_scale, log_eps, u_bound = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, c, o, lse, u_bound)
+    q, k, v, c, sm_scale, log_eps, _u_bound = inputs
+    o, lse, u = output
+    ctx.save_for_backward(q, k, v, c, o, lse, u)
     ctx.sm_scale, ctx.log_eps = sm_scale, log_eps
     ctx.c_dtype = c.dtype
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, u)
 
 
-def _backward(ctx, do, _dlse):
-    q, k, v, c, o, lse, u_bound = ctx.saved_tensors
-    dq, dk, dv, dc = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, ctx.sm_scale, ctx.log_eps, u_bound)
+def _backward(ctx, do, _dlse, _du):
+    q, k, v, c, o, lse, u = ctx.saved_tensors
+    dq, dk, dv, dc = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, ctx.sm_scale, ctx.log_eps, u)
     return dq, dk, dv, dc.to(ctx.c_dtype), None, None, None
 
 

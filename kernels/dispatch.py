@@ -1,5 +1,7 @@
 """Chooses the implementation for one call of the FoX attention op.
 
+bound:    U for the threshold, computed once per forward (the Triton norm pass on covered inputs,
+          torch otherwise) and returned with the output, so the backward reuses it.
 forward:  the Triton forward (kernels/fox_triton/forward.py) when kernels/fox_triton/support.py
           says the call is covered: CUDA tensors of a covered dtype and head dim on compute
           capability >= 8.0, or CPU tensors when the interpreter switch ACP_TRITON_ON_CPU=1 together
@@ -14,11 +16,12 @@ for the same delta, so both stay within the eps bound of the dense result.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from acp_compile.kernels import blocked
 from acp_compile.kernels.fox_triton import support
-from acp_compile.kernels.plan import default_scale, make_plan
+from acp_compile.kernels.plan import default_scale, make_plan, pruning_enabled, qk_bound
 
 
 def _scale(q: Tensor, sm_scale: float | None) -> float:
@@ -34,15 +37,31 @@ def forward_implementation(q, k, v, c) -> str:
     return "triton" if support.supported(q, k, v, c) else "blocked"
 
 
+def pruning_bound(q, k, scale, log_eps, u_bound, triton: bool):
+    """u (B, Hq) fp32 on q's device: the caller's u_bound, U from the data, or zeros without pruning."""
+    B, Hq = q.shape[:2]
+    if not pruning_enabled(log_eps):
+        return q.new_zeros((B, Hq), dtype=torch.float32)
+    if u_bound is not None:
+        # A copy, never u_bound itself: an op output must not alias its input.
+        return u_bound.to(device=q.device, dtype=torch.float32).expand(B, Hq).clone(memory_format=torch.contiguous_format)
+    if triton:
+        from acp_compile.kernels.fox_triton.plan import qk_bound as device_qk_bound
+        return device_qk_bound(q, k, scale)
+    return qk_bound(q, k, scale)
+
+
 def forward(q, k, v, c, sm_scale, log_eps, u_bound):
+    """(o, lse, u): u is the bound the plan used, for the backward (see ops.py)."""
     scale = _scale(q, sm_scale)
     reason = support.unsupported_reason(q, k, v, c)
+    u = pruning_bound(q, k, scale, log_eps, u_bound, triton=reason is None)
     if reason is None:
         from acp_compile.kernels.fox_triton import forward as triton_forward
-        return triton_forward.forward(q, k, v, c, scale, log_eps, u_bound)
+        return (*triton_forward.forward(q, k, v, c, scale, log_eps, u), u)
     support.log_fallback_once("forward", reason)
-    plan = blocked_plan(q, k, c, scale, log_eps, u_bound)
-    return blocked.forward(q, k, v, c, scale, plan)
+    plan = blocked_plan(q, k, c, scale, log_eps, u)
+    return (*blocked.forward(q, k, v, c, scale, plan), u)
 
 
 def backward_implementation(q, k, v, c) -> str:

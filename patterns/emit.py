@@ -2,7 +2,7 @@
 
 Nodes inserted just before `match.replace`:
   q, k, v, c          operands (builders run here)
-  out = acp.fox_attention_fwd(q, k, v, c, sm_scale, log_eps, None)     (o, lse)
+  out = acp.fox_attention_fwd(q, k, v, c, sm_scale, log_eps, None)     (o, lse, u)
   o   = out[0]  (B, Hq, Tq, D);  lse = out[1]  (B, Hq, Tq) fp32
   o   = o + acp.report_site(...)  when reporting is on (a zero scalar with a recording side effect)
   val = match.finish(o)           the replaced node's value

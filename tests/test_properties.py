@@ -80,7 +80,7 @@ def in_storage(q, k, v, c, storage):
        st.sampled_from(["bhtd", "bthd"]))
 def test_b_op_output_within_eps_bound_of_dense(prob, log_eps, storage):
     q, k, v, c = in_storage(*fox_inputs(**prob), storage)
-    o, lse = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
+    o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
     o_dense, _ = fox_attention_reference(q, k, v, c)
     vmax = max_v_norm_per_head(v, prob["Hq"])
     bound = 2 * math.exp(log_eps) * vmax + ROUNDING[prob["dtype"]] * torch.clamp(vmax, min=1.0)
@@ -107,8 +107,8 @@ def test_b_blocked_small_tiles_within_eps_bound_and_equal_to_pruned_reference(pr
 @given(problems())
 def test_c_no_pruning_is_dense_and_none_equals_minus_inf_bitwise(prob):
     q, k, v, c = fox_inputs(**prob)
-    o_none, lse_none = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
-    o_inf, lse_inf = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, float("-inf"), None)
+    o_none, lse_none, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
+    o_inf, lse_inf, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, float("-inf"), None)
     assert torch.equal(o_none, o_inf) and torch.equal(lse_none, lse_inf)
     scale = 1 / math.sqrt(prob["D"])
     for log_eps in (None, float("-inf")):
@@ -165,7 +165,7 @@ def test_strong_decay_really_prunes_and_keeps_the_bound(gate, log_eps):
     plan = make_plan(q, k, c, scale, log_eps, None, blocked.BLOCK_M, blocked.BLOCK_N)
     assert skipped_fraction(plan).mean() >= (0.3 if gate == "monotone" else 0.2), "the case must prune"
     assert row_skipped_mass(q, k, c, plan, scale).max() <= math.exp(log_eps)
-    o, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
+    o, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
     o_dense, _ = fox_attention_reference(q, k, v, c)
     vmax = max_v_norm_per_head(v, 4)
     assert ((o.double() - o_dense).abs() <= 2 * math.exp(log_eps) * vmax + 3e-5 * vmax).all()
@@ -179,6 +179,6 @@ def test_user_bound_that_holds_keeps_the_guarantee():
     plan = make_plan(q, k, c, scale, -6.0, u, blocked.BLOCK_M, blocked.BLOCK_N)
     assert skipped_fraction(plan).mean() > 0.2
     assert row_skipped_mass(q, k, c, plan, scale).max() <= math.exp(-6.0)
-    o, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, scale, -6.0, u)
+    o, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, scale, -6.0, u)
     o_pruned, _ = fox_attention_reference(q, k, v, c, scale, keep=kept_entries(plan, 200, 200))
     assert (o.double() - o_pruned).abs().max() < 3e-5 * max_v_norm_per_head(v, 2).max()

@@ -144,6 +144,23 @@ def num_blocks(t: int, block: int) -> int:
     return -(-t // block)
 
 
+def qk_bound(q: Tensor, k: Tensor, sm_scale: float) -> Tensor:
+    """U = scale * max_i ||q_i|| * max_j ||k_j|| per (batch, query head), (B, Hq) fp32 on the device:
+    the norm pass, then two small reductions (what compute_plan does inside _plan_kernel when it is
+    not given a bound; the op computes U once here so that its backward can reuse it)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    n_chunks = num_blocks(max(Tq, Tk), NORM_ROWS)
+    q_part = torch.empty((B, Hq, n_chunks), dtype=torch.float32, device=q.device)
+    k_part = torch.empty((B, Hkv, n_chunks), dtype=torch.float32, device=q.device)
+    _row_norm_partials[(n_chunks, Hq + Hkv, B)](
+        q, k, q_part, k_part, *q.stride(), *k.stride(), Hq, Hkv, Tq, Tk, n_chunks,
+        HEAD_DIM=D, D_PAD=padded_head_dim(D), ROWS=NORM_ROWS, num_warps=4,
+    )
+    k_max = k_part.amax(dim=-1).repeat_interleave(Hq // Hkv, dim=1)          # (B, Hq)
+    return (float(sm_scale) * q_part.amax(dim=-1)) * k_max
+
+
 def compute_plan(
     q: Tensor, k: Tensor, c: Tensor, sm_scale: float, log_eps: float | None, u_bound: Tensor | None,
     block_m: int, block_n: int, with_end: bool = True,

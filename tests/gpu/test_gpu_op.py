@@ -40,7 +40,7 @@ def test_gradients_match_fp64_reference(dtype, log_eps):
     q, k, v, c = gated_inputs(2, 4, 2, 700, 900, 64, dtype=dtype, local_decay=0.02, seed=5)
     do = torch.randn_like(q)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, c)]
-    o, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, log_eps, None)
+    o, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, log_eps, None)
     o.backward(do)
     ref = [t.detach().double().requires_grad_() for t in (q, k, v, c)]
     ro, _ = fox_attention_reference(*ref)
@@ -55,7 +55,7 @@ def test_gradients_match_fp64_reference(dtype, log_eps):
 
 def test_forward_captures_in_a_cuda_graph_without_host_sync():
     q, k, v, c = gated_inputs(2, 8, 8, 4096, 4096, 128)
-    eager, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
+    eager, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -64,7 +64,7 @@ def test_forward_captures_in_a_cuda_graph_without_host_sync():
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
+        captured, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
@@ -73,7 +73,7 @@ def test_forward_captures_in_a_cuda_graph_without_host_sync():
 def test_backward_is_bitwise_reproducible():
     q, k, v, c = gated_inputs(1, 8, 4, 3000, 3000, 128, seed=2)
     do = torch.randn_like(q)
-    o, lse = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
+    o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
     g1 = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, None, -10.0, None)
     g2 = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, None, -10.0, None)
     for a, b in zip(g1, g2):
@@ -84,7 +84,7 @@ def test_triton_forward_with_blocked_backward_stays_close():
     q, k, v, c = gated_inputs(1, 4, 2, 1000, 1000, 64, local_decay=0.05, seed=3)
     do = torch.randn_like(q)
     scale = 64 ** -0.5
-    o, lse = torch.ops.acp.fox_attention_fwd(q, k, v, c, scale, -10.0, None)
+    o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, scale, -10.0, None)
     fast = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, scale, -10.0, None)
     plan = dispatch.blocked_plan(q, k, c, scale, -10.0, None)
     slow = blocked.backward(do, q, k, v, c, o, lse, scale, plan)

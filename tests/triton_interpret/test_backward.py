@@ -219,7 +219,7 @@ def test_op_gradients_route_to_triton_backward(log_eps):
     q, k, v, c, do = make_inputs(1, 4, 2, 60, 90, 32, torch.float32, decay=1.0, seed=13, qk_gain=0.5)
     assert dispatch.backward_implementation(q, k, v, c) == "triton"
     leaves = [t.clone().requires_grad_() for t in (q, k, v, c)]
-    o, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, log_eps, None)
+    o, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, log_eps, None)
     o.backward(do)
     _, _, *want = reference_grads(q, k, v, c, do, 1.0 / math.sqrt(32))
     tol = 2e-4 + (0.0 if log_eps is None else 50 * math.exp(log_eps))
