@@ -56,7 +56,8 @@ def qk_bound(q: Tensor, k: Tensor, sm_scale: float) -> Tensor:
     Hq, Hkv = q.shape[1], k.shape[1]
     q_norm = torch.linalg.vector_norm(q.float(), dim=-1).amax(dim=-1)     # (B, Hq)
     k_norm = torch.linalg.vector_norm(k.float(), dim=-1).amax(dim=-1)     # (B, Hkv)
-    k_norm = k_norm.repeat_interleave(Hq // Hkv, dim=1)                   # (B, Hq)
+    B, Hkv = k_norm.shape
+    k_norm = k_norm[:, :, None].expand(B, Hkv, Hq // Hkv).reshape(B, Hq)   # (B, Hq), no host sync
     return sm_scale * q_norm * k_norm
 
 

@@ -157,7 +157,8 @@ def qk_bound(q: Tensor, k: Tensor, sm_scale: float) -> Tensor:
         q, k, q_part, k_part, *q.stride(), *k.stride(), Hq, Hkv, Tq, Tk, n_chunks,
         HEAD_DIM=D, D_PAD=padded_head_dim(D), ROWS=NORM_ROWS, num_warps=4,
     )
-    k_max = k_part.amax(dim=-1).repeat_interleave(Hq // Hkv, dim=1)          # (B, Hq)
+    # (B, Hkv) -> (B, Hq) by expand + reshape: repeat_interleave would sync with the host.
+    k_max = k_part.amax(dim=-1)[:, :, None].expand(B, Hkv, Hq // Hkv).reshape(B, Hq)
     return (float(sm_scale) * q_part.amax(dim=-1)) * k_max
 
 
