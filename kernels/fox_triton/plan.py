@@ -11,10 +11,12 @@ Same semantics as kernels/plan.py's make_plan (read its header for the math); no
   end[n]   = 1 + max{m : start[m] <= n <= n_hi(m)}, 0 if none      (B, Hq, Nk) int32
 
 Launches (static grids, no host synchronisation, CUDA-graph safe):
-  1. _row_norm_partials  only when U is computed from the data: grid (chunks, Hq + Hkv, B); each
-     program takes ROWS rows of q or k and writes the largest row norm of its chunk (fp32).
-  2. _plan_kernel        grid (Hq, B): reduces the partial maxima to U, then writes start for every
-     query block and, after a barrier, end for every key block (reading start back).
+  1. qk_bound, only when U is computed from the data: _row_norm_partials, grid (chunks, Hq + Hkv, B),
+     where each program takes ROWS rows of q or k and writes the largest row norm of its chunk (fp32),
+     then two small torch reductions to U (B, Hq). The op calls it once per forward and hands U to
+     the backward.
+  2. _plan_kernel        grid (Hq, B): reads U, then writes start for every query block and, after
+     a barrier, end for every key block (reading start back).
 Pruning off (log_eps None or -inf): no launch at all; start = 0 and end = Mq (every tile kept).
 
 The norms are summed in a different order than torch.linalg.vector_norm, so U (and delta) may differ
@@ -71,28 +73,17 @@ def _row_norm_partials(
 
 @triton.jit
 def _plan_kernel(
-    C, U_IN, QPART, KPART, START, END,
+    C, U, START, END,
     sc_b, sc_h, sc_t, su_b, su_h,
-    Hq, Tq, Tk, Mq, Nk, n_chunks, group,
-    sm_scale, delta_offset,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, AUTO_U: tl.constexpr, WRITE_END: tl.constexpr,
-    CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr, PART_CHUNK: tl.constexpr,
+    Hq, Tq, Tk, Mq, Nk,
+    delta_offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_END: tl.constexpr,
+    CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
     bh = b.to(tl.int64) * Hq + h
-    if AUTO_U:
-        qn = tl.zeros((PART_CHUNK,), tl.float32)
-        kn = tl.zeros((PART_CHUNK,), tl.float32)
-        hk = h // group
-        bhk = b.to(tl.int64) * (Hq // group) + hk
-        for i in range(0, n_chunks, PART_CHUNK):
-            idx = i + tl.arange(0, PART_CHUNK)
-            qn = tl.maximum(qn, tl.load(QPART + bh * n_chunks + idx, mask=idx < n_chunks, other=0.0))
-            kn = tl.maximum(kn, tl.load(KPART + bhk * n_chunks + idx, mask=idx < n_chunks, other=0.0))
-        u = (sm_scale * tl.max(qn, axis=0)) * tl.max(kn, axis=0)
-    else:
-        u = tl.load(U_IN + b.to(tl.int64) * su_b + h * su_h).to(tl.float32)
+    u = tl.load(U + b.to(tl.int64) * su_b + h * su_h).to(tl.float32)
     delta = delta_offset - 2.0 * u
     delta = tl.where(u >= 0, delta, float("-inf"))      # negative or NaN U: pruning off for this head
 
@@ -146,8 +137,7 @@ def num_blocks(t: int, block: int) -> int:
 
 def qk_bound(q: Tensor, k: Tensor, sm_scale: float) -> Tensor:
     """U = scale * max_i ||q_i|| * max_j ||k_j|| per (batch, query head), (B, Hq) fp32 on the device:
-    the norm pass, then two small reductions (what compute_plan does inside _plan_kernel when it is
-    not given a bound; the op computes U once here so that its backward can reuse it)."""
+    the norm pass, then two small reductions."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     n_chunks = num_blocks(max(Tq, Tk), NORM_ROWS)
@@ -168,8 +158,8 @@ def compute_plan(
 ) -> tuple[Tensor, Tensor | None]:
     """start (B, Hq, Mq) and end (B, Hq, Nk), int32 on q's device; see the module header.
     with_end=False (the forward needs only start) skips the end pass and returns end None."""
-    B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
     Mq, Nk = num_blocks(Tq, block_m), num_blocks(Tk, block_n)
     if not pruning_enabled(log_eps):
         start = torch.zeros((B, Hq, Mq), dtype=torch.int32, device=q.device)
@@ -177,27 +167,14 @@ def compute_plan(
         return start, end
     start = torch.empty((B, Hq, Mq), dtype=torch.int32, device=q.device)
     end = torch.empty((B, Hq, Nk), dtype=torch.int32, device=q.device) if with_end else None
-    auto_u = u_bound is None
-    if auto_u:
-        n_chunks = num_blocks(max(Tq, Tk), NORM_ROWS)
-        q_part = torch.empty((B, Hq, n_chunks), dtype=torch.float32, device=q.device)
-        k_part = torch.empty((B, Hkv, n_chunks), dtype=torch.float32, device=q.device)
-        _row_norm_partials[(n_chunks, Hq + Hkv, B)](
-            q, k, q_part, k_part, *q.stride(), *k.stride(), Hq, Hkv, Tq, Tk, n_chunks,
-            HEAD_DIM=D, D_PAD=padded_head_dim(D), ROWS=NORM_ROWS, num_warps=4,
-        )
-        u_in, su_b, su_h = q_part, 0, 0          # unused by the kernel when AUTO_U
-    else:
-        n_chunks = 1
-        q_part = k_part = None
-        u_in = u_bound.to(device=q.device, dtype=torch.float32).expand(B, Hq)
-        su_b, su_h = u_in.stride()
+    if u_bound is None:
+        u_bound = qk_bound(q, k, sm_scale)
+    u = u_bound.to(device=q.device, dtype=torch.float32).expand(B, Hq)
     _plan_kernel[(Hq, B)](
-        c, u_in, q_part if auto_u else u_in, k_part if auto_u else u_in, start, end if with_end else start,
-        *c.stride(), su_b, su_h,
-        Hq, Tq, Tk, Mq, Nk, n_chunks, Hq // Hkv,
-        float(sm_scale), float(log_eps - math.log(Tk)),
-        BLOCK_M=block_m, BLOCK_N=block_n, AUTO_U=auto_u, WRITE_END=with_end,
-        CHUNK_M=PLAN_CHUNK_M, CHUNK_N=PLAN_CHUNK_N, PART_CHUNK=64, num_warps=4,
+        c, u, start, end if with_end else start,
+        *c.stride(), *u.stride(),
+        Hq, Tq, Tk, Mq, Nk, float(log_eps - math.log(Tk)),
+        BLOCK_M=block_m, BLOCK_N=block_n, WRITE_END=with_end,
+        CHUNK_M=PLAN_CHUNK_M, CHUNK_N=PLAN_CHUNK_N, num_warps=4,
     )
     return start, end
