@@ -3,6 +3,7 @@
 Attention per layer: q, k, v (B, H, T, D) from one linear; log f = logsigmoid(x W_f + b_f) per head,
 c = cumsum(log f) (B, H, T); logits = q k^T / sqrt(D) + c_i - c_j with the causal mask read from a
 registered buffer (the nanoGPT spelling), softmax, @ v.
+Also the two helpers the training tests (CPU and GPU) share: random batches and an SGD loop.
 """
 import math
 
@@ -60,3 +61,25 @@ class TinyFox(nn.Module):
             x = layer(x)
         logits = self.head(self.ln(x))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def batches(steps, B=2, T=29, vocab=64, seed=0, device="cpu"):
+    """`steps` (idx, targets) pairs of random tokens (B, T), the same for every call with the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randint(0, vocab, (B, T), generator=g).to(device) for _ in range(2)) for _ in range(steps)]
+
+
+def train(model, data, lr=0.1):
+    """Losses (steps,) on the CPU of one SGD step per batch. The loss is cloned before the next step,
+    since a CUDA-graph replay reuses its output memory; no per-step host sync.
+    SGD, not Adam: Adam rescales the rounding noise of gradients that are zero in exact arithmetic
+    (the key bias: softmax ignores a per-row shift) into full-size steps."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    for idx, tgt in data:
+        loss = model(idx, tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach().clone())
+    return torch.stack(losses).cpu()

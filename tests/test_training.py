@@ -6,27 +6,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from fox_tiny_model import TinyFox
-
-
-def batches(steps, B=2, T=29, vocab=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, vocab, (B, T), generator=g), torch.randint(0, vocab, (B, T), generator=g))
-            for _ in range(steps)]
-
-
-def train(model, data, lr=0.1):
-    # SGD, not Adam: Adam rescales the rounding noise of gradients that are zero in exact arithmetic
-    # (the key bias: softmax ignores a per-row shift) into full-size steps.
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    losses = []
-    for idx, tgt in data:
-        loss = model(idx, tgt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+from fox_tiny_model import TinyFox, batches, train
 
 
 @pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
@@ -44,7 +24,7 @@ def test_training_matches_eager(inner):
     got = train(compiled, data)
     assert counters["acp"]["fox_attention"] == 2, dict(counters["acp"])
     assert counters["acp"]["near_miss"] == 0
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=f"parameter {name} drifted from eager")
 
@@ -66,4 +46,4 @@ def test_training_with_pruning_stays_within_eps():
     from acp_compile import report
     (rec,) = [r for r in report.sites() if r.site.startswith("layers.0.attn")]
     assert float(rec.skipped.max()) > 0, "the test should exercise pruning"
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

@@ -10,26 +10,9 @@ import torch
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from fox_tiny_model import TinyFox  # noqa: E402
+from fox_tiny_model import TinyFox, batches, train  # noqa: E402
 
 import acp_compile.backend  # noqa: E402
-
-
-def _batches(steps, B, T, vocab=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [tuple(torch.randint(0, vocab, (B, T), generator=g).cuda() for _ in range(2)) for _ in range(steps)]
-
-
-def _train(model, data):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    losses = []
-    for idx, tgt in data:
-        loss = model(idx, tgt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach().clone())
-    return torch.stack(losses).cpu()
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
@@ -42,9 +25,9 @@ def test_training_under_acp_matches_eager(mode):
     # torch.compile refuses mode= together with options=: bind both into the backend instead.
     backend = functools.partial(acp_compile.backend.acp, options={"log_eps": None}, mode=mode)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
-    data = _batches(4, B=2, T=300)
-    ref = _train(eager, data)
-    got = _train(compiled, data)
+    data = batches(4, B=2, T=300, device="cuda")
+    ref = train(eager, data)
+    got = train(compiled, data)
     assert counters["acp"]["fox_attention"] == 2, dict(counters["acp"])
     torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)
     if mode == "reduce-overhead":
@@ -60,9 +43,9 @@ def test_pruned_training_bf16_runs_under_cuda_graphs():
     torch.compiler.reset()
     counters.clear()
     compiled = torch.compile(model, backend="acp", mode="reduce-overhead", fullgraph=True)
-    data = _batches(4, B=1, T=2048)
+    data = batches(4, B=1, T=2048, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        losses = _train(compiled, data)
+        losses = train(compiled, data)
     assert torch.isfinite(losses).all()
     assert counters["acp"]["fox_attention"] == 2
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
