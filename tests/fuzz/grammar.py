@@ -1,0 +1,407 @@
+"""A grammar of attention-like programs for the differential fuzzer (issue #9).
+
+A Spec (drawn by hypothesis, see `specs()`) is rendered to real Python source: a module class `Prog` whose
+forward(q, k, v, fg[, pad]) is what Dynamo traces, so the graph depends on the spelling, as in user code.
+Inputs: q (B, Hq, T, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv), fg (B, Hq, T) gate pre-activations and, with
+padding, pad (B, T) bool built fresh for every call.
+
+Choices: product (@, torch.matmul with .mT, einsum, bmm and baddbmm on (B*H, T, D) views) or SDPA with a float
+attn_mask; scale (/sqrt(d), *d**-0.5, on q, on k, a constant, none; SDPA's default or scale=); gate (logsigmoid
+or -softplus(-x) cumsum, or an arbitrary tensor); bias (c_i - c_j by indexing, unsqueeze, in steps, in place,
+reversed, one-sided, c_i - 2 c_j, an arbitrary matrix, none); causal mask (tril, arange comparison, tril != 0,
+triu(1) hide mask) applied by masked_fill, masked_fill_, where, an additive -inf matrix or finfo.min; window,
+prefix and sink variants sized by a module attribute or a literal; in-place writes into the mask (item
+assignment, views, fill_/copy_/index_put_/masked_fill_/|=), the logits, c, q/k/v or an unrelated tensor, before
+or after the mask is used; per-call padding masks; Dv == D or not; GQA via repeat_interleave or SDPA's
+enable_gqa; queries the last half of the keys (a kv cache: Tq < Tk).
+
+Every program is well-defined in eager: each query row keeps at least one key (the diagonal, or key 0 / the
+even keys when padding hides keys), so eager never gives NaN.
+"""
+from __future__ import annotations
+
+import dataclasses
+import linecache
+import math
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+
+PRODUCTS = ["at", "matmul", "einsum", "bmm", "baddbmm", "sdpa"]
+SCALES = ["div_sqrt", "mul_pow", "on_q", "on_k", "const", "none"]
+GATES = ["logsigmoid", "softplus", "arbitrary"]
+BIASES = ["index", "paren", "unsqueeze", "steps", "inplace", "c_write", "reversed", "one_sided",
+          "unbalanced", "arbitrary", "none"]
+KEEPS = ["tril", "arange", "tril_ne"]
+APPLIES = ["mf_not", "mf_inplace", "where", "additive", "finfo", "mf_triu", "none"]
+VARIANTS = ["causal", "window", "prefix", "sink_window"]
+SOFTMAXES = ["method", "torch", "F", "fp32"]
+MASK_WRITES = ["prefix_item", "sink_col", "view_fill", "flat_view", "T_view", "masked_fill_", "ior_noop",
+               "index_put_", "copy_", "and_noop"]
+OTHER_WRITES = ["logits_col0", "logits_iadd", "logits_open", "c_mul", "c_tail", "q_after", "k_after",
+                "v_before", "v_after", "unrelated", "sdpa_mask_col"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    B: int
+    Hkv: int
+    G: int                 # query heads per kv head
+    D: int
+    Dv: int
+    lengths: tuple         # call lengths (T of k/v); the first compiles
+    dynamic: object        # None or True
+    log_eps: object        # None or -10.0
+    product: str
+    scale: str
+    gate: str
+    bias: str
+    keep: str
+    apply: str
+    variant: str
+    size_from: str         # "attr" or "const"
+    W: int                 # window (variant window / sink_window)
+    P: int                 # prefix length / number of sinks
+    write: str             # "none", one of MASK_WRITES or OTHER_WRITES
+    write_after_use: bool  # mask writes: after the mask was applied instead of before
+    softmax: str
+    gqa: str               # "repeat" or "sdpa" (only with G > 1)
+    cache: bool            # queries are the last half of the keys
+    padding: bool
+    sdpa_mask: str         # "plus_additive", "masked_fill", "where"
+    sdpa_scale: str        # "default", "const", "sqrt"
+    grads: bool
+
+    @property
+    def differentiable(self) -> bool:
+        if self.write in MASK_WRITES and self.write_after_use:
+            return False                       # masked_fill / where saved the mask for their backward
+        return self.write not in ("q_after", "k_after", "v_after", "c_mul", "c_tail")
+
+
+def _norm(spec: Spec) -> Spec:
+    """Make a drawn spec consistent (choices that do not combine are replaced by ones that do)."""
+    d = dataclasses.asdict(spec)
+    sdpa = d["product"] == "sdpa"
+    if d["apply"] == "none":
+        d["variant"] = "causal"
+    if d["apply"] == "mf_triu" and d["variant"] != "causal":
+        d["apply"] = "mf_not"
+    if d["write"] in MASK_WRITES and d["apply"] in ("none", "mf_triu"):
+        d["write"] = "none"
+    if sdpa:
+        if d["apply"] in ("mf_inplace", "finfo", "mf_triu"):
+            d["apply"] = "mf_not"
+        if d["apply"] == "none":
+            d["sdpa_mask"] = "plus_additive"
+        if d["write"] in ("logits_col0", "logits_iadd", "logits_open", "q_after", "k_after"):
+            d["write"] = "sdpa_mask_col"
+        if d["bias"] in ("steps", "inplace"):
+            d["bias"] = "index"
+        if d["bias"] == "c_write":
+            d["bias"] = "index"
+    else:
+        if d["write"] == "sdpa_mask_col":
+            d["write"] = "logits_col0"
+    if d["bias"] not in ("index", "paren", "unsqueeze", "c_write") and d["write"] in ("c_mul", "c_tail"):
+        d["write"] = "none"
+    if d["bias"] == "c_write" and d["write"] not in ("c_mul", "c_tail"):
+        d["bias"] = "index"
+    if d["write"] in ("c_mul", "c_tail"):
+        d["bias"] = "c_write"
+    if d["G"] == 1:
+        d["gqa"] = "repeat"
+    if d["padding"] and d["variant"] in ("window", "sink_window"):
+        d["W"] = max(d["W"], 2)                    # padding hides only odd keys: a window of 2 keeps one
+    if d["product"] == "baddbmm" and d["scale"] in ("on_q", "on_k"):
+        d["scale"] = "div_sqrt"
+    if d["gate"] == "arbitrary" and d["bias"] in ("arbitrary", "none"):
+        d["gate"] = "logsigmoid"
+    if not (d["grads"] and Spec(**d).differentiable):
+        d["grads"] = False
+    return Spec(**d)
+
+
+@st.composite
+def specs(draw, *, max_T=40, max_B=2, max_Hkv=2, max_D=16):
+    T0 = draw(st.integers(6, max_T))
+    others = draw(st.lists(st.integers(4, max_T), min_size=1, max_size=2))
+    if all(t <= T0 for t in others) and T0 < max_T:
+        others[0] = draw(st.integers(T0 + 1, max_T))           # at least one longer length
+    lengths = tuple([T0] + [t for t in others])
+    D = draw(st.sampled_from([d for d in (1, 3, 4, 5, 8, 16) if d <= max_D]))
+    Dv = draw(st.one_of(st.just(D), st.sampled_from([1, 2, 6, 8, 12])))
+    variant = draw(st.one_of(st.just("causal"), st.sampled_from(VARIANTS)))
+    # windows at or just past the compile length (causal there, not at longer lengths) are the interesting ones
+    W = draw(st.one_of(st.integers(1, max_T), st.integers(T0, T0 + 6)))
+    spec = Spec(
+        B=draw(st.integers(1, max_B)), Hkv=draw(st.integers(1, max_Hkv)), G=draw(st.sampled_from([1, 1, 2])),
+        D=D, Dv=Dv, lengths=lengths, dynamic=draw(st.sampled_from([None, True])),
+        log_eps=draw(st.sampled_from([None, -10.0])),
+        product=draw(st.sampled_from(PRODUCTS)), scale=draw(st.sampled_from(SCALES)),
+        gate=draw(st.sampled_from(GATES + ["logsigmoid"] * 3)),
+        bias=draw(st.one_of(st.sampled_from(BIASES[:5]), st.sampled_from(BIASES))),
+        keep=draw(st.sampled_from(KEEPS)), apply=draw(st.sampled_from(APPLIES[:-1] * 3 + APPLIES[-1:])), variant=variant,
+        size_from=draw(st.sampled_from(["attr", "const"])), W=W, P=draw(st.integers(1, 6)),
+        write=draw(st.one_of(st.just("none"), st.sampled_from(MASK_WRITES + OTHER_WRITES))),
+        write_after_use=draw(st.booleans()), softmax=draw(st.sampled_from(SOFTMAXES)),
+        gqa=draw(st.sampled_from(["repeat", "sdpa"])), cache=draw(st.booleans()),
+        padding=draw(st.sampled_from([False, False, True])),
+        sdpa_mask=draw(st.sampled_from(["plus_additive", "masked_fill", "where"])),
+        sdpa_scale=draw(st.sampled_from(["default", "const", "sqrt"])), grads=draw(st.booleans()),
+    )
+    return _norm(spec)
+
+
+# ------------------------------------------------------------------------------------------- rendering
+def render(spec: Spec) -> str:
+    s = spec
+    L = []                                                    # forward body lines
+    add = L.append
+    sdpa = s.product == "sdpa"
+    W = "self.window" if s.size_from == "attr" else str(s.W)
+    P = "self.prefix" if s.size_from == "attr" else str(s.P)
+    if s.write in ("q_after", "k_after", "v_before", "v_after"):
+        add("q, k, v = q.clone(), k.clone(), v.clone()")
+    if s.cache:
+        add("q = q[:, :, k.shape[-2] // 2:]")
+    if s.G > 1 and not (sdpa and s.gqa == "sdpa"):
+        add("g = q.shape[1] // k.shape[1]")
+        add("k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)")
+    add("B, H, Tq, D = q.shape")
+    add("Tk, Dv = k.shape[-2], v.shape[-1]")
+    off = "off" if s.cache else None
+    if s.cache:
+        add("off = Tk - Tq")
+    # gate
+    add({"logsigmoid": "c = torch.cumsum(F.logsigmoid(fg), dim=-1)",
+         "softplus": "c = -F.softplus(-fg).cumsum(-1)",
+         "arbitrary": "c = fg * 0.5"}[s.gate])
+    ci = "c[..., off:, None]" if s.cache else "c[..., :, None]"
+    cj = "c[..., None, :]"
+    if s.bias == "unsqueeze":
+        ci = "c[..., off:].unsqueeze(-1)" if s.cache else "c.unsqueeze(-1)"
+        cj = "c.unsqueeze(-2)"
+    bias_expr = {
+        "index": f"{ci} - {cj}", "paren": f"({ci} - {cj})", "unsqueeze": f"{ci} - {cj}",
+        "reversed": f"{cj} - {ci}", "one_sided": f"{cj}", "unbalanced": f"{ci} - 2 * {cj}",
+        "arbitrary": "torch.sin(torch.arange(Tq)[:, None] * 0.37 + torch.arange(Tk)[None, :] * 1.3)",
+        "c_write": "ci - cj",
+    }.get(s.bias)
+    # keep mask (Tq, Tk)
+    need_mask = s.apply != "none"
+    if need_mask or s.write in MASK_WRITES:
+        add(f"i = torch.arange(Tq)[:, None]{' + off' if s.cache else ''}")
+        add("j = torch.arange(Tk)[None, :]")
+        if s.apply == "mf_triu":
+            add(f"hide = torch.ones(Tq, Tk, dtype=torch.bool).triu({'off + 1' if s.cache else '1'})")
+        else:
+            add({"tril": f"keep = torch.ones(Tq, Tk, dtype=torch.bool).tril({off or ''})",
+                 "arange": "keep = j <= i",
+                 "tril_ne": f"keep = torch.tril(torch.ones(Tq, Tk){', diagonal=off' if s.cache else ''}) != 0",
+                 }[s.keep])
+            if s.variant == "window":
+                add(f"keep = keep & (i - j < {W})")
+            elif s.variant == "prefix":
+                add(f"keep = keep | (j < {P})")
+            elif s.variant == "sink_window":
+                add(f"keep = keep & ((i - j < {W}) | (j < {P}))")
+    mask_write = _mask_write(s) if s.write in MASK_WRITES else None
+    if mask_write and not s.write_after_use:
+        add(mask_write)
+    if need_mask and s.padding:
+        if s.apply == "mf_triu":
+            add("hide = hide | ~pad[:, None, None, :]")
+        else:
+            add("kp = keep & pad[:, None, None, :]")
+    K = "kp" if (need_mask and s.padding and s.apply != "mf_triu") else "keep"
+    if s.apply in ("additive",) or (sdpa and s.sdpa_mask == "plus_additive" and need_mask):
+        add(f"m = torch.zeros({K}.shape).masked_fill(~{K}, float('-inf'))")
+
+    if s.bias == "c_write":
+        add(f"ci = {ci}")
+        add("c.mul_(2.0)" if s.write == "c_mul" else "c[..., -3:] = 0.0")
+        add(f"cj = {cj}")
+
+    if sdpa:
+        be = bias_expr if s.bias != "none" else None
+        if not need_mask:
+            am = be if be else None
+        elif s.sdpa_mask == "plus_additive":
+            am = f"{be} + m" if be else "m"
+        elif s.sdpa_mask == "masked_fill":
+            am = f"({be}).masked_fill(~{K}, float('-inf'))" if be else f"torch.zeros({K}.shape).masked_fill(~{K}, float('-inf'))"
+        else:
+            am = f"torch.where({K}, {be}, float('-inf'))" if be else f"torch.where({K}, 0.0, float('-inf'))"
+        if am is not None:
+            add(f"am = {am}")
+            if s.write == "sdpa_mask_col":
+                add("am[..., 0] = 0.0")
+        if mask_write and s.write_after_use:
+            add(mask_write)
+        if s.write == "v_before":
+            add("v.add_(1.0)")
+        kw = []
+        if am is not None:
+            kw.append("attn_mask=am")
+        kw.append({"default": "", "const": "scale=0.3", "sqrt": "scale=1.0 / math.sqrt(D)"}[s.sdpa_scale])
+        if s.G > 1 and s.gqa == "sdpa":
+            kw.append("enable_gqa=True")
+        add(f"o = F.scaled_dot_product_attention(q, k, v, {', '.join(x for x in kw if x)})")
+        if s.write == "v_after":
+            add("v.add_(1.0)")
+    else:
+        if s.scale == "on_q":
+            add("q = q * D ** -0.5")
+        elif s.scale == "on_k":
+            add("k = k / math.sqrt(D)")
+        alpha = {"div_sqrt": "1.0 / math.sqrt(D)", "mul_pow": "D ** -0.5", "const": "0.3"}.get(s.scale, "1.0")
+        add({
+            "at": "s = q @ k.transpose(-2, -1)",
+            "matmul": "s = torch.matmul(q, k.mT)",
+            "einsum": "s = torch.einsum('bhid,bhjd->bhij', q, k)",
+            "bmm": "s = torch.bmm(q.reshape(-1, Tq, D), k.reshape(-1, Tk, D).transpose(1, 2)).view(B, H, Tq, Tk)",
+            "baddbmm": f"s = torch.baddbmm(torch.zeros(B * H, Tq, Tk), q.reshape(-1, Tq, D), "
+                       f"k.reshape(-1, Tk, D).transpose(1, 2), alpha={alpha}).view(B, H, Tq, Tk)",
+        }[s.product])
+        if s.write == "q_after":
+            add("q.mul_(2.0)")
+        if s.write == "k_after":
+            add("k.mul_(0.5)")
+        if s.product != "baddbmm":
+            if s.scale == "div_sqrt":
+                add("s = s / math.sqrt(D)")
+            elif s.scale == "mul_pow":
+                add("s = s * D ** -0.5")
+            elif s.scale == "const":
+                add("s = s * 0.3")
+        if s.bias in ("index", "unsqueeze", "c_write", "reversed", "one_sided", "unbalanced", "arbitrary"):
+            add(f"s = s + {bias_expr}")
+        elif s.bias == "paren":
+            add(f"s = s + {bias_expr}")
+        elif s.bias == "steps":
+            add(f"s = s + {ci}")
+            add(f"s = s - {cj}")
+        elif s.bias == "inplace":
+            add(f"s += {ci}")
+            add(f"s -= {cj}")
+        ninf = "float('-inf')"
+        if s.apply == "mf_not":
+            add(f"s = s.masked_fill(~{K}, {ninf})")
+        elif s.apply == "mf_inplace":
+            add(f"s.masked_fill_({K}.logical_not(), {ninf})")
+        elif s.apply == "where":
+            add(f"s = torch.where({K}, s, {ninf})")
+        elif s.apply == "additive":
+            add("s = s + m")
+        elif s.apply == "finfo":
+            add(f"s = s.masked_fill(~{K}, torch.finfo(s.dtype).min)")
+        elif s.apply == "mf_triu":
+            add(f"s = s.masked_fill(hide, {ninf})")
+        if mask_write and s.write_after_use:
+            add(mask_write)
+        if s.write == "logits_col0":
+            add("s[..., 0] = 0.0")
+        elif s.write == "logits_iadd":
+            add("s[..., :, :3] += 1.0")
+        elif s.write == "logits_open":
+            add("s[..., 0, 1:3] = 0.5")
+        add({"method": "p = s.softmax(-1)", "torch": "p = torch.softmax(s, dim=-1)",
+             "F": "p = F.softmax(s, dim=-1)", "fp32": "p = torch.softmax(s.float(), dim=-1).to(v.dtype)"}[s.softmax])
+        if s.write == "v_before":
+            add("v.add_(1.0)")
+        add({
+            "at": "o = p @ v", "matmul": "o = torch.matmul(p, v)",
+            "einsum": "o = torch.einsum('bhij,bhjd->bhid', p, v)",
+            "bmm": "o = torch.bmm(p.reshape(-1, Tq, Tk), v.reshape(-1, Tk, Dv)).view(B, H, Tq, Dv)",
+            "baddbmm": "o = torch.bmm(p.reshape(-1, Tq, Tk), v.reshape(-1, Tk, Dv)).view(B, H, Tq, Dv)",
+        }[s.product])
+        if s.write == "v_after":
+            add("v.add_(1.0)")
+    if s.write == "unrelated":
+        add("stats = torch.zeros(3)")
+        add("stats[0] = fg.mean()")
+        add("stats[1:] += 1.0")
+        add("return o, stats")
+    else:
+        add("return o")
+
+    args = "q, k, v, fg, pad" if s.padding else "q, k, v, fg"
+    body = "\n".join("        " + line for line in L)
+    return (
+        "class Prog(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        f"        self.window = {s.W}\n"
+        f"        self.prefix = {s.P}\n\n"
+        f"    def forward(self, {args}):\n{body}\n"
+    )
+
+
+def _mask_write(s: Spec) -> str:
+    P = "self.prefix" if s.size_from == "attr" else str(s.P)
+    return {
+        "prefix_item": f"keep[:, :{P}] = True",
+        "sink_col": "keep[..., 0] = True",
+        "view_fill": "keep[:2].fill_(True)",
+        "flat_view": "keep.view(-1)[:Tk] = True",
+        "T_view": "keep.T[:, 1] = True",
+        "masked_fill_": "keep.masked_fill_(j < 2, True)",
+        "ior_noop": "keep |= (i == j)",
+        "index_put_": "keep.index_put_((torch.arange(Tq - 1), torch.arange(Tq - 1) + Tk - Tq + 1), torch.tensor(True))",
+        "copy_": "keep.copy_(torch.ones(Tq, Tk, dtype=torch.bool))",
+        "and_noop": "keep.logical_and_(torch.ones_like(keep))",
+    }[s.write]
+
+
+_counter = [0]
+
+
+def build(spec: Spec):
+    """Exec the rendered source (registered with linecache, so tracebacks and Dynamo see real lines)."""
+    src = render(spec)
+    _counter[0] += 1
+    fname = f"<acp-fuzz-{_counter[0]}>"
+    linecache.cache[fname] = (len(src), None, src.splitlines(True), fname)
+    ns = {"torch": torch, "F": F, "math": math}
+    exec(compile(src, fname, "exec"), ns)
+    return ns["Prog"], src
+
+
+def make_inputs(spec: Spec, T: int, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed * 7919 + n * 131 + T)
+    Hq = spec.Hkv * spec.G
+    q = torch.randn(spec.B, Hq, T, spec.D, generator=g)
+    k = torch.randn(spec.B, spec.Hkv, T, spec.D, generator=g)
+    v = torch.randn(spec.B, spec.Hkv, T, spec.Dv, generator=g)
+    # even heads decay slowly (a wrong window or prefix shows as an O(1) error), odd heads fast
+    fg = torch.randn(spec.B, Hq, T, generator=g) * 0.5 + torch.tensor([3.0, -1.0] * Hq)[:Hq, None]
+    args = [q, k, v, fg]
+    if spec.padding:
+        pad = torch.ones(spec.B, T, dtype=torch.bool)
+        if n % 2 == 1:                                       # odd keys hidden at random on odd calls
+            pad[:, 1::2] = torch.rand(spec.B, T // 2, generator=g) > 0.4
+        args.append(pad)
+    return args
+
+
+def calls_for(spec: Spec, seed: int = 0):
+    """(number of calls, make_args): each length once; with padding, two calls per length (ones, then padded)."""
+    seq = [T for T in spec.lengths for _ in range(2 if spec.padding else 1)]
+    return len(seq), (lambda n: make_inputs(spec, seq[n], n, seed))
+
+
+def category(spec: Spec) -> str:
+    """The family a wrong program belongs to (to deduplicate findings)."""
+    if spec.write in MASK_WRITES:
+        return f"write-mask-{spec.write}"
+    if spec.write not in ("none", "unrelated"):
+        return f"write-{spec.write}"
+    if spec.padding:
+        return "padding-input"
+    if spec.variant != "causal":
+        return f"size-mask-{spec.variant}"
+    if spec.Dv != spec.D:
+        return "dv-ne-d"
+    return f"other-{spec.product}-{spec.bias}-{spec.apply}"
