@@ -184,3 +184,65 @@ def statically_equal(a: Any, b: Any) -> bool:
         return sympy.expand(sym_expr(a) - sym_expr(b)) == 0
     except Exception:
         return False
+
+
+def storage_key(value: Any) -> Any:
+    """A hashable key of the storage a (fake) tensor views: equal keys mean the tensors alias.
+    None for anything that is not a tensor with a storage (numbers, tuples, sparse tensors)."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        from torch.multiprocessing.reductions import StorageWeakRef
+        return ("storage", StorageWeakRef(value.untyped_storage()).cdata)
+    except Exception:  # noqa: BLE001 - no storage (sparse, nested ...): the caller stays conservative
+        return None
+
+
+def graph_input_source(node: torch.fx.Node) -> str | None:
+    """Where Dynamo took a placeholder's value from ("L['x']", "L['self']._buffers['mask']"), or None."""
+    arg = node.meta.get("grapharg")
+    source = getattr(arg, "source", None)
+    if source is None:
+        return None
+    name = getattr(source, "name", None)
+    try:
+        return name() if callable(name) else str(name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def propagate_fake_values(nodes: list, example_inputs: list) -> None:
+    """Runs `nodes` (new nodes, in graph order) on the fake values of what they read, under the fake
+    mode of the graph, and records the results as their example values; raises what the ops raise."""
+    # The mode of the recorded values themselves (the tracing context may hold another one).
+    mode = None
+    for n in nodes:
+        for a in n.all_input_nodes:
+            mode = mode or getattr(example_value(a), "fake_mode", None)
+    if mode is None:
+        from torch._guards import detect_fake_mode
+        mode = detect_fake_mode(example_inputs)
+    if mode is None:
+        raise RuntimeError("no fake mode found for the graph's values")
+
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def value(a):
+        if isinstance(a, torch.fx.Node):
+            v = example_value(a)
+            if v is None:
+                raise RuntimeError(f"no fake value recorded for {a.name}")
+            return mode.from_tensor(v) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) else v
+        return a
+
+    with mode:
+        for n in nodes:
+            args = torch.fx.node.map_aggregate(n.args, value)
+            kwargs = torch.fx.node.map_aggregate(n.kwargs, value)
+            if n.op == "call_method":
+                out = getattr(args[0], n.target)(*args[1:], **kwargs)
+            elif n.op == "call_function":
+                out = n.target(*args, **kwargs)
+            else:
+                raise RuntimeError(f"cannot run {n.op} {n.name} on fake values")
+            n.meta["example_value"] = out

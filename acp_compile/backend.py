@@ -6,11 +6,14 @@
 
 Steps, once per graph Dynamo hands over:
   1. options -> frozen ACPConfig (unknown keys raise, listing the valid ones)
-  2. patterns.rewrite_graph: a rewritten copy of the graph (the input graph is not modified)
+  2. patterns.rewrite_graph rewrites the graph in place; a copy of the graph from before is kept
   3. the inner backend compiles the rewritten graph: inductor's compile_fx (default, with the
      mode's config), or "aot_eager"/"eager" (option inner_backend, for fast tests and debugging)
-  4. when a proof depends on data (a causal mask read from a buffer), the compiled function is
-     wrapped by host-side guards; a call whose mask is no longer causal runs the original graph
+  4. when a proof depends on data or sizes (a causal mask read from a buffer, or built from a
+     symbolic length), the compiled function is wrapped by host-side guards
+     (patterns/guards.py); a call whose mask is not causal runs the original graph
+An unexpected error in the pass, or in compiling the rewritten graph, never reaches the user: the
+original graph is compiled instead and the reason is logged (strict mode raises).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch.fx as fx
 
 from acp_compile import _torch_private as tp
 from acp_compile.config import ACPConfig
-from acp_compile.patterns.rewrite import rewrite_graph
+from acp_compile.patterns.rewrite import NearMissError, copy_graph_module, rewrite_graph
 from acp_compile.patterns.substitutes import register_known_fox_functions
 
 tp.register_torch_log()
@@ -49,16 +52,33 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: ACPConfig, m
             f"acp option report=True reads the plan back to the host on every call, which CUDA graphs "
             f"(mode={mode!r}) cannot replay; use report=False with this mode, or mode='default' to report"
         )
+    original = copy_graph_module(gm)
     t0 = time.perf_counter()
-    result = rewrite_graph(gm, example_inputs, config)
+    try:
+        result = rewrite_graph(gm, example_inputs, config)
+    except NearMissError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a bug in the pass must not change or break the program
+        if config.strict:
+            raise
+        log.warning("acp: the pass failed (%s: %s); compiling the graph without the FoX rewrite",
+                    type(err).__name__, err, exc_info=log.isEnabledFor(10))
+        return _inner_compile(original(), example_inputs, config, mode)
     pass_seconds.append(time.perf_counter() - t0)
     log.debug("acp: pass took %.1f ms on a graph of %d nodes", 1e3 * pass_seconds[-1], len(gm.graph.nodes))
-    compiled = _inner_compile(result.gm, example_inputs, config, mode)
+    try:
+        compiled = _inner_compile(result.gm, example_inputs, config, mode)
+    except Exception as err:  # noqa: BLE001
+        if not result.sites or config.strict:
+            raise
+        log.warning("acp: compiling the rewritten graph failed (%s: %s); compiling it without the FoX rewrite "
+                    "of %s", type(err).__name__, err, ", ".join(result.sites), exc_info=log.isEnabledFor(10))
+        return _inner_compile(original(), example_inputs, config, mode)
     if not result.guards:
         return compiled
     for g in result.guards:
         g.seed(list(example_inputs))
-    return _guarded(compiled, result.guards, result.original)
+    return _guarded(compiled, result.guards, original)
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: ACPConfig, mode: str | None) -> Callable:

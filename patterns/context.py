@@ -1,10 +1,15 @@
 """What an anchor may ask while it proves a match: fake shapes, and concrete evaluation of small
 producer subgraphs (a causal mask, the views that turn c into c_i and c_j) on concrete inputs.
 
-evaluate(node, leaves, sizes) runs the nodes that `node` depends on, in graph order, with
+evaluate(node, leaves, sizes, reader) runs the nodes that `node` depends on, in graph order, with
   placeholders      -> the example inputs Dynamo handed to the backend (buffers hold real values)
   SymInt inputs     -> their hints, or the values given in `sizes` (to try other sequence lengths)
-  nodes in `leaves` -> the given tensors (e.g. random stand-ins for c)
+  nodes in `leaves` -> copies of the given tensors (e.g. random stand-ins for c)
+"Depends on" includes writes: every node that writes into the storage of a value the evaluation
+reads, before that read (patterns/aliasing.py), with what it depends on in turn; `reader` is the
+node that reads `node` itself (writes into `node` before it count). Run with real tensors in graph
+order, views and writes then behave exactly as in the program, so the value is the one the reader
+sees. A write into a graph input or a module attribute is refused (NotProven).
 It refuses (NotProven) subgraphs that are large, contain heavy ops or read big inputs, so a
 proof never costs more than a few small tensor ops.
 """
@@ -19,6 +24,7 @@ import torch.fx as fx
 from acp_compile import _torch_private as tp
 from acp_compile.config import ACPConfig
 from acp_compile.patterns import graph_utils as gu
+from acp_compile.patterns.aliasing import StorageMap, written_args
 from acp_compile.patterns.match import NotProven
 
 MAX_EVAL_NODES = 64
@@ -35,11 +41,13 @@ class MatchContext:
     placeholders: dict = field(default_factory=dict)      # placeholder node -> example input
     placeholder_index: dict = field(default_factory=dict) # placeholder node -> input index
     claimed: set = field(default_factory=set)             # nodes already used by a match
+    storages: StorageMap | None = None                    # aliasing and in-place writes
 
     @classmethod
     def build(cls, gm: fx.GraphModule, example_inputs: Iterable, config: ACPConfig) -> "MatchContext":
         ex = list(example_inputs)
-        ctx = cls(gm, ex, config, gu.order(gm.graph))
+        position = gu.order(gm.graph)
+        ctx = cls(gm, ex, config, position, storages=StorageMap(gm.graph, position))
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for i, n in enumerate(phs):
             if i < len(ex):
@@ -58,41 +66,48 @@ class MatchContext:
         return len(self.shape(node))
 
     # -- concrete evaluation ------------------------------------------------------------------
-    def dependencies(self, node: fx.Node, leaves: Mapping[fx.Node, Any] = ()) -> list[fx.Node]:
-        """Nodes `node` depends on (itself included, leaves and placeholders as boundaries), plus
-        in-place writers of those nodes recorded before their readers; in graph order."""
+    def dependencies(self, node: fx.Node, leaves: Mapping[fx.Node, Any] = (), reader: fx.Node | None = None) -> list[fx.Node]:
+        """Nodes the value of `node` (as `reader` reads it) depends on, itself included, with leaves and
+        placeholders as boundaries, and every write into a storage read on the way (module notes); in
+        graph order."""
+        pos = self.position
         seen: set[fx.Node] = set()
         stack = [node]
+        if reader is not None:
+            stack.extend(self.storages.writers(node, before=pos[reader]))
         while stack:
             n = stack.pop()
             if n in seen:
                 continue
             seen.add(n)
+            if len(seen) > MAX_EVAL_NODES:
+                raise NotProven(f"the producer of {node.name} is too large to evaluate at compile time")
             if n in leaves or n.op in ("placeholder", "get_attr"):
                 continue
             for a in n.all_input_nodes:
-                stack.append(gu.effective_value(a, n, self.position))
-            if len(seen) > MAX_EVAL_NODES:
-                raise NotProven(f"the producer of {node.name} is too large to evaluate at compile time")
-        return sorted(seen, key=self.position.__getitem__)
+                stack.append(a)
+                stack.extend(self.storages.writers(a, before=pos[n]))
+        return sorted(seen, key=pos.__getitem__)
 
-    def symbol_inputs(self, node: fx.Node) -> list[fx.Node]:
+    def symbol_inputs(self, node: fx.Node, reader: fx.Node | None = None) -> list[fx.Node]:
         """SymInt placeholders that `node` depends on (the sizes it is built from)."""
-        return [n for n in self.dependencies(node) if n.op == "placeholder" and gu.is_scalar_value(n)]
+        return [n for n in self.dependencies(node, reader=reader) if n.op == "placeholder" and gu.is_scalar_value(n)]
 
-    def tensor_inputs(self, node: fx.Node, leaves: Mapping[fx.Node, Any] = ()) -> list[fx.Node]:
+    def tensor_inputs(self, node: fx.Node, leaves: Mapping[fx.Node, Any] = (), reader: fx.Node | None = None) -> list[fx.Node]:
         """Tensor placeholders and get_attr nodes that `node` depends on (buffers, user inputs)."""
-        return [n for n in self.dependencies(node, leaves)
+        return [n for n in self.dependencies(node, leaves, reader)
                 if n not in leaves and n.op in ("placeholder", "get_attr") and not gu.is_scalar_value(n)]
 
     def evaluate(self, node: fx.Node, leaves: Mapping[fx.Node, Any] = (), sizes: Mapping[fx.Node, int] = (),
-                 inputs: list | None = None) -> Any:
-        """The concrete value of `node` (see the module notes). `inputs` replaces the example inputs."""
-        leaves = dict(leaves)
+                 inputs: list | None = None, reader: fx.Node | None = None) -> Any:
+        """The concrete value of `node` as `reader` reads it (see the module notes). `inputs`
+        replaces the example inputs."""
+        # Copies: a write in the evaluated program may land in a leaf; it must not reach the caller's.
+        leaves = {n: (v.clone() if isinstance(v, torch.Tensor) else v) for n, v in dict(leaves).items()}
         sizes = dict(sizes)
         env: dict[fx.Node, Any] = {}
         with torch.no_grad():
-            for n in self.dependencies(node, leaves):
+            for n in self.dependencies(node, leaves, reader):
                 env[n] = self._run(n, env, leaves, sizes, inputs)
         return env[node]
 
@@ -128,12 +143,11 @@ class MatchContext:
 
         args = fx.node.map_aggregate(n.args, sub)
         kwargs = fx.node.map_aggregate(n.kwargs, sub)
-        # In-place writers update the tensor of their first argument: copy it first when it is a
-        # leaf or an input, so evaluation never changes user data.
-        if gu.is_inplace(n) and isinstance(args[0], torch.Tensor):
-            first = n.args[0]
-            if first in leaves or first.op in ("placeholder", "get_attr"):
-                raise NotProven(f"{n.name} writes into an input; not evaluated")
+        # A write into a graph input or a buffer would change user data (and the value is data, not
+        # code): refused. Writes into leaves land in the evaluation's own copies.
+        for target in written_args(n):
+            if target not in leaves and self.storages.is_input_storage(target):
+                raise NotProven(f"{n.name} writes in place into a graph input or module attribute ({target.name})")
         try:
             if n.op == "call_method":
                 return getattr(args[0], n.target)(*args[1:], **kwargs)

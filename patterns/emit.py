@@ -17,7 +17,7 @@ import torch.fx as fx
 
 import acp_compile.ops  # noqa: F401  (registers torch.ops.acp.*)
 from acp_compile.config import ACPConfig
-from acp_compile.patterns import graph_utils as gu
+from acp_compile.patterns.aliasing import storage_of, written_args
 from acp_compile.patterns.match import FoxMatch, Operand
 
 
@@ -25,9 +25,13 @@ def _operand(graph: fx.Graph, x: Operand) -> fx.Node:
     return x if isinstance(x, fx.Node) else x(graph)
 
 
-def emit_fox_attention(gm: fx.GraphModule, match: FoxMatch, config: ACPConfig, site: str) -> fx.Node:
-    """Inserts the op for `match`; returns the node that now feeds the replaced node's users."""
+def emit_fox_attention(gm: fx.GraphModule, match: FoxMatch, config: ACPConfig, site: str,
+                       validate=None) -> fx.Node:
+    """Inserts the op for `match`; returns the node that now feeds the replaced node's users.
+    validate(inserted, at): called with the inserted nodes (in graph order) and the node they were
+    inserted before, before any use is redirected; it raises to refuse (the caller undoes)."""
     graph = gm.graph
+    existing = set(graph.nodes)
     with graph.inserting_before(match.replace):
         q = _operand(graph, match.q)
         k = _operand(graph, match.k)
@@ -46,6 +50,8 @@ def emit_fox_attention(gm: fx.GraphModule, match: FoxMatch, config: ACPConfig, s
             )
             o = graph.call_function(operator.add, (o, zero))
         value = match.finish(graph, o) if match.finish is not None else o
+    if validate is not None:
+        validate([n for n in graph.nodes if n not in existing], match.replace)
     match.replace.replace_all_uses_with(value)
     if match.replace_lse is not None:
         match.replace_lse.replace_all_uses_with(lse)
@@ -55,8 +61,10 @@ def emit_fox_attention(gm: fx.GraphModule, match: FoxMatch, config: ACPConfig, s
 
 def erase_dead(graph: fx.Graph, nodes) -> None:
     """Erases nodes of a matched region that nothing reads any more; an in-place writer whose
-    target is dead dies with it. Never touches placeholders or nodes outside `nodes`."""
+    target is dead dies with it, unless a value that stays alive views the same storage (the
+    write would then still be seen). Never touches placeholders or nodes outside `nodes`."""
     region = {n for n in nodes if isinstance(n, fx.Node)}
+    closed = _read_only_inside(region)
     erased: set = set()
     changed = True
     while changed:
@@ -66,11 +74,35 @@ def erase_dead(graph: fx.Graph, nodes) -> None:
                 region.discard(n)
                 continue
             users = list(n.users)
-            if all(gu.is_inplace(u) and u.args and u.args[0] is n and not u.users for u in users):
-                for u in users:
-                    graph.erase_node(u)
-                    erased.add(u)
-                graph.erase_node(n)
-                erased.add(n)
-                region.discard(n)
+            if not all(written_args(u) == [n] and not u.users for u in users):
+                continue
+            if users and _storage_seen_elsewhere(graph, n, closed | set(users) | erased):
+                continue
+            for u in users:
+                graph.erase_node(u)
+                erased.add(u)
+            graph.erase_node(n)
+            erased.add(n)
+            region.discard(n)
+            changed = True
+
+
+def _read_only_inside(region: set) -> set:
+    """The region nodes that nothing outside the region reads, directly or through region nodes
+    (pure in-place writers of them aside): the ones that can die with the region."""
+    closed = set(region)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(closed):
+            if any(u not in closed and not (written_args(u) == [n] and not u.users) for u in n.users):
+                closed.discard(n)
                 changed = True
+    return closed
+
+
+def _storage_seen_elsewhere(graph: fx.Graph, node: fx.Node, dying: set) -> bool:
+    key = storage_of(node)
+    if key is None:
+        return True
+    return any(m is not node and m not in dying and storage_of(m) == key for m in graph.nodes)

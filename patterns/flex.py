@@ -37,7 +37,7 @@ import torch.fx as fx
 
 from acp_compile import _torch_private as tp
 from acp_compile._torch_private import concrete_int, example_value, sym_expr
-from acp_compile.patterns.guards import MaskGuard
+from acp_compile.patterns.guards import GuardedInput, MaskGuard, input_kind
 from acp_compile.patterns.match import FoxMatch, NearMiss, NotProven
 from acp_compile.patterns.registry import register_anchor
 
@@ -251,13 +251,26 @@ def _block_table_guards(node: fx.Node, block_mask: tuple, sizes: _Sizes, ctx) ->
                         "build it inside the compiled function or compile with dynamic=False")
     positions = [ctx.placeholder_index[t] if t is not None else None for t in tables]
     Tq, Tk, qb, kb = sizes.Tq, sizes.Tk, int(q_block), int(kv_block)
+    guarded = []
+    for t in tables:
+        if t is None:
+            continue
+        example = ctx.placeholders.get(t)
+        kind = input_kind(tp.graph_input_source(t), example)
+        if kind == "data" and getattr(example, "device", None) is not None and example.device.type != "cpu":
+            raise NotProven(
+                "the BlockMask's tables are passed into the compiled code: their contents would have to be "
+                f"checked on every call, which costs a device sync on {example.device}; build the BlockMask "
+                "inside the compiled function, keep its tables in registered buffers, or call "
+                "acp_compile.fox_attention directly")
+        guarded.append(GuardedInput(ctx.placeholder_index[t], kind))
 
     def verify(inputs: list) -> bool:
         return block_tables_are_causal(*(inputs[i] if i is not None else None for i in positions), Tq, Tk, qb, kb)
 
     if not verify(ctx.example_inputs):
         raise NotProven("the BlockMask's block tables skip causal blocks or mark partly masked blocks full")
-    return (MaskGuard(indices=tuple(i for i in positions if i is not None), verify=verify, site=node.name),)
+    return (MaskGuard(inputs=tuple(guarded), verify=verify, site=node.name),)
 
 
 def _symbolic_lengths(node: fx.Node) -> list:

@@ -25,7 +25,7 @@ import torch.fx as fx
 from acp_compile import _torch_private as tp
 from acp_compile.patterns import graph_utils as gu
 from acp_compile.patterns.context import MatchContext
-from acp_compile.patterns.guards import MaskGuard
+from acp_compile.patterns.guards import GuardedInput, MaskGuard, input_kind
 from acp_compile.patterns.match import NotProven
 
 MASK_FILL_MAX = -1e9            # a fill value at or below this counts as "masked" (-inf, finfo.min ...)
@@ -38,6 +38,7 @@ _VIEW_FUNCTIONS = (torch.unsqueeze, torch.reshape, torch.squeeze)
 class Term:
     coef: list                 # numeric/symbolic factors
     node: fx.Node
+    reader: fx.Node | None = None   # the chain node that reads it (its value is taken there)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Mask:
     node: fx.Node | None       # bool tensor node (or an additive 0/-inf term)
     masked_when: bool          # masked where the evaluated mask == masked_when
     additive: bool = False     # the node is an additive 0/-inf tensor
+    reader: fx.Node | None = None   # the chain node that reads it
 
 
 @dataclass
@@ -66,6 +68,7 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
     out = Decomposition()
     pos = ctx.position
     visited = {consumer}
+    reads: list = []           # (chain value, the chain node reading it)
 
     def walk(node: Any, coef: list, reader: fx.Node) -> None:
         if not isinstance(node, fx.Node):
@@ -74,6 +77,7 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
             raise NotProven(f"unsupported operand {node!r} in the logits")
         v = gu.effective_value(node, reader, pos)
         visited.add(v)
+        reads.append((v, reader))
         if exclusive:
             # Readers in the chain (a softmax reading `att` after `att.masked_fill_`) and in-place
             # writers before them are the only allowed users.
@@ -113,21 +117,29 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
             fill = gu.arg(v, 2, "value")
             if not _is_masked_value(fill):
                 raise NotProven(f"{v.name}: masked_fill with {fill!r}, not -inf")
-            out.masks.append(Mask(gu.arg(v, 1, "mask"), True))
+            out.masks.append(Mask(gu.arg(v, 1, "mask"), True, reader=v))
             return walk(a[0], coef, v)
         if gu.is_op(v, "where") and len(a) == 3:
             cond, x, y = a
             if _is_masked_value(y) and isinstance(x, fx.Node):
-                out.masks.append(Mask(cond, False))
+                out.masks.append(Mask(cond, False, reader=v))
                 return walk(x, coef, v)
             if _is_masked_value(x) and isinstance(y, fx.Node):
-                out.masks.append(Mask(cond, True))
+                out.masks.append(Mask(cond, True, reader=v))
                 return walk(y, coef, v)
             raise NotProven(f"{v.name}: torch.where that does not fill with -inf")
         out.chain.pop()
-        out.terms.append(Term(coef, v))
+        out.terms.append(Term(coef, v, reader))
 
     walk(top, [], consumer)
+    # Soundness against writes: the walk followed the in-place steps applied to each chain value
+    # itself; any other write into its storage before it is read (an item assignment, a write
+    # through a view or an alias) changes the value behind the proof's back.
+    for value, reader in reads:
+        for w in ctx.storages.writers(value, before=pos[reader]):
+            if w not in visited:
+                raise NotProven(f"{value.name} is written in place by {w.name} before it is read; "
+                                "the pass cannot follow that write (write the logits out of place)")
     return out
 
 
@@ -195,13 +207,13 @@ def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasP
         else:
             raise NotProven(f"bias term {t.node.name} of shape {s} does not broadcast to the logits")
     for t in additive:
-        dec.masks.append(Mask(t.node, True, additive=True))
+        dec.masks.append(Mask(t.node, True, additive=True, reader=t.reader))
         if numeric_coef(t.coef) <= 0:
             raise NotProven(f"additive term {t.node.name} enters the logits with a negative sign")
     if not query and not key:
         for t in additive:                       # plain attention, unless the "mask" is a bias
             try:
-                _masked(Mask(t.node, True, additive=True), ctx.evaluate(t.node))
+                _masked(Mask(t.node, True, additive=True), ctx.evaluate(t.node, reader=t.reader))
             except NotProven as err:
                 raise NotProven(f"an additive (Tq, Tk) bias that is not c_i - c_j ({err})") from None
         return None
@@ -224,7 +236,7 @@ def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasP
     def side(terms, squeeze_dim):
         total = None
         for t in terms:
-            val = ctx.evaluate(t.node, leaves=leaves).to(torch.float64) * numeric_coef(t.coef)
+            val = ctx.evaluate(t.node, leaves=leaves, reader=t.reader).to(torch.float64) * numeric_coef(t.coef)
             total = val if total is None else total + val
         return total.squeeze(squeeze_dim)
 
@@ -282,7 +294,7 @@ def _masked(mask: Mask, value: torch.Tensor) -> torch.Tensor:
 def masked_entries(masks: list, ctx: MatchContext, sizes=(), inputs=None) -> torch.Tensor | None:
     total = None
     for m in masks:
-        val = ctx.evaluate(m.node, sizes=sizes, inputs=inputs)
+        val = ctx.evaluate(m.node, sizes=sizes, inputs=inputs, reader=m.reader)
         if not isinstance(val, torch.Tensor):
             raise NotProven("a mask that is not a tensor")
         mk = _masked(m, val)
@@ -320,9 +332,10 @@ def prove_causal(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int, site: 
     masked = masked.expand(*masked.shape[:-2], Tq, Tk)
     if not is_causal(masked, Tq, Tk):
         raise NotProven("the mask is not causal (j > i hidden, diagonal kept)")
-    symbols = sorted({s for m in masks for s in ctx.symbol_inputs(m.node)}, key=ctx.position.__getitem__)
-    tensors = sorted({t for m in masks for t in ctx.tensor_inputs(m.node)}, key=ctx.position.__getitem__)
-    # Built from sizes: also causal at other sequence lengths (each size alone, then all at once).
+    symbols = sorted({s for m in masks for s in ctx.symbol_inputs(m.node, m.reader)}, key=ctx.position.__getitem__)
+    tensors = sorted({t for m in masks for t in ctx.tensor_inputs(m.node, reader=m.reader)}, key=ctx.position.__getitem__)
+    # Built from sizes: a quick look at other sequence lengths refuses masks that are causal only
+    # at the compile length (each size alone). This is no proof: the guard below is.
     for s in symbols:
         for value in ALTERNATIVE_SIZES:
             try:
@@ -331,13 +344,25 @@ def prove_causal(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int, site: 
                 continue                    # e.g. a buffer shorter than this length
             if alt is None or not is_causal(alt, alt.shape[-2], alt.shape[-1]):
                 raise NotProven(f"the mask is not causal when {s.name} = {value}")
-    if not tensors or any(t.op == "get_attr" for t in tensors):
-        if any(t.op == "get_attr" for t in tensors):
-            raise NotProven("a mask read from a module attribute (get_attr) is not guarded; pass it as an input")
-        return []
+    if not tensors and not symbols:
+        return []                           # built from constants only: proven exactly above
+    if any(t.op == "get_attr" for t in tensors):
+        raise NotProven("a mask read from a module attribute (get_attr) is not guarded; pass it as an input")
+    guarded = []
+    for n in tensors + symbols:
+        kind = input_kind(tp.graph_input_source(n), ctx.placeholders.get(n))
+        if kind == "data":
+            device = getattr(ctx.placeholders.get(n), "device", None)
+            if device is None or device.type != "cpu":
+                raise NotProven(
+                    f"the mask is built from the graph input {n.name} (a tensor passed to the compiled code, "
+                    "such as a padding mask): its contents would have to be checked on every call, which costs "
+                    f"a device sync on {device}; build the mask in the model from sizes, keep it in a registered "
+                    "buffer, or call acp_compile.fox_attention directly")
+        guarded.append(GuardedInput(ctx.placeholder_index[n], kind))
     inputs_used = tensors + symbols
-    indices = tuple(ctx.placeholder_index[n] for n in inputs_used)
-    mask_graph = extract_subgraph(ctx, [m.node for m in masks], inputs_used)
+    indices = tuple(g.index for g in guarded)
+    mask_graph = extract_subgraph(ctx, masks, inputs_used)
     cell: dict = {}
 
     def verify(inputs: list) -> bool:
@@ -352,22 +377,23 @@ def prove_causal(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int, site: 
             total = mk if total is None else (total | mk)
         return total is not None and is_causal(total, total.shape[-2], total.shape[-1])
 
-    return [MaskGuard(indices, verify, site.name)]
+    return [MaskGuard(tuple(guarded), verify, site.name)]
 
 
-def extract_subgraph(ctx: MatchContext, outputs: list, inputs: list) -> fx.Graph:
-    """A standalone graph computing `outputs` from `inputs` (copies of the graph's nodes), so
-    a run-time check does not depend on the rewritten graph that inductor may change later."""
+def extract_subgraph(ctx: MatchContext, masks: list, inputs: list) -> fx.Graph:
+    """A standalone graph computing the masks' values (as their readers see them) from `inputs`
+    (copies of the graph's nodes, writes into them included), so a run-time check does not depend
+    on the rewritten graph that inductor may change later."""
     graph = fx.Graph()
     env: dict = {}
     for n in inputs:
         env[n] = graph.placeholder(n.name)
-    deps = sorted({d for o in outputs for d in ctx.dependencies(o)}, key=ctx.position.__getitem__)
+    deps = sorted({d for m in masks for d in ctx.dependencies(m.node, reader=m.reader)}, key=ctx.position.__getitem__)
     for n in deps:
         if n in env:
             continue
         if n.op == "placeholder":
             raise NotProven(f"the mask reads {n.name}, which is not among its guarded inputs")
         env[n] = graph.node_copy(n, lambda a: env[a])
-    graph.output(tuple(env[o] for o in outputs))
+    graph.output(tuple(env[m.node] for m in masks))
     return graph

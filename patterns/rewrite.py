@@ -1,11 +1,11 @@
 """The pass: run every anchor over a Dynamo graph, emit the op for each proven site, count and log.
 
     result = rewrite_graph(gm, example_inputs, config)
-    result.gm          the same GraphModule, rewritten in place (result.original: a copy from before,
-                       kept when a run-time guard may need it)
+    result.gm          the same GraphModule, rewritten in place
     result.sites       names of the rewritten sites, in graph order
     result.near_misses NearMiss records (also counted and logged; strict mode raised on the first)
-    result.guards      run-time guards the compiled graph needs (patterns/guards.py)
+    result.guards      run-time guards the compiled graph needs (patterns/guards.py); the caller keeps
+                       a copy of the graph from before (copy_graph_module) for the calls they refuse
 
 Counters: torch._dynamo.utils.counters["acp"]["fox_attention"] += 1 per rewritten site and
 ["near_miss"] += 1 per near-miss. Log: logger "acp_compile" (TORCH_LOGS="+acp_compile").
@@ -21,7 +21,7 @@ from acp_compile import _torch_private as tp
 from acp_compile.config import ACPConfig
 from acp_compile.patterns.context import MatchContext
 from acp_compile.patterns.emit import emit_fox_attention
-from acp_compile.patterns.match import FoxMatch, NearMiss
+from acp_compile.patterns.match import FoxMatch, NearMiss, NotProven
 from acp_compile.patterns.registry import anchors
 
 log = tp.logger()
@@ -37,7 +37,6 @@ class RewriteResult:
     sites: list = field(default_factory=list)
     near_misses: list = field(default_factory=list)
     guards: list = field(default_factory=list)
-    original: object = None    # () -> GraphModule of the graph before the rewrite (kept only when guards exist)
 
 
 def copy_graph_module(gm: fx.GraphModule):
@@ -94,8 +93,7 @@ def _undo(graph: fx.Graph, before: set) -> None:
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs, config: ACPConfig) -> RewriteResult:
     """Rewrites `gm` in place (see the module notes). All sites are proven on the unmodified graph
-    first, then emitted; when a proof needs a run-time guard, a copy of the original graph is kept
-    (result.original) for the calls where the guard fails."""
+    first, then emitted."""
     ctx = MatchContext.build(gm, example_inputs, config)
     result = RewriteResult(gm)
     counters = tp.acp_counters()
@@ -118,21 +116,23 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: ACPConfig) -> Rewr
             assert isinstance(found, FoxMatch)
             ctx.claimed.update(n for n in (found.replace, *found.region) if isinstance(n, fx.Node))
             matches.append(found)
-    if any(m.guards for m in matches):
-        result.original = copy_graph_module(gm)
     taken: set = set()
     for found in matches:
         site = site_name(found.replace, taken)
         n_before = len(gm.graph.nodes)
         before = set(gm.graph.nodes)
         try:
-            emit_fox_attention(gm, found, config, site)
+            emit_fox_attention(gm, found, config, site, validate=_validator(ctx))
         except Exception as err:
             if len(gm.graph.nodes) != n_before:
                 _undo(gm.graph, before)
-            log.warning("acp: emitting the op for %s failed (%s: %s); left as it was", site,
-                        type(err).__name__, err, exc_info=log.isEnabledFor(10))
-            _near_miss(NearMiss(found.anchor, found.replace.name, f"internal error: {err}"), result, counters, config)
+            if isinstance(err, NotProven):
+                reason = str(err)
+            else:
+                log.warning("acp: emitting the op for %s failed (%s: %s); left as it was", site,
+                            type(err).__name__, err, exc_info=log.isEnabledFor(10))
+                reason = f"internal error while emitting the op: {type(err).__name__}: {err}"
+            _near_miss(NearMiss(found.anchor, found.replace.name, reason), result, counters, config)
             continue
         for g in found.guards:
             g.site = site
@@ -147,6 +147,33 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: ACPConfig) -> Rewr
         gm.recompile()
         log.info("acp: rewrote %d FoX attention site(s): %s", len(result.sites), ", ".join(result.sites))
     return result
+
+
+def _validator(ctx: MatchContext):
+    """Checks an emitted site before its uses are redirected (raises NotProven to refuse it):
+
+    - the op reads q, k, v and c where the replaced node was, later than the original program read
+      them (and the proof may have looked through `q * s` to q): no write into an operand's storage
+      may happen between the operand's creation and that point;
+    - the inserted nodes run on the fake values of what they read, so an operand that breaks the
+      op's contract (shapes, dtypes, a value head dim the op does not take) is refused here with
+      the op's own message, not when the inner backend compiles the graph.
+    """
+    def validate(inserted: list, at: fx.Node) -> None:
+        known = set(ctx.position)
+        reads = {a for n in inserted for a in n.all_input_nodes if a not in inserted}
+        if any(x not in known for x in reads):
+            raise NotProven("the operands are produced by another rewritten site")
+        for x in sorted(reads, key=ctx.position.__getitem__):
+            written = ctx.storages.writers(x, after=ctx.position[x], before=ctx.position[at])
+            if written:
+                raise NotProven(f"the operand {x.name} is written in place by {written[0].name} before the "
+                                "attention reads it; the op would read it at another point")
+        try:
+            tp.propagate_fake_values(inserted, ctx.example_inputs)
+        except Exception as err:  # noqa: BLE001 - the op's checks and shape errors alike
+            raise NotProven(f"the operands do not fit the op: {type(err).__name__}: {err}") from None
+    return validate
 
 
 def _near_miss(found: NearMiss, result: RewriteResult, counters, config: ACPConfig) -> None:
