@@ -82,10 +82,13 @@ def _prove(node: fx.Node, ctx) -> FoxMatch | None:
     sizes = _sizes(q, k, v)
     score_gm = _subgraph(node, score_node, "score_mod")
     mask_gm = _subgraph(node, block_mask[-1], "mask_mod")
+    uniform = _indices_only_index_buffers(score_gm)
 
     rng = torch.Generator().manual_seed(0x5EED)
     score_values, classes = _random_buffers(score_bufs, rng, "score_mod")
     mask_values, _ = _random_buffers(mask_bufs, rng, "mask_mod")
+    # The bias: an identity of the arithmetic score_mod applies to what it reads, tested on random
+    # values at sampled points (exact for a uniform score_mod, whose indices only pick buffer entries).
     b, h, i, j = _probe_points(sizes, rng)
     off = sizes.Tk - sizes.Tq
     s1 = torch.randn(b.shape, generator=rng)
@@ -96,13 +99,10 @@ def _prove(node: fx.Node, ctx) -> FoxMatch | None:
         return None                                  # no bias at all: plain attention, not FoX; left alone
     e1 = torch.where(m, scored1, -math.inf)
     e2 = torch.where(m, _evaluate(score_gm, (s2, b, h, i, j), score_values, "score_mod").float(), -math.inf)
-
     causal = i + off >= j
     visible = e1 != -math.inf
     if not torch.equal(visible, causal) or not torch.equal(e2 != -math.inf, causal):
-        hidden_diag = bool((~visible & (i + off == j)).any())
-        raise NotProven("the mask is not causal" + (" (it hides the diagonal)" if hidden_diag else "")
-                        + "; only causal FoX attention (key j visible iff j <= query position) is rewritten")
+        raise _not_causal(visible, i + off == j)
     if not bool(torch.isfinite(e1[visible]).all()):
         raise NotProven("score_mod gives NaN or +inf on visible entries")
     bias = (e1 - s1)[visible]
@@ -111,11 +111,109 @@ def _prove(node: fx.Node, ctx) -> FoxMatch | None:
                         "scale through flex_attention's `scale` argument")
     bv, hv, iv, jv = b[visible], h[visible], i[visible], j[visible]
     c_node, layout = _find_gate(bias, (bv, hv, iv + off, jv), score_bufs, score_values, classes, sizes)
-    guards = _block_table_guards(node, block_mask, sizes, ctx)
+    # The mask: decided at every point, never by sampling (a window or prefix may differ from causal
+    # in one row only); under dynamic sizes once more for every new size, by a guard.
+    check = _visibility_checker(score_gm, mask_gm, score_values, mask_values, uniform, mask_bufs)
+    check(sizes)
+    guards = _block_table_guards(node, block_mask, sizes, ctx) + _size_guards(node, q, k, check, ctx)
     return FoxMatch(
         anchor=ANCHOR, replace=out_node, q=q, k=k, v=v, c=_gate_builder(c_node, layout),
         sm_scale=_scale(scale, sizes.D), guards=guards, region=tuple(dead_getitems) + (node,),
     )
+
+
+def _not_causal(visible: torch.Tensor, diagonal: torch.Tensor) -> NotProven:
+    hidden_diag = bool((~visible & diagonal).any())
+    return NotProven("the mask is not causal" + (" (it hides the diagonal)" if hidden_diag else "")
+                     + "; only causal FoX attention (key j visible iff j <= query position) is rewritten")
+
+
+# ---------------------------------------------------------------------------- exhaustive visibility
+
+_MAX_POINTS = 1 << 30          # mask_mod evaluations per check (about 2 s for a plain comparison)
+_MAX_SCORE_POINTS = 1 << 24    # score_mod evaluations per check, when score_mod itself can hide entries
+_CHUNK = 1 << 22               # points evaluated at once (bounded memory)
+
+
+def _uses(gm: fx.GraphModule, position: int) -> list:
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return list(phs[position].users) if position < len(phs) else []
+
+
+def _indices_only_index_buffers(score_gm: fx.GraphModule) -> bool:
+    """True when score_mod uses b, h, q_idx and kv_idx only as subscripts of the tensors it reads
+    (c[b, h, q_idx]): it then applies one arithmetic to what it reads at every point, and cannot
+    hide an entry by comparing indices."""
+    for position in range(1, 5):
+        for user in _uses(score_gm, position):
+            if not (user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], tuple)
+                    and isinstance(user.args[0], fx.Node) and user.args[0].op == "placeholder"):
+                return False
+    return True
+
+
+def _visibility_checker(score_gm, mask_gm, score_values, mask_values, uniform: bool, mask_bufs: tuple):
+    """check(sizes) raises NotProven unless the effective mask (mask_mod, and score_mod's -inf when
+    score_mod compares indices) equals causality at every point (b, h, i, j) of those sizes."""
+    uses_bh = any(_uses(mask_gm, p) for p in (0, 1)) or bool(mask_bufs)
+
+    def check(sizes: _Sizes) -> None:
+        off = sizes.Tk - sizes.Tq
+        bh = [(bb, hh) for bb in range(sizes.B) for hh in range(sizes.Hq)] if (uses_bh or not uniform) else [(0, 0)]
+        limit = _MAX_POINTS if uniform else _MAX_SCORE_POINTS
+        if len(bh) * sizes.Tq * sizes.Tk > limit:
+            raise NotProven(f"the mask is too large to decide at every point at compile time ({len(bh)} x "
+                            f"{sizes.Tq} x {sizes.Tk} entries); compile at a shorter length, or call "
+                            "acp_compile.fox_attention directly")
+        rows_per_chunk = max(1, _CHUNK // sizes.Tk)
+        g = torch.Generator().manual_seed(1)
+        for bb, hh in bh:
+            for r0 in range(0, sizes.Tq, rows_per_chunk):
+                rows = torch.arange(r0, min(sizes.Tq, r0 + rows_per_chunk), dtype=torch.int32)
+                i = rows[:, None].expand(-1, sizes.Tk).reshape(-1)
+                j = torch.arange(sizes.Tk, dtype=torch.int32)[None, :].expand(rows.numel(), -1).reshape(-1)
+                b = torch.full_like(i, bb)
+                h = torch.full_like(i, hh)
+                visible = _evaluate(mask_gm, (b, h, i, j), mask_values, "mask_mod").to(torch.bool)
+                if not uniform:
+                    s = torch.randn(i.shape, generator=g)
+                    scored = _evaluate(score_gm, (s, b, h, i, j), score_values, "score_mod")
+                    visible = visible & (scored != -math.inf)
+                if not torch.equal(visible, i + off >= j):
+                    raise _not_causal(visible, i + off == j)
+    return check
+
+
+def _size_guards(node: fx.Node, q, k, check, ctx) -> tuple:
+    """Under dynamic shapes: a guard that decides the mask again for every new (B, Hq, Tq, Tk)."""
+    qv, kv = example_value(q), example_value(k)
+    exprs = (qv.shape[0], qv.shape[1], kv.shape[1], qv.shape[2], kv.shape[2], qv.shape[3])
+    if not any(tp.is_symbolic(x) for x in exprs):
+        return ()
+    if ctx is None:
+        raise NotProven("flex_attention with symbolic sizes needs the graph's inputs to be guarded")
+    symbols: dict = {}
+    for n, index in ctx.placeholder_index.items():
+        value = ctx.placeholders.get(n)
+        if isinstance(value, torch.SymInt) and getattr(sym_expr(value), "is_Symbol", False):
+            symbols.setdefault(sym_expr(value), (n, index))
+    needed = set().union(*(sym_expr(x).free_symbols for x in exprs if tp.is_symbolic(x)))
+    if not needed <= set(symbols):
+        raise NotProven("flex_attention's sizes depend on symbols that are not graph inputs; "
+                        "its mask cannot be decided again at other sizes")
+    order = sorted(needed, key=str)
+    guarded = tuple(GuardedInput(symbols[sym][1], "size") for sym in order)
+
+    def verify(inputs: list) -> bool:
+        values = {sym: concrete_int(inputs[symbols[sym][1]]) for sym in order}
+        concrete = [int(sym_expr(x).xreplace(values)) if tp.is_symbolic(x) else int(x) for x in exprs]
+        try:
+            check(_Sizes(*concrete))
+        except NotProven:
+            return False
+        return True
+
+    return (MaskGuard(inputs=guarded, verify=verify, site=node.name),)
 
 
 # ---------------------------------------------------------------------------- the node and its operands

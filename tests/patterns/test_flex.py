@@ -280,3 +280,42 @@ def test_bf16_inputs_and_bf16_gate():
     with torch.no_grad():
         want = time_major_gate_global_block_mask(*(t.double() for t in (q, k, v, c)))
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+
+
+class _WindowFlex(torch.nn.Module):
+    """A sliding window kept on the module: causal while T <= window, not beyond."""
+
+    def __init__(self, window=24, one_row_off=None):
+        super().__init__()
+        self.window, self.one_row_off = window, one_row_off
+
+    def forward(self, q, k, v, c):
+        window, row = self.window, self.one_row_off
+
+        def mask(b, h, i, j):
+            keep = (i >= j) & (i - j < window)
+            return keep if row is None else keep & ~((i == row) & (j == 0))
+
+        B, H, T, _ = q.shape
+        block_mask = create_block_mask(mask, B, H, T, T, device="cpu")
+        return flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + c[b, h, i] - c[b, h, j], block_mask=block_mask)
+
+
+@pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic", "automatic"])
+def test_window_on_the_module_is_decided_again_at_every_new_length(dynamic):
+    module = _WindowFlex(window=24)
+    torch._dynamo.reset()
+    counters.clear()
+    fn = torch.compile(module, backend="acp", options={"inner_backend": "eager", "log_eps": None}, dynamic=dynamic)
+    with torch.no_grad():
+        for T in (16, 20, 40, 18, 33):
+            args = inputs(Tq=T, seed=T)
+            torch.testing.assert_close(fn(*args), module(*args), atol=2e-5, rtol=2e-5, msg=f"T={T}")
+    assert counters["acp"]["fox_attention"] >= 1
+
+
+def test_a_mask_that_differs_from_causal_in_one_entry_is_refused():
+    """One hidden entry in row 77 of 100: found because every point is decided, not a sample of rows."""
+    out, ref, count = run(_WindowFlex(window=1000, one_row_off=77), inputs(Tq=100, seed=3))
+    assert count.get("fox_attention") is None and count.get("near_miss") == 1, count
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
