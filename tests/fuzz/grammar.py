@@ -387,8 +387,9 @@ def make_inputs(spec: Spec, T: int, n: int, seed: int = 0):
 
 
 def calls_for(spec: Spec, seed: int = 0):
-    """(number of calls, make_args): each length once; with padding, two calls per length (ones, then padded)."""
-    seq = [T for T in spec.lengths for _ in range(2 if spec.padding else 1)]
+    """(number of calls, make_args): each length once; with padding, four calls per length (all-ones and padded
+    in turn, each pad a fresh tensor, so a new pad can land at the address of an earlier verified one)."""
+    seq = [T for T in spec.lengths for _ in range(4 if spec.padding else 1)]
     return len(seq), (lambda n: make_inputs(spec, seq[n], n, seed))
 
 
