@@ -23,9 +23,10 @@ from typing import Any, Callable, Mapping
 import torch.fx as fx
 
 from acp_compile import _torch_private as tp
+from acp_compile import compilations
 from acp_compile.config import ACPConfig
 from acp_compile.patterns.rewrite import NearMissError, copy_graph_module, rewrite_graph
-from acp_compile.patterns.substitutes import register_known_fox_functions
+from acp_compile.third_party import register_known_fox_functions
 
 tp.register_torch_log()
 # Known third-party FoX functions (fla, the FoX authors') already imported by the model's code are
@@ -33,10 +34,6 @@ tp.register_torch_log()
 # (importing this module) before it traces.
 register_known_fox_functions()
 log = tp.logger()
-
-# Seconds spent in the rewrite for each graph compiled in this process (benchmarks read it).
-pass_seconds: list[float] = []
-
 
 def acp(gm: fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | None = None,
         mode: str | None = None) -> Callable:
@@ -63,9 +60,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: ACPConfig, m
             raise
         log.warning("acp: the pass failed (%s: %s); compiling the graph without the FoX rewrite",
                     type(err).__name__, err, exc_info=log.isEnabledFor(10))
+        _record(None, time.perf_counter() - t0, original(), f"the pass failed: {type(err).__name__}: {err}")
         return _inner_compile(original(), example_inputs, config, mode)
-    pass_seconds.append(time.perf_counter() - t0)
-    log.debug("acp: pass took %.1f ms on a graph of %d nodes", 1e3 * pass_seconds[-1], len(gm.graph.nodes))
+    seconds = time.perf_counter() - t0
+    log.debug("acp: pass took %.1f ms on a graph of %d nodes", 1e3 * seconds, len(gm.graph.nodes))
     try:
         compiled = _inner_compile(result.gm, example_inputs, config, mode)
     except Exception as err:  # noqa: BLE001
@@ -73,12 +71,21 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: ACPConfig, m
             raise
         log.warning("acp: compiling the rewritten graph failed (%s: %s); compiling it without the FoX rewrite "
                     "of %s", type(err).__name__, err, ", ".join(result.sites), exc_info=log.isEnabledFor(10))
+        _record(result, seconds, result.gm, f"compiling the rewritten graph failed: {type(err).__name__}: {err}")
         return _inner_compile(original(), example_inputs, config, mode)
+    _record(result, seconds, result.gm, None)
     if not result.guards:
         return compiled
     for g in result.guards:
         g.seed(list(example_inputs))
     return _guarded(compiled, result.guards, original)
+
+
+def _record(result, seconds: float, graph: fx.GraphModule, fell_back: str | None) -> None:
+    compilations.add(compilations.Compilation(
+        sites=tuple(result.sites) if result else (), near_misses=tuple(result.near_misses) if result else (),
+        guards=len(result.guards) if result else 0, pass_seconds=seconds, graph=graph, fell_back=fell_back,
+    ))
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: ACPConfig, mode: str | None) -> Callable:

@@ -29,7 +29,7 @@ COMPILE_KWARGS = ("fullgraph", "dynamic", "mode", "disable")
 class ACPBackend:
     """A torch.compile backend bound to one configuration and mode; calls acp_compile.backend.acp.
 
-    `acp_config` is what patterns/substitutes.py reads while Dynamo traces, to know that this backend
+    `acp_config` is what acp_compile/third_party.py reads while Dynamo traces, to know that this backend
     is acp and which options it runs with.
     """
 
@@ -89,5 +89,5 @@ def _compile_class(cls: type, backend: ACPBackend, compile_kwargs: dict) -> type
 
 def _register_known_functions() -> None:
     """Third-party FoX functions already imported become our op under this backend (cheap, idempotent)."""
-    from acp_compile.patterns.substitutes import register_known_fox_functions
+    from acp_compile.third_party import register_known_fox_functions
     register_known_fox_functions()

@@ -13,9 +13,9 @@ Site names are the module path of the attention ("layers.3.attn", "#2" appended 
 holds several), or the graph node's name outside modules. Numbers come from the same plan the
 kernels use (kernels/plan.py with the forward's tile sizes), computed for the forward call.
 
-Mechanism: the pass adds `o = o + acp::report_site(q, k, c, site, ...)`, an opaque custom op
-returning a zero scalar; its result feeds the output, so neither AOTAutograd nor inductor can drop
-it, and its Python implementation records the plan when the compiled graph runs.
+Mechanism: the pass adds `o = o + acp::report_site(q, k, c, site, ...)` (acp_compile/report_op.py),
+an opaque custom op returning a zero scalar; its result feeds the output, so neither AOTAutograd nor
+inductor can drop it, and it calls `record` below when the compiled graph runs.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from acp_compile import report_op
 from acp_compile.kernels import blocked, dispatch
 from acp_compile.kernels.plan import default_scale, kept_tiles, make_plan, skipped_fraction
 
@@ -95,24 +96,4 @@ def record(q: Tensor, k: Tensor, c: Tensor, site_name: str, sm_scale: Optional[f
                                      q.shape[2], k.shape[2])
 
 
-@torch.library.custom_op("acp::report_site", mutates_args=())
-def report_site(q: Tensor, k: Tensor, c: Tensor, site_name: str,
-                sm_scale: Optional[float], log_eps: Optional[float]) -> Tensor:
-    record(q, k, c, site_name, sm_scale, log_eps)
-    return q.new_zeros(())
-
-
-@report_site.register_fake
-def _report_site_fake(q, k, c, site_name, sm_scale, log_eps):
-    return q.new_zeros(())
-
-
-def _no_grad(ctx, grad):
-    return None, None, None, None, None, None
-
-
-report_site.register_autograd(_no_grad)
-
-
-def report_op():
-    return torch.ops.acp.report_site.default
+report_op.set_recorder(record)

@@ -24,7 +24,7 @@ Protocol for a new anchor (e.g. patterns/flex.py):
         def match(self, node, ctx):             # ctx: patterns.context.MatchContext
             ...                                 # never modifies the graph
             return FoxMatch(anchor="flex", replace=out_node, q=q, k=k, v=v, c=build_c,
-                            sm_scale=None, finish=None, replace_lse=None)
+                            sm_scale=None, finish=None)
             # or NearMiss("flex", node.name, "mask_mod is not causal"), or None (not attention)
 
     register_anchor(FlexAnchor())

@@ -22,7 +22,6 @@ import torch
 import torch.fx as fx
 
 from acp_compile import _torch_private as tp
-from acp_compile.config import ACPConfig
 from acp_compile.patterns import graph_utils as gu
 from acp_compile.patterns.aliasing import StorageMap, written_args
 from acp_compile.patterns.match import NotProven
@@ -36,7 +35,6 @@ _HEAVY = {"matmul", "bmm", "einsum", "softmax", "sdpa"}
 class MatchContext:
     gm: fx.GraphModule
     example_inputs: list
-    config: ACPConfig
     position: dict = field(default_factory=dict)          # node -> index in graph order
     placeholders: dict = field(default_factory=dict)      # placeholder node -> example input
     placeholder_index: dict = field(default_factory=dict) # placeholder node -> input index
@@ -44,10 +42,10 @@ class MatchContext:
     storages: StorageMap | None = None                    # aliasing and in-place writes
 
     @classmethod
-    def build(cls, gm: fx.GraphModule, example_inputs: Iterable, config: ACPConfig) -> "MatchContext":
+    def build(cls, gm: fx.GraphModule, example_inputs: Iterable) -> "MatchContext":
         ex = list(example_inputs)
         position = gu.order(gm.graph)
-        ctx = cls(gm, ex, config, position, storages=StorageMap(gm.graph, position))
+        ctx = cls(gm, ex, position, storages=StorageMap(gm.graph, position))
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for i, n in enumerate(phs):
             if i < len(ex):

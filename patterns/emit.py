@@ -3,7 +3,7 @@
 Nodes inserted just before `match.replace`:
   q, k, v, c          operands (builders run here)
   out = acp.fox_attention_fwd(q, k, v, c, sm_scale, log_eps, None)     (o, lse, u)
-  o   = out[0]  (B, Hq, Tq, D);  lse = out[1]  (B, Hq, Tq) fp32
+  o   = out[0]  (B, Hq, Tq, D)
   o   = o + acp.report_site(...)  when reporting is on (a zero scalar with a recording side effect)
   val = match.finish(o)           the replaced node's value
 The dead nodes of the matched region are erased afterwards (in-place writers included).
@@ -15,7 +15,8 @@ import operator
 import torch
 import torch.fx as fx
 
-import acp_compile.ops  # noqa: F401  (registers torch.ops.acp.*)
+import acp_compile.ops  # noqa: F401  (registers torch.ops.acp.fox_attention_*)
+import acp_compile.report_op  # noqa: F401  (registers torch.ops.acp.report_site)
 from acp_compile.config import ACPConfig
 from acp_compile.patterns.aliasing import storage_of, written_args
 from acp_compile.patterns.match import FoxMatch, Operand
@@ -42,20 +43,16 @@ def emit_fox_attention(gm: fx.GraphModule, match: FoxMatch, config: ACPConfig, s
             (q, k, v, c, match.sm_scale, config.effective_log_eps, None),
         )
         o = graph.call_function(operator.getitem, (out, 0))
-        lse = graph.call_function(operator.getitem, (out, 1))
         if config.report:
-            from acp_compile import report
             zero = graph.call_function(
-                report.report_op(), (q, k, c, site, match.sm_scale, config.effective_log_eps)
+                torch.ops.acp.report_site.default, (q, k, c, site, match.sm_scale, config.effective_log_eps)
             )
             o = graph.call_function(operator.add, (o, zero))
         value = match.finish(graph, o) if match.finish is not None else o
     if validate is not None:
         validate([n for n in graph.nodes if n not in existing], match.replace)
     match.replace.replace_all_uses_with(value)
-    if match.replace_lse is not None:
-        match.replace_lse.replace_all_uses_with(lse)
-    erase_dead(graph, (match.replace, match.replace_lse, *match.region))
+    erase_dead(graph, (match.replace, *match.region))
     return value
 
 

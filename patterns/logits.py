@@ -183,7 +183,6 @@ def _concrete_shape(node: fx.Node, ctx: MatchContext) -> tuple[int, ...]:
 @dataclass
 class BiasProof:
     key_terms: list           # (coefficient, node) of the (..., 1, Tk) terms: c = -sum(coef * node)
-    constant_terms: int = 0
 
 
 def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasProof | None:

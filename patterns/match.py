@@ -27,7 +27,6 @@ class FoxMatch:
     q, k, v, c   operands in the op's layout (see module notes); c must be (B, Hq, Tk) fp32
     sm_scale     a float, None (the op's default 1/sqrt(D)), or an fx.Node producing a SymFloat
     finish       maps the op's o node (B, Hq, Tq, D) to the replaced node's value; None: o itself
-    replace_lse  optional node whose uses receive the op's lse (B, Hq, Tq) fp32 natural log
     guards       runtime checks (patterns.guards.RuntimeGuard) that keep the proof true at call time
     region       nodes the rewrite makes dead; erased when they have no users left (optional)
     """
@@ -39,7 +38,6 @@ class FoxMatch:
     c: Operand
     sm_scale: Any = None
     finish: Callable[[fx.Graph, fx.Node], fx.Node] | None = None
-    replace_lse: fx.Node | None = None
     guards: tuple = ()
     region: tuple = field(default_factory=tuple)
 

@@ -32,10 +32,7 @@ class QK:
     q: Any                       # node or builder, (B, Hq, Tq, D)
     k: Any                       # node or builder, (B, Hkv, Tk, D)
     factors: list = field(default_factory=list)
-    lead: Callable | None = None  # builder of the sizes c must be expanded to: graph -> (B, Hq) values
     c_layout: str = "4d"         # "4d": c terms are (B, H, ., .); "flat": (N, ., .) with a 4D source; "3d": no source
-    q_node: fx.Node | None = None
-    q4: fx.Node | None = None     # 4D tensor behind a 3D view, when there is one
     einsum_batch: str = ""
 
 
@@ -177,14 +174,14 @@ def qk_operands(S: fx.Node, ctx: MatchContext) -> QK:
     if isinstance(k, fx.Node):
         k = _strip_scalars(k, fb)                       # (k * s).transpose(-2, -1)
     if len(sa) == 4:
-        return QK(a, k, fa + fb, c_layout="4d", q_node=a)
+        return QK(a, k, fa + fb, c_layout="4d")
     kt = b.args[0] if _is_last_two_transpose(b) else None
     q4 = _source_4d(a, sa[0])
     k4 = _source_4d(kt, sa[0]) if kt is not None else None
     if q4 is not None and k4 is not None:
-        return QK(q4, k4, fa + fb, c_layout="flat", q_node=a, q4=q4)
+        return QK(q4, k4, fa + fb, c_layout="flat")
     unsq = lambda x: (lambda graph: graph.call_method("unsqueeze", (x if isinstance(x, fx.Node) else x(graph), 0)))
-    return QK(unsq(a), unsq(k), fa + fb, c_layout="3d", q_node=a)
+    return QK(unsq(a), unsq(k), fa + fb, c_layout="3d")
 
 
 @dataclass

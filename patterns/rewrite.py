@@ -80,10 +80,6 @@ def site_name(node: fx.Node, taken: set) -> str:
     return name
 
 
-# Callables called with every RewriteResult (tests and debugging inspect the rewritten graph).
-observers: list = []
-
-
 def _undo(graph: fx.Graph, before: set) -> None:
     """Erases nodes added since `before` (an emission that failed before redirecting any use)."""
     for n in reversed(list(graph.nodes)):
@@ -94,7 +90,7 @@ def _undo(graph: fx.Graph, before: set) -> None:
 def rewrite_graph(gm: fx.GraphModule, example_inputs, config: ACPConfig) -> RewriteResult:
     """Rewrites `gm` in place (see the module notes). All sites are proven on the unmodified graph
     first, then emitted."""
-    ctx = MatchContext.build(gm, example_inputs, config)
+    ctx = MatchContext.build(gm, example_inputs)
     result = RewriteResult(gm)
     counters = tp.acp_counters()
     matches: list[FoxMatch] = []
@@ -140,8 +136,6 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: ACPConfig) -> Rewr
         result.sites.append(site)
         counters["fox_attention"] += 1
         log.debug("acp: rewrote %s (%s anchor, sm_scale=%s)", site, found.anchor, found.sm_scale)
-    for observe in observers:
-        observe(result)
     if result.sites:
         gm.graph.lint()
         gm.recompile()

@@ -14,7 +14,6 @@ from torch._dynamo.utils import counters
 import acp_compile
 import acp_compile.backend as backend
 from acp_compile import _torch_private as tp
-from acp_compile.patterns import rewrite
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "patterns"))
 import spelling_cases as sc  # noqa: E402
@@ -32,16 +31,30 @@ def inputs(B=1, Hq=2, Hkv=2, T=23, D=8, seed=0, decay=1.0):
 @pytest.fixture
 def rewrites():
     """Every RewriteResult of the test, for looking at the emitted op's arguments."""
-    seen = []
-    rewrite.observers.append(seen.append)
     torch.compiler.reset()
     counters.clear()
-    yield seen
-    rewrite.observers.remove(seen.append)
+    acp_compile.clear_compilations()
+    yield _Graphs()
 
 
-def op_calls(result):
-    return [n for n in result.gm.graph.nodes if n.target is torch.ops.acp.fox_attention_fwd.default]
+class _Graphs:
+    """The rewritten graphs of the test so far, through the public accessor."""
+
+    def _all(self):
+        return acp_compile.compilations()
+
+    def __len__(self):
+        return len(self._all())
+
+    def __getitem__(self, i):
+        return self._all()[i]
+
+    def __iter__(self):
+        return iter(self._all())
+
+
+def op_calls(record):
+    return [n for n in record.graph.graph.nodes if n.target is torch.ops.acp.fox_attention_fwd.default]
 
 
 def test_backend_is_declared_as_entry_point():
@@ -203,10 +216,10 @@ def test_pass_overhead_for_24_attention_layers(rewrites):
     """Measures the rewrite's own time on a 24-layer model (printed; regression guard at 5 s)."""
     model = TinyFox(n_layer=24)
     idx = torch.randint(0, 64, (1, 16))
-    n0 = len(backend.pass_seconds)
     torch.compile(model, backend="acp", options={"inner_backend": "eager"})(idx, idx)
     assert counters["acp"]["fox_attention"] == 24
-    seconds = backend.pass_seconds[n0:]
+    assert sum(len(r.sites) for r in rewrites) == 24
+    seconds = [r.pass_seconds for r in rewrites]
     print(f"acp pass on 24 attention layers: {1e3 * sum(seconds):.0f} ms")
     assert sum(seconds) < 5.0
 
@@ -217,3 +230,16 @@ def test_options_reach_the_op(rewrites, options, expected):
     torch.compile(sc.matmul_div_sqrt_triu, backend="acp", options={"inner_backend": "eager", **options})(*inputs())
     (call,) = op_calls(rewrites[0])
     assert call.args[5] == expected
+
+
+def test_compilations_say_what_was_rewritten_and_what_was_left_alone_without_dynamo_counters():
+    acp_compile.clear_compilations()
+    torch.compiler.reset()
+    torch.compile(sc.matmul_div_sqrt_triu, backend="acp", options={"inner_backend": "eager"})(*inputs())
+    torch.compile(sc.no_causal_mask, backend="acp", options={"inner_backend": "eager"})(*inputs())
+    first, second = acp_compile.compilations()
+    assert len(first.sites) == 1 and not first.near_misses and first.fell_back is None
+    assert not second.sites and len(second.near_misses) == 1
+    assert "no causal mask" in second.near_misses[0].reason
+    acp_compile.clear_compilations()
+    assert acp_compile.compilations() == []

@@ -140,7 +140,7 @@ def marked_fox(q, k, v, log_fgate, *, head_first=False, seq_start=None, sm_scale
 
 
 def test_known_fox_functions_are_substituted_under_the_decorator():
-    from acp_compile.patterns.substitutes import KnownFox, register_fox_function
+    from acp_compile.third_party import KnownFox, register_fox_function
     assert register_fox_function(marked_fox, KnownFox("tests", "marked_fox", "log_fgate", "sm_scale",
                                                       ("seq_start",), same_length=False))
     fresh()

@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from acp_compile.kernels.reference import fox_attention_reference
-from acp_compile.patterns.substitutes import KnownFox, register_fox_function, register_known_fox_functions
+from acp_compile.third_party import KnownFox, register_fox_function, register_known_fox_functions
 
 MARK = 100.0
 
