@@ -57,49 +57,26 @@ def emit_fox_attention(gm: fx.GraphModule, match: FoxMatch, config: ACPConfig, s
 
 
 def erase_dead(graph: fx.Graph, nodes) -> None:
-    """Erases nodes of a matched region that nothing reads any more; an in-place writer whose
-    target is dead dies with it, unless a value that stays alive views the same storage (the
-    write would then still be seen). Never touches placeholders or nodes outside `nodes`."""
-    region = {n for n in nodes if isinstance(n, fx.Node)}
-    closed = _read_only_inside(region)
-    erased: set = set()
+    """Erases the nodes of a matched region that die with it: a node dies when everything that reads
+    it dies too; a node that writes in place dies only when no surviving value views the storage it
+    writes. Never touches placeholders or nodes outside `nodes`."""
+    dying = {n for n in nodes if isinstance(n, fx.Node) and n.graph is graph
+             and n.op not in ("placeholder", "output", "get_attr")}
     changed = True
     while changed:
         changed = False
-        for n in list(region):
-            if n in erased or n.graph is not graph or n.op in ("placeholder", "output", "get_attr"):
-                region.discard(n)
-                continue
-            users = list(n.users)
-            if not all(written_args(u) == [n] and not u.users for u in users):
-                continue
-            if users and _storage_seen_elsewhere(graph, n, closed | set(users) | erased):
-                continue
-            for u in users:
-                graph.erase_node(u)
-                erased.add(u)
-            graph.erase_node(n)
-            erased.add(n)
-            region.discard(n)
-            changed = True
-
-
-def _read_only_inside(region: set) -> set:
-    """The region nodes that nothing outside the region reads, directly or through region nodes
-    (pure in-place writers of them aside): the ones that can die with the region."""
-    closed = set(region)
-    changed = True
-    while changed:
-        changed = False
-        for n in list(closed):
-            if any(u not in closed and not (written_args(u) == [n] and not u.users) for u in n.users):
-                closed.discard(n)
+        for n in list(dying):
+            if any(u not in dying for u in n.users) or any(
+                    _storage_seen_elsewhere(graph, t, dying) for t in written_args(n)):
+                dying.discard(n)
                 changed = True
-    return closed
+    for n in reversed(list(graph.nodes)):
+        if n in dying:
+            graph.erase_node(n)
 
 
 def _storage_seen_elsewhere(graph: fx.Graph, node: fx.Node, dying: set) -> bool:
     key = storage_of(node)
     if key is None:
         return True
-    return any(m is not node and m not in dying and storage_of(m) == key for m in graph.nodes)
+    return any(m not in dying and storage_of(m) == key for m in graph.nodes)

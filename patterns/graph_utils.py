@@ -99,10 +99,17 @@ def order(graph: fx.Graph) -> dict[fx.Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
 
 
+def writes_into_first_argument(node: fx.Node) -> bool:
+    """x.add_(...), x += y, x.masked_fill_(...) and item assignment x[i] = y."""
+    return is_inplace(node) or (node.op == "call_function" and node.target is operator.setitem)
+
+
 def effective_value(node: fx.Node, consumer: fx.Node, pos: dict[fx.Node, int]) -> fx.Node:
     """The node whose value `consumer` reads when it reads `node`: the last in-place op on `node`
-    recorded before `consumer` (Dynamo keeps `att.masked_fill_(m, x)` as a separate user of `att`)."""
-    writers = [u for u in node.users if is_inplace(u) and u.args and u.args[0] is node and pos[u] < pos[consumer]]
+    recorded before `consumer` (Dynamo keeps `att.masked_fill_(m, x)` and `att[m] = x` as separate
+    users of `att`)."""
+    writers = [u for u in node.users if writes_into_first_argument(u) and u.args and u.args[0] is node
+               and pos[u] < pos[consumer]]
     if not writers:
         return node
     # Later in-place ops on the same tensor also take `node` as their first argument: the last one

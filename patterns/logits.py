@@ -16,6 +16,7 @@ masked(i, j) <=> j > i + off, also at other sequence lengths when the mask is bu
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +31,14 @@ from acp_compile.patterns.match import NotProven
 
 MASK_FILL_MAX = -1e9            # a fill value at or below this counts as "masked" (-inf, finfo.min ...)
 _VIEW_METHODS = ("unsqueeze", "view", "reshape", "expand", "float", "half", "bfloat16", "double", "to",
-                 "type", "type_as", "contiguous", "squeeze")
-_VIEW_FUNCTIONS = (torch.unsqueeze, torch.reshape, torch.squeeze)
+                 "type", "type_as", "contiguous", "squeeze", "transpose", "permute", "movedim", "moveaxis",
+                 "swapaxes", "swapdims", "flatten", "unflatten", "view_as", "reshape_as", "expand_as", "t", "clone")
+_VIEW_FUNCTIONS = (torch.unsqueeze, torch.reshape, torch.squeeze, torch.transpose, torch.permute, torch.movedim,
+                   torch.moveaxis, torch.swapaxes, torch.swapdims, torch.flatten, torch.clone, torch.t)
+# Ops that only move values around (no arithmetic): the bias proof looks through them, so two views
+# of one gate (c in (B, T, H) transposed separately for each side) or a cache concatenated in front
+# of the new chunk's c are compared by value.
+_GATHER_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate, torch.stack)
 
 
 @dataclass
@@ -81,7 +88,8 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
         if exclusive:
             # Readers in the chain (a softmax reading `att` after `att.masked_fill_`) and in-place
             # writers before them are the only allowed users.
-            writers = {u for u in v.users if gu.is_inplace(u) and u.args and u.args[0] is v and pos[u] < pos[reader]}
+            writers = {u for u in v.users if gu.writes_into_first_argument(u) and u.args and u.args[0] is v
+                       and pos[u] < pos[reader]}
             if any(u not in visited and u not in writers and u is not reader for u in v.users):
                 raise NotProven(f"the intermediate logits {v.name} are also used elsewhere")
         if allow_qk and (gu.is_op(v, "matmul") or gu.is_op(v, "bmm") or gu.is_op(v, "einsum")):
@@ -119,6 +127,10 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
                 raise NotProven(f"{v.name}: masked_fill with {fill!r}, not -inf")
             out.masks.append(Mask(gu.arg(v, 1, "mask"), True, reader=v))
             return walk(a[0], coef, v)
+        if v.op == "call_function" and v.target is operator.setitem:
+            mask = _item_assignment_mask(v, ctx)
+            out.masks.append(Mask(mask, True, reader=v))
+            return walk(a[0], coef, v)
         if gu.is_op(v, "where") and len(a) == 3:
             cond, x, y = a
             if _is_masked_value(y) and isinstance(x, fx.Node):
@@ -143,6 +155,29 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
     return out
 
 
+def _item_assignment_mask(node: fx.Node, ctx: MatchContext) -> fx.Node:
+    """`s[..., m] = -inf` or `s[:, :, m] = -inf` (m bool, covering the last dims) or `s[m] = -inf` (m of
+    s's shape): the same as s.masked_fill_(m, -inf). Returns m."""
+    target, index, value = node.args
+    if not _is_masked_value(value):
+        raise NotProven(f"{node.name}: an item assignment into the logits of {value!r}, not -inf")
+    nd = len(ctx.shape(target))
+    if isinstance(index, fx.Node):
+        lead, mask = [], index
+    elif isinstance(index, tuple) and index and isinstance(index[-1], fx.Node):
+        lead, mask = list(index[:-1]), index[-1]
+    else:
+        raise NotProven(f"{node.name}: an item assignment into the logits that is not a boolean mask")
+    value_m = gu.fake(mask)
+    if not isinstance(value_m, torch.Tensor) or value_m.dtype != torch.bool:
+        raise NotProven(f"{node.name}: an item assignment into the logits indexed by a non-boolean tensor")
+    full = all(isinstance(i, slice) and i == slice(None) for i in lead if i is not Ellipsis)
+    covers_last = (Ellipsis in lead and lead.count(Ellipsis) == 1) or len(lead) + value_m.dim() == nd
+    if not (full and covers_last):
+        raise NotProven(f"{node.name}: an item assignment into the logits whose mask does not cover the last dims")
+    return mask
+
+
 def numeric_coef(coef: list) -> float:
     value = 1.0
     for f in coef:
@@ -163,17 +198,43 @@ def scale_factors(coef: list) -> list:
     return [(1.0 / f[1] if not tp.is_symbolic(f[1]) else 1 / f[1]) if isinstance(f, tuple) else f for f in coef]
 
 
+def _is_view_like(node: Any) -> bool:
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    if node.op == "call_function":
+        if node.target is getattr:
+            return node.args[1] in ("mT", "T", "mH", "H")
+        return node.target in _VIEW_FUNCTIONS or gu.is_op(node, "getitem")
+    return False
+
+
 def view_base(node: fx.Node) -> fx.Node:
-    """Walks down view/cast-like ops (unsqueeze, c[..., :, None], view, to ...) to the tensor they read."""
+    """Walks down view/cast-like ops (unsqueeze, c[..., :, None], view, transpose, to ...) to the tensor they read."""
     cur = node
-    while isinstance(cur, fx.Node) and cur.op in ("call_method", "call_function"):
-        if cur.op == "call_method" and cur.target in _VIEW_METHODS:
-            cur = cur.args[0]
-        elif cur.op == "call_function" and (cur.target in _VIEW_FUNCTIONS or gu.is_op(cur, "getitem")):
-            cur = cur.args[0]
-        else:
-            break
+    while _is_view_like(cur):
+        cur = cur.args[0]
     return cur
+
+
+def value_sources(node: fx.Node) -> list[fx.Node]:
+    """The tensors whose values `node` only rearranges: walks down view-like ops and concatenations
+    (torch.cat, torch.stack) to the first nodes that compute something."""
+    out, seen, stack = [], set(), [node]
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if _is_view_like(cur):
+            stack.append(cur.args[0])
+        elif isinstance(cur, fx.Node) and cur.op == "call_function" and cur.target in _GATHER_FUNCTIONS \
+                and isinstance(cur.args[0], (list, tuple)) and all(isinstance(a, fx.Node) for a in cur.args[0]):
+            stack.extend(cur.args[0])
+        else:
+            out.append(cur)
+    return out
 
 
 def _concrete_shape(node: fx.Node, ctx: MatchContext) -> tuple[int, ...]:
@@ -220,12 +281,14 @@ def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasP
         # Softmax ignores a per-row term, so a lone c_i would not even matter; the pass still asks
         # for the c_i - c_j pairing when there are several queries (one query: c_i is a constant).
         raise NotProven("the bias depends only on the query or only on the key position, not c_i - c_j")
-    # Random stand-ins for the tensors the terms view; the same base gets the same values.
+    # Random stand-ins for the tensors the terms rearrange; the same source gets the same values, so
+    # the sides are compared by value through views, transposes and concatenations.
     gen = torch.Generator().manual_seed(0)
     leaves: dict = {}
     for t in query + key:
-        base = view_base(t.node)
-        if base not in leaves:
+        for base in value_sources(t.node):
+            if base in leaves:
+                continue
             bv = gu.fake(base)
             if not isinstance(bv, torch.Tensor) or not bv.dtype.is_floating_point:
                 raise NotProven(f"bias term {t.node.name} is not a floating-point view of a tensor")
@@ -325,22 +388,35 @@ def prove_causal(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int, site: 
         if Tq == 1:
             return []
         raise NotProven("no causal mask")
-    masked = masked_entries(masks, ctx)
-    if masked.shape[-2:] != (Tq, Tk) and not (masked.shape[-2] in (1, Tq) and masked.shape[-1] in (1, Tk)):
-        raise NotProven("the mask does not match the logits' shape")
-    masked = masked.expand(*masked.shape[:-2], Tq, Tk)
-    if not is_causal(masked, Tq, Tk):
-        raise NotProven("the mask is not causal (j > i hidden, diagonal kept)")
     symbols = sorted({s for m in masks for s in ctx.symbol_inputs(m.node, m.reader)}, key=ctx.position.__getitem__)
     tensors = sorted({t for m in masks for t in ctx.tensor_inputs(m.node, reader=m.reader)}, key=ctx.position.__getitem__)
+    # Example inputs without data (DDP's graph splitter compiles each piece on fake inputs): nothing
+    # can be evaluated now. Only the recorded shapes are checked; the guard built below verifies the
+    # mask on the first real call (and as its kind says after that) before the rewrite serves a call.
+    no_data = [t for t in tensors if t.op == "placeholder" and tp.has_no_data(ctx.placeholders.get(t))]
+    if no_data:
+        for m in masks:
+            s = gu.shape(m.node)
+            s = None if s is None else tuple(tp.concrete_int(d) for d in s)
+            if s is None or len(s) < 2 or s[-2] not in (1, Tq) or s[-1] not in (1, Tk):
+                raise NotProven("the mask does not match the logits' shape")
+    else:
+        masked = masked_entries(masks, ctx)
+        if masked.shape[-2:] != (Tq, Tk) and not (masked.shape[-2] in (1, Tq) and masked.shape[-1] in (1, Tk)):
+            raise NotProven("the mask does not match the logits' shape")
+        masked = masked.expand(*masked.shape[:-2], Tq, Tk)
+        if not is_causal(masked, Tq, Tk):
+            raise NotProven("the mask is not causal (j > i hidden, diagonal kept)")
     # Built from sizes: a quick look at other sequence lengths refuses masks that are causal only
     # at the compile length (each size alone). This is no proof: the guard below is.
-    for s in symbols:
+    for s in (symbols if not no_data else ()):
         for value in ALTERNATIVE_SIZES:
             try:
                 alt = masked_entries(masks, ctx, sizes={s: value})
             except NotProven:
                 continue                    # e.g. a buffer shorter than this length
+            if alt is not None and alt.dim() >= 2 and alt.shape[-2] > alt.shape[-1]:
+                continue                    # more queries than keys: not a size this site can have
             if alt is None or not is_causal(alt, alt.shape[-2], alt.shape[-1]):
                 raise NotProven(f"the mask is not causal when {s.name} = {value}")
     if not tensors and not symbols:

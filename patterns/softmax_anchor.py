@@ -8,7 +8,8 @@ otherwise they are computed anyway and the site is a near-miss (the graph stays 
 """
 from __future__ import annotations
 
-from typing import Iterable
+import operator
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
@@ -29,6 +30,90 @@ def _softmax_dim_is_last(node: fx.Node) -> bool:
     return isinstance(dim, int) and nd >= 2 and dim % nd == nd - 1
 
 
+_MATMULS = ("matmul", "bmm", "einsum")
+
+
+def _is_nan_test(node: Any, of: fx.Node) -> bool:
+    """torch.isnan(x) or x != x."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name == "isnan":
+        return node.args[0] is of
+    if name in ("ne", "__ne__") or node.target is operator.ne:
+        return len(node.args) == 2 and node.args[0] is of and node.args[1] is of
+    return False
+
+
+def _is_zero(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
+
+
+def _probability_step(cur: fx.Node, ctx: MatchContext):
+    """The next node of the probability chain after `cur`, with the helper nodes it consumes:
+    (next, helpers); None at the chain's end; a string when the chain is attention that cannot be
+    rewritten (the reason).
+
+    Steps that leave probabilities of causal attention on finite inputs unchanged: casts,
+    contiguous, clone, dropout with p = 0 or in eval, and NaN clean-ups (nan_to_num, masked_fill or
+    torch.where on isnan(p), or p[isnan(p)] = 0): a causal row always sees its diagonal, so its
+    probabilities hold no NaN. (With NaN inputs the rewritten code returns NaN rows where the
+    clean-up would have zeroed them.)"""
+    users = list(cur.users)
+    if len(users) == 1:
+        u = users[0]
+        name = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
+        if u.args and u.args[0] is cur and (gu.is_op(u, "cast") or name in ("contiguous", "clone")):
+            return u, []
+        if gu.is_op(u, "dropout") and u.args and u.args[0] is cur:
+            return (u, []) if _dropout_is_identity(u) else "dropout with p > 0 in training changes the attention"
+        if name == "nan_to_num" and u.args and u.args[0] is cur:
+            nan = gu.arg(u, 1, "nan", 0.0)
+            return (u, []) if _is_zero(nan) else f"{u.name}: nan_to_num with nan={nan!r} changes the probabilities"
+        return None
+    tests = [u for u in users if _is_nan_test(u, cur)]
+    others = [u for u in users if u not in tests]
+    if len(tests) == 1 and len(tests[0].users) == 1:
+        test = tests[0]
+        (use,) = test.users
+        if gu.is_op(use, "masked_fill") and not gu.is_inplace(use) and use.args[0] is cur and others == [use] \
+                and gu.arg(use, 1, "mask") is test and _is_zero(gu.arg(use, 2, "value")):
+            return use, [test]
+        if gu.is_op(use, "where") and len(use.args) == 3 and use.args[0] is test and _is_zero(use.args[1]) \
+                and use.args[2] is cur and others == [use]:
+            return use, [test]
+        if use.op == "call_function" and use.target is operator.setitem and use.args[0] is cur \
+                and use.args[1] is test and _is_zero(use.args[2]) and len(others) == 2 and use in others:
+            (nxt,) = [u for u in others if u is not use]
+            if ctx.position[test] < ctx.position[use] < ctx.position[nxt]:
+                return nxt, [test, use]
+    if any(gu.is_op(u, m) for u in users for m in _MATMULS):
+        return "the attention probabilities are also used elsewhere"
+    return None
+
+
+def _silent_miss(softmax: fx.Node, end: fx.Node, anchor: str):
+    """None when the softmax does not feed a product (not attention); a near-miss naming the step
+    that stopped the chain when a product with the probabilities follows within a few steps."""
+    frontier, seen = [end], set()
+    for _ in range(4):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if any(gu.is_op(u, m) for m in _MATMULS):
+                    blockers = sorted({str(x.target if x.op == "call_method" else getattr(x.target, "__name__", x.target))
+                                       for x in end.users})
+                    return NearMiss(anchor, softmax.name, "the probabilities pass through "
+                                    f"{', '.join(blockers)} before the product with v; only casts, clones, dropout "
+                                    "that is off and NaN clean-ups are understood there")
+                nxt.append(u)
+        frontier = nxt
+    return None
+
+
 def _dropout_is_identity(node: fx.Node) -> bool:
     p = gu.arg(node, 1, "p", 0.5)
     training = gu.arg(node, 2, "training", True) if node.target is not torch.dropout else gu.arg(node, 2, "train", True)
@@ -42,29 +127,21 @@ class SoftmaxMatmulAnchor:
         return [n for n in graph.nodes if gu.is_op(n, "softmax")]
 
     def match(self, node: fx.Node, ctx: MatchContext):
-        # Probabilities: softmax -> casts -> dropout -> P @ V, each step the only user.
+        # Probabilities: softmax -> casts, clones, dropout, NaN clean-ups -> P @ V, each step the only user.
         chain = [node]
         cur = node
         while True:
-            users = list(cur.users)
-            if len(users) != 1:
-                if any(gu.is_op(u, "matmul") or gu.is_op(u, "bmm") or gu.is_op(u, "einsum") for u in users):
-                    return NearMiss(self.name, node.name, "the attention probabilities are also used elsewhere")
-                return None
-            u = users[0]
-            if gu.is_op(u, "cast") or (u.op == "call_method" and u.target == "contiguous"):
-                chain.append(u)
-                cur = u
-                continue
-            if gu.is_op(u, "dropout"):
-                if not _dropout_is_identity(u):
-                    return NearMiss(self.name, node.name, "dropout with p > 0 in training changes the attention")
-                chain.append(u)
-                cur = u
-                continue
-            break
+            step = _probability_step(cur, ctx)
+            if step is None:
+                u = next(iter(cur.users)) if len(cur.users) == 1 else None
+                break
+            if isinstance(step, str):
+                return NearMiss(self.name, node.name, step)
+            cur, helpers = step
+            chain.extend(helpers)
+            chain.append(cur)
         if not (gu.is_op(u, "matmul") or gu.is_op(u, "bmm") or gu.is_op(u, "einsum")):
-            return None
+            return _silent_miss(node, cur, self.name)
         out_node = u
         if gu.is_op(out_node, "einsum"):
             _, _, operands = ops._parse_einsum(out_node)
