@@ -17,12 +17,13 @@ No (Tq, Tk) matrix is ever built; the largest temporary is (heads in group, BM, 
 g * BM / D times the size of k.
 
 Backward, per query block likewise: P = softmax(s) as in the forward, dP = dO V^T and
-dS = P * (dP - Delta) with Delta_i = dO_i . O_i; dq = scale dS K is written once per query block;
-dk += scale dS^T Q, dv += P^T dO and dc -= colsum(dS) are accumulated per query block into fp32
-(fp64) buffers.
-dc needs only the column sum: the row term sum_j dS_ij is zero because each row of P sums to one
-over the kept entries (tests/test_reference.py checks it; tests/test_blocked.py compares dc with
-the fp64 reference, which keeps both terms).
+dS = P * (dP - Delta) with Delta_i = sum_j P_ij dP_ij over the kept row (the fp32/fp64 P and dP
+themselves, not dO_i . O_i with O rounded to bf16); dq = scale dS K is written once per query block;
+dk += scale dS^T Q, dv += P^T dO, dc -= colsum(dS) and dc[p_i] += rowsum_i(dS) are accumulated per
+query block into fp32 (fp64) buffers.
+dc keeps both terms, dc_t = sum_j dS_tj - sum_i dS_it. The row term is zero in exact arithmetic but
+not in rounded arithmetic, and d log f is the reverse cumulative sum of dc, so a dropped row term
+would add up with T; with Delta taken from P and dP, both terms cancel consistently.
 Head groups: the heads of a query block are grouped by their start; a group that is every head,
 or one contiguous run of heads, reads plain views; any other group gathers its rows (a copy).
 GQA: the g query heads of one kv head are stacked as rows of one matmul, so k and v are not repeated
@@ -191,10 +192,10 @@ def _scores(blk: _Block, q: Tensor, k: Tensor, c: Tensor, sm_scale: float, dt: t
     # contiguous: a strided c (a permuted (B, T, H) gate) would give the bias below a strided layout
     c_rows = blk.heads.q_rows(c, off + blk.r0, off + blk.r1, dt).contiguous()   # (G, BMa)
     c_cols = blk.heads.q_rows(c, blk.k0, blk.k1, dt).contiguous()               # (G, L)
-    # c may be large (a long decay) while c_i - c_j near the diagonal is small: measure both from the
-    # block's first row, so the rounding of the bias is relative to |c_i - c_j|, not to |c|.
-    ref = c_rows[:, :1]                                                   # (G, 1)
-    bias = (c_rows - ref)[:, :, None] - (c_cols - ref)[:, None, :]        # (G, BMa, L)
+    # c_i - c_j per entry, one rounding relative to |c_i - c_j| (exact when c_j is within a factor 2
+    # of c_i): a hard reset (one log gate of -1e9 inside the block) or a steep decay does not leak
+    # the rounding of a large |c| into the rows after it, as a shared per-block reference would.
+    bias = c_rows[:, :, None] - c_cols[:, None, :]                        # (G, BMa, L)
     s = _matmul_heads(q_blk, k_blk, transpose_b=True, add_to=bias)        # (G, BMa, L)
     bma = blk.r1 - blk.r0
     idx = torch.arange(bma, device=q.device)
@@ -223,21 +224,29 @@ def forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, plan: P
 def backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, o: Tensor, lse: Tensor, sm_scale: float, plan: Plan
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq like q, dk like k, dv like v, dc (B, Hq, Tk) fp32 with c's strides) of the pruned attention.
+    """(dq like q, dk like k, dv like v, dc like c: c's dtype and strides) of the pruned attention.
 
     P is recomputed with the forward's softmax over the kept row, not as exp(s - lse): each visit holds
     the whole kept row anyway, the result is the forward's P exactly (fp64 too, where lse is only fp32),
     and torch's CPU exp is 10 to 40 times slower on the far-negative scores of a long decay, which the
-    softmax kernel avoids. lse is accepted for the common signature and not read.
+    softmax kernel avoids. Delta_i = sum_j P_ij dP_ij over the kept row, from the same fp32 (fp64) P and
+    dP that dS uses, not do_i . o_i with o rounded to the output dtype: dS then vanishes where it must
+    (a one-hot row gives dS = 0 exactly), and its row sums are zero up to the rounding of the sum.
+    dc takes both terms, dc_t = sum_j dS_tj - sum_i dS_it. lse and o are accepted for the common
+    signature and not read (o only for its NaNs, see o_nan).
     """
     dt = _compute_dtype(q)
+    acc_dt = torch.float64 if c.dtype == torch.float64 else dt           # dc in fp64 for an fp64 gate
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    do_dot_o = (do.to(dt) * o.to(dt)).sum(dim=-1)                         # (B, Hq, Tq): Delta
+    off = Tk - Tq
     dq = torch.empty_like(q)
     dk_acc = torch.zeros(B * Hkv, Tk, D, dtype=dt, device=q.device)
     dv_acc = torch.zeros(B * Hkv, Tk, D, dtype=dt, device=q.device)
-    dc_acc = torch.zeros(B * Hq, Tk, dtype=dt, device=q.device)
+    dc_acc = torch.zeros(B * Hq, Tk, dtype=acc_dt, device=q.device)
+    # 0, or NaN in a row whose output is NaN (a head poisoned by the forward, see dispatch._poison): the
+    # Triton backward's Delta = dO . O carries that NaN into dS, and so does this one.
+    o_nan = (do.to(dt) * o.to(dt)).sum(dim=-1).mul_(0.0)                 # (B, Hq, Tq)
     for blk in _blocks(q, k, plan):
         heads, r0, r1, k0, k1 = blk.heads, blk.r0, blk.r1, blk.k0, blk.k1
         q_blk, k_blk, s = _scores(blk, q, k, c, sm_scale, dt)
@@ -246,14 +255,17 @@ def backward(
         v_blk = heads.kv_rows(v, k0, k1, dt)                              # (Gk, L, D)
         Gk = k_blk.shape[0]
         heads.add_kv_rows(dv_acc, k0, k1, _matmul_heads_t(p, do_blk, Gk))
-        minus_delta = -heads.q_rows(do_dot_o, r0, r1, dt)[:, :, None]     # (G, BMa, 1)
-        ds = p.mul_(_matmul_heads(do_blk, v_blk, transpose_b=True, add_to=minus_delta))  # P * (dP - Delta)
+        dp = _matmul_heads(do_blk, v_blk, transpose_b=True)               # (G, BMa, L)
+        delta = (p * dp).sum(dim=-1, keepdim=True)                        # (G, BMa, 1): sum_j P_ij dP_ij
+        delta += heads.q_rows(o_nan, r0, r1, dt)[:, :, None]
+        ds = p.mul_(dp.sub_(delta))                                       # P * (dP - Delta)
         heads.write_q_rows(dq, r0, r1, _matmul_heads(ds, k_blk, transpose_b=False).mul_(sm_scale))
         heads.add_kv_rows(dk_acc, k0, k1, _matmul_heads_t(ds, q_blk, Gk))   # q_blk carries the scale
-        heads.add_q_rows(dc_acc, k0, k1, ds.sum(dim=1).neg_())            # -column sums, (G, L)
+        heads.add_q_rows(dc_acc, k0, k1, ds.sum(dim=1).neg_().to(acc_dt))  # -column sums, (G, L)
+        heads.add_q_rows(dc_acc, off + r0, off + r1, ds.sum(dim=2).to(acc_dt))  # +row sums, (G, BMa)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dk.copy_(dk_acc.view(B, Hkv, Tk, D))
     dv.copy_(dv_acc.view(B, Hkv, Tk, D))
-    dc = torch.empty_like(c, dtype=torch.float32)
+    dc = torch.empty_like(c)
     dc.copy_(dc_acc.view(B, Hq, Tk))
     return dq, dk, dv, dc

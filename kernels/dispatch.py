@@ -21,7 +21,7 @@ from torch import Tensor
 
 from acp_compile.kernels import blocked
 from acp_compile.kernels.fox_triton import support
-from acp_compile.kernels.plan import default_scale, make_plan, pruning_enabled, qk_bound
+from acp_compile.kernels.plan import default_scale, make_plan, nonfinite_flag, pruning_enabled, qk_bound
 
 
 def _scale(q: Tensor, sm_scale: float | None) -> float:
@@ -51,17 +51,41 @@ def pruning_bound(q, k, scale, log_eps, u_bound, triton: bool):
     return qk_bound(q, k, scale)
 
 
+def _poison(q, v, u_bound, triton: bool):
+    """bad (B, Hq, D) fp32, added to every output row: NaN where the output must be NaN on every path.
+
+    - v[b, hk, :, d] holds a NaN or an infinity at any position: eager attention gives a non-finite
+      o[..., d] in every row (0 x NaN = NaN for the masked and the negligible entries alike), so every
+      path gives NaN there, whatever the tile size and the pruning.
+    - a u_bound that is NaN or negative (checked here without a host sync; the op raises for CPU
+      tensors before it gets here): NaN rows for that head rather than a silently wrong answer.
+    """
+    bad = nonfinite_flag(v, q.shape[1], triton=triton)
+    if u_bound is not None:
+        ub = u_bound.to(device=q.device, dtype=torch.float32).expand(q.shape[:2])
+        bad = bad + torch.where(ub >= 0, 0.0, float("nan"))[:, :, None]
+    return bad
+
+
 def forward(q, k, v, c, sm_scale, log_eps, u_bound):
-    """(o, lse, u): u is the bound the plan used, for the backward (see ops.py)."""
+    """(o, lse, u): u is the bound the plan used, for the backward (see ops.py); NaN for a head that
+    `_poison` marks, which turns pruning off for it in the backward (its gradients are NaN as in eager)."""
+    if q.numel() == 0 or k.shape[2] == 0:                 # B, Hq or Tq = 0: empty outputs, as SDPA
+        B, Hq, Tq, _ = q.shape
+        return torch.empty_like(q), q.new_zeros((B, Hq, Tq), dtype=torch.float32), q.new_zeros((B, Hq), dtype=torch.float32)
     scale = _scale(q, sm_scale)
     reason = support.unsupported_reason(q, k, v, c)
     u = pruning_bound(q, k, scale, log_eps, u_bound, triton=reason is None)
+    bad = _poison(q, v, u_bound, triton=reason is None)
+    u = u + bad.sum(dim=-1)                       # NaN for a poisoned head: its backward prunes nothing
     if reason is None:
         from acp_compile.kernels.fox_triton import forward as triton_forward
-        return (*triton_forward.forward(q, k, v, c, scale, log_eps, u), u)
+        return (*triton_forward.forward(q, k, v, c, scale, log_eps, u, bad=bad), u)
     support.log_fallback_once("forward", reason)
     plan = blocked_plan(q, k, c, scale, log_eps, u)
-    return (*blocked.forward(q, k, v, c, scale, plan), u)
+    o, lse = blocked.forward(q, k, v, c, scale, plan)
+    o.add_(bad[:, :, None, :].to(o.dtype))
+    return o, lse, u
 
 
 def backward_implementation(q, k, v, c) -> str:
@@ -70,6 +94,8 @@ def backward_implementation(q, k, v, c) -> str:
 
 
 def backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound):
+    if q.numel() == 0 or k.numel() == 0:                  # empty: zero gradients (no query reads a key)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(c)
     scale = _scale(q, sm_scale)
     reason = support.unsupported_reason(q, k, v, c)
     if reason is None:

@@ -61,6 +61,19 @@ def qk_bound(q: Tensor, k: Tensor, sm_scale: float) -> Tensor:
     return sm_scale * q_norm * k_norm
 
 
+def nonfinite_flag(v: Tensor, n_q_heads: int, triton: bool = False) -> Tensor:
+    """(B, Hq, D) fp32: NaN in column d of each query head whose kv head's v holds a NaN or an infinity
+    in column d (at any position), else 0. One pass over v, no host sync (the Triton pass on covered
+    inputs, torch otherwise)."""
+    if triton:
+        from acp_compile.kernels.fox_triton.plan import nonfinite_flag as device_nonfinite_flag
+        return device_nonfinite_flag(v, n_q_heads)
+    B, Hkv, _, D = v.shape
+    bad = ~torch.isfinite(v).all(dim=2)                                  # (B, Hkv, D)
+    flag = torch.where(bad, float("nan"), 0.0).to(device=v.device, dtype=torch.float32)
+    return flag[:, :, None].expand(B, Hkv, n_q_heads // Hkv, D).reshape(B, n_q_heads, D)
+
+
 def threshold(q: Tensor, k: Tensor, sm_scale: float, log_eps: float | None, u_bound: Tensor | None) -> Tensor:
     """delta = log_eps - log(Tk) - 2U per (batch, query head), fp32 (B, Hq); -inf when pruning is off."""
     B, Hq, Tk = q.shape[0], q.shape[1], k.shape[2]

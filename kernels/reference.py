@@ -32,7 +32,7 @@ def logits(q: Tensor, k: Tensor, c: Tensor, sm_scale: float | None = None) -> Te
     q64, k64, c64 = q.double(), repeat_kv(k.double(), Hq), c.double()
     s = scale * (q64 @ k64.transpose(-1, -2))                       # (B, Hq, Tq, Tk)
     c_rows = c64[..., Tk - Tq:]                                     # (B, Hq, Tq)
-    s = s + c_rows[..., :, None] - c64[..., None, :]
+    s = s + (c_rows[..., :, None] - c64[..., None, :])              # c_i - c_j first: exact for a hard reset
     return s.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
 
 

@@ -113,7 +113,7 @@ def sweep(D, H, n_global, Ts, deadline):
         q, k, v, c, do = inputs(T, H, D, n_global)
         scale = D ** -0.5
         o, lse = forward(q, k, v, c, scale, None, None)
-        delta, row = bw.preprocess(do, o, c, lse)
+        delta, row = bw.preprocess(do, o, lse)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dc = torch.empty_like(c)
         F = fwd_flops(q)
@@ -140,17 +140,17 @@ def sweep(D, H, n_global, Ts, deadline):
             cfg = bw.BackwardConfig(32, 128, bm, bn, 4, 3, w, s)
             r = {"step": "sweep_dq", "D": D, "T": T, "cfg": [bm, bn, w, s]}
             try:
-                r.update(regs(bw.launch_dq(q, k, v, c, do, row, delta, None, dq, scale, cfg)))
-                r["dense_ms"] = bench(lambda: bw.launch_dq(q, k, v, c, do, row, delta, None, dq, scale, cfg))
+                r.update(regs(bw.launch_dq(q, k, v, c, do, row, delta, None, dq, dc, scale, cfg)))
+                r["dense_ms"] = bench(lambda: bw.launch_dq(q, k, v, c, do, row, delta, None, dq, dc, scale, cfg))
                 r["dense_tflops"] = 1.5 * F / r["dense_ms"] / 1e9
                 st, _ = bw.plan_indices(q, k, c, scale, LOG_EPS, u, bm, bn)
-                r["acp30_ms"] = bench(lambda: bw.launch_dq(q, k, v, c, do, row, delta, st, dq, scale, cfg))
+                r["acp30_ms"] = bench(lambda: bw.launch_dq(q, k, v, c, do, row, delta, st, dq, dc, scale, cfg))
                 r["pruned"] = pruned(st, T, bm, bn)
                 r["acp_over_ideal"] = r["acp30_ms"] / (r["dense_ms"] * (1 - r["pruned"]))
             except Exception as e:
                 r["error"] = f"{type(e).__name__}: {str(e)[:160]}"
             rows.append(log(r))
-        r = {"step": "preprocess", "D": D, "T": T, "ms": bench(lambda: bw.preprocess(do, o, c, lse))}
+        r = {"step": "preprocess", "D": D, "T": T, "ms": bench(lambda: bw.preprocess(do, o, lse))}
         r["plan_ms"] = bench(lambda: bw.plan_indices(q, k, c, scale, LOG_EPS, u, 32, 128))
         rows.append(log(r))
         del q, k, v, c, do, o, lse, dq, dk, dv, dc

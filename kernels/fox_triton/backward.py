@@ -46,6 +46,7 @@ from triton.runtime.errors import OutOfResources
 
 from acp_compile.kernels.fox_triton.backward_dkdv import fox_bwd_dkdv_kernel
 from acp_compile.kernels.fox_triton.backward_dq import fox_bwd_dq_kernel
+from acp_compile.kernels.fox_triton.configs import c_span_limit
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -110,15 +111,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def fox_bwd_preprocess_kernel(
-    O, DO, C, LSE, DELTA, ROW,
+    O, DO, LSE, DELTA, LSE2,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_cb, stride_ch, stride_ct,
     stride_lb, stride_lh, stride_lt,
-    Hq, Tq, Tk,
+    Hq, Tq,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Delta_i = sum_d o_id do_id and r_i = (c[p_i] - lse_i) log2(e): (B, Hq, Tq) fp32 contiguous.
+    """Delta_i = sum_d o_id do_id and lse2_i = lse_i log2(e): (B, Hq, Tq) fp32 contiguous.
     Grid (ceil(Tq / BLOCK_M), B * Hq)."""
     m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -132,11 +132,10 @@ def fox_bwd_preprocess_kernel(
                 mask=ok, other=0.0).to(tl.float32)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
                  mask=ok, other=0.0).to(tl.float32)
-    c_q = tl.load(C + b * stride_cb + h * stride_ch + (offs_m + Tk - Tq) * stride_ct, mask=row_ok, other=0.0)
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m * stride_lt, mask=row_ok, other=0.0)
     out = bh.to(tl.int64) * Tq + offs_m
     tl.store(DELTA + out, tl.sum(o * do, axis=1), mask=row_ok)
-    tl.store(ROW + out, (c_q.to(tl.float32) - lse) * 1.4426950408889634, mask=row_ok)
+    tl.store(LSE2 + out, lse * 1.4426950408889634, mask=row_ok)
 
 
 def plan_indices(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n):
@@ -150,20 +149,20 @@ def _pow2_head_dim(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def preprocess(do, o, c, lse, block_m: int = 64):
-    """(delta, row): both (B, Hq, Tq) fp32 contiguous."""
+def preprocess(do, o, lse, block_m: int = 64):
+    """(delta, lse2): both (B, Hq, Tq) fp32 contiguous."""
     B, Hq, Tq, D = o.shape
-    Tk = c.shape[-1]
     delta = torch.empty((B, Hq, Tq), device=o.device, dtype=torch.float32)
-    row = torch.empty((B, Hq, Tq), device=o.device, dtype=torch.float32)
+    lse2 = torch.empty((B, Hq, Tq), device=o.device, dtype=torch.float32)
     fox_bwd_preprocess_kernel[(triton.cdiv(Tq, block_m), B * Hq)](
-        o, do, c, lse, delta, row, *o.stride(), *do.stride(), *c.stride(), *lse.stride(), Hq, Tq, Tk,
+        o, do, lse, delta, lse2, *o.stride(), *do.stride(), *lse.stride(), Hq, Tq,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_D=_pow2_head_dim(D),
     )
-    return delta, row
+    return delta, lse2
 
 
-def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: float, cfg: BackwardConfig):
+def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: float, cfg: BackwardConfig,
+                exact: bool = False):
     """dk, dv (B, Hkv, Tk, D) and dc (B, Hq, Tk) fp32, written in place. start/end None: dense.
     Returns Triton's launch handle (its n_regs / n_spills are read by the tuning script)."""
     B, Hq, Tq, D = q.shape
@@ -177,7 +176,7 @@ def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: fl
         Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, sm_scale * LOG2E,
         GROUP=Hq // Hkv, ACP=acp, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
         EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2_head_dim(D),
-        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+        C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )
 
 
@@ -195,20 +194,21 @@ def coarsen_start(start: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return (start.view(B, H, -1, rows).amin(dim=-1) * cols).contiguous()
 
 
-def launch_dq(q, k, v, c, do, row, delta, start, dq, sm_scale: float, cfg: BackwardConfig):
-    """dq (B, Hq, Tq, D), written in place. start (B, Hq, ceil(Tq / q_block_m)) in q_block_n units, or None: dense."""
+def launch_dq(q, k, v, c, do, row, delta, start, dq, dc, sm_scale: float, cfg: BackwardConfig, exact: bool = False):
+    """dq (B, Hq, Tq, D) written and the row term added to dc (B, Hq, Tk), in place; run after
+    launch_dkdv. start (B, Hq, ceil(Tq / q_block_m)) in q_block_n units, or None: dense."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     bm, bn = cfg.q_block_m, cfg.q_block_n
     Mq = triton.cdiv(Tq, bm)
     acp = start is not None
     return fox_bwd_dq_kernel[(B * Hq, Mq)](
-        q, k, v, c, do, row, delta, start if acp else delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dq.stride(),
+        q, k, v, c, do, row, delta, start if acp else delta, dq, dc,
+        *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dq.stride(), *dc.stride(),
         Hq, Tq, Tk, Mq, sm_scale, sm_scale * LOG2E,
         GROUP=Hq // Hkv, ACP=acp, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
         EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2_head_dim(D),
-        num_warps=cfg.q_warps, num_stages=cfg.q_stages,
+        C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact, num_warps=cfg.q_warps, num_stages=cfg.q_stages,
     )
 
 
@@ -233,7 +233,7 @@ def _backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps, u_bound, cfg: Ba
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dc = torch.empty_like(c, dtype=torch.float32)
-    delta, row = preprocess(do, o, c, lse, cfg.pre_block_m)
+    delta, row = preprocess(do, o, lse, cfg.pre_block_m)
     kv_start = kv_end = q_start = None
     if acp:
         kv_start, kv_end = plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.kv_block_m, cfg.kv_block_n)
@@ -241,6 +241,10 @@ def _backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps, u_bound, cfg: Ba
             q_start = coarsen_start(kv_start, cfg.q_block_m // cfg.kv_block_m, cfg.kv_block_n // cfg.q_block_n)
         else:
             q_start, _ = plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.q_block_m, cfg.q_block_n)
-    launch_dkdv(q, k, v, c, do, row, delta, kv_start, kv_end, dk, dv, dc, sm_scale, cfg)
-    launch_dq(q, k, v, c, do, row, delta, q_start, dq, sm_scale, cfg)
-    return dq, dk, dv, dc
+    # Each kernel runs twice: the one-FMA launch for blocks whose c spreads by at most C_SPAN_LIMIT, the
+    # exact launch for the rest (hard resets, steep decays); a program of the other mode stores nothing.
+    for exact in (False, True):
+        launch_dkdv(q, k, v, c, do, row, delta, kv_start, kv_end, dk, dv, dc, sm_scale, cfg, exact)
+    for exact in (False, True):                           # after dk/dv: dq adds the row term to dc
+        launch_dq(q, k, v, c, do, row, delta, q_start, dq, dc, sm_scale, cfg, exact)
+    return dq, dk, dv, dc if c.dtype == torch.float32 else dc.to(c.dtype)

@@ -61,14 +61,16 @@ def store_rows(ptrs, x, row_ok, offs_d, ROWS_EVEN: tl.constexpr, HEAD_DIM: tl.co
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, dc, k, v, c2_k, offs_n, n,
-    Q, DO, ROW, DELTA, START,
-    stride_qt, stride_qd, stride_dot, stride_dod,
+    dk, dv, dc, k, v, c_k, c_ref, offs_n, n,
+    Q, DO, C, LSE2, DELTA, START,
+    stride_qt, stride_qd, stride_dot, stride_dod, stride_ct,
     m_lo, m_hi, Tq, q_shift, qk_scale,
-    ACP: tl.constexpr, MASKED: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACP: tl.constexpr, MASKED: tl.constexpr, EVEN_M: tl.constexpr, EXACT_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Accumulates the tiles (m, n) for m in [m_lo, m_hi) into dk, dv (BLOCK_N, BLOCK_D), dc (BLOCK_N,)."""
+    """Accumulates the tiles (m, n) for m in [m_lo, m_hi) into dk, dv (BLOCK_N, BLOCK_D), dc (BLOCK_N,).
+    EXACT_C: c_k holds c[j] and sT gets (c[p_i] - c[j]) log2(e) per entry; else c_k holds
+    (c[j] - c_ref) log2(e) and the row term (c[p_i] - c_ref) log2(e) - lse2_i is formed per tile."""
     offs_d = tl.arange(0, BLOCK_D)
     for m in range(m_lo, m_hi):
         offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)                       # (BM,) query rows
@@ -78,15 +80,24 @@ def _dkdv_tiles(
         do = load_rows(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, row_ok, offs_d,
                        EVEN_M, HEAD_DIM, BLOCK_D)
         if EVEN_M:
-            r = tl.load(ROW + offs_m)
+            lse2 = tl.load(LSE2 + offs_m)
             delta = tl.load(DELTA + offs_m)
+            c_q = tl.load(C + (offs_m + q_shift) * stride_ct).to(tl.float32)
         else:
-            r = tl.load(ROW + offs_m, mask=row_ok, other=float("-inf"))
+            lse2 = tl.load(LSE2 + offs_m, mask=row_ok, other=float("inf"))     # rows past Tq: p = 0
             delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+            c_q = tl.load(C + (offs_m + q_shift) * stride_ct, mask=row_ok, other=0.0).to(tl.float32)
         if ACP:
-            r = tl.where(tl.load(START + m) <= n, r, float("-inf"))          # tile not kept: adds 0
+            lse2 = tl.where(tl.load(START + m) <= n, lse2, float("inf"))     # tile not kept: adds 0
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)         # (BN, BM)
-        sT = qkT * qk_scale + (r[None, :] - c2_k[:, None])
+        if EXACT_C:
+            sT = (c_q[None, :] - c_k[:, None]) * 1.4426950408889634 + (qkT * qk_scale - lse2[None, :])
+        else:
+            r = (c_q - c_ref) * 1.4426950408889634 - lse2                    # (BM,) row term
+            sT = qkT * qk_scale + (r[None, :] - c_k[:, None])
+        if not EVEN_M:
+            # rows past Tq: lse2 = +inf alone could meet a +inf from c (a reset of -1e38) and give NaN
+            sT = tl.where(row_ok[None, :], sT, float("-inf"))
         if MASKED:
             causal = (offs_m + q_shift)[None, :] >= offs_n[:, None]
             sT = tl.where(causal, sT, float("-inf"))
@@ -101,7 +112,7 @@ def _dkdv_tiles(
 
 @triton.jit
 def fox_bwd_dkdv_kernel(
-    Q, K, V, C, DO, ROW, DELTA, START, END, DK, DV, DC,
+    Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -113,7 +124,8 @@ def fox_bwd_dkdv_kernel(
     Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, qk_scale,
     GROUP: tl.constexpr, ACP: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
+    EXACT_C: tl.constexpr,
 ):
     bhk = tl.program_id(0)
     n = tl.program_id(1)
@@ -122,10 +134,6 @@ def fox_bwd_dkdv_kernel(
     offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                            # (BN,) key positions
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_n < Tk
-    k = load_rows(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                  col_ok, offs_d, EVEN_N, HEAD_DIM, BLOCK_D)                 # (BN, BD)
-    v = load_rows(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                  col_ok, offs_d, EVEN_N, HEAD_DIM, BLOCK_D)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
 
@@ -135,42 +143,64 @@ def fox_bwd_dkdv_kernel(
     m_full = (tl.maximum((n + 1) * BLOCK_N - 1 - q_shift, 0) + BLOCK_M - 1) // BLOCK_M
     m_full = tl.maximum(m_full, m_lo)
 
+    # This launch handles the programs of its mode only (configs.C_SPAN_LIMIT; exact when c spreads by
+    # more than the limit over this key block in any head of the group): the other launch does the
+    # rest, so neither kernel carries a branch around its pipelined loops. NaN compares False.
+    span = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for g in range(GROUP):
+        Cg = C + b * stride_cb + (hk * GROUP + g) * stride_ch
+        c_g = tl.load(Cg + offs_n * stride_ct, mask=col_ok, other=tl.load(Cg + n * BLOCK_N * stride_ct))
+        c_g = c_g.to(tl.float32)
+        span = tl.maximum(span, tl.max(c_g, axis=0) - tl.min(c_g, axis=0))
+    span = tl.max(span, axis=0)
+    is_exact = (span > C_SPAN_LIMIT).to(tl.int32)
+    if EXACT_C:
+        mine = is_exact == 1
+    else:
+        mine = is_exact == 0
+    store_ok = (col_ok.to(tl.int32) * mine.to(tl.int32)) != 0
+    # k and v only for the programs of this launch: the other launch's programs read nothing more
+    k = load_rows(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                  store_ok, offs_d, False, HEAD_DIM, BLOCK_D)                # (BN, BD)
+    v = load_rows(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                  store_ok, offs_d, False, HEAD_DIM, BLOCK_D)
+
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * Hq + h
         Cbh = C + b * stride_cb + h * stride_ch
+        c_ref = tl.load(Cbh + n * BLOCK_N * stride_ct).to(tl.float32)     # c of the block's first key
         if EVEN_N:
-            c_k = tl.load(Cbh + offs_n * stride_ct)
+            c_k = tl.load(Cbh + offs_n * stride_ct).to(tl.float32)
         else:
-            c_k = tl.load(Cbh + offs_n * stride_ct, mask=col_ok, other=0.0)
-        c2_k = c_k.to(tl.float32) * 1.4426950408889634
+            c_k = tl.load(Cbh + offs_n * stride_ct, mask=col_ok, other=c_ref).to(tl.float32)
         if ACP:
             m_end = tl.load(END + bh * Nk + n)
         else:
             m_end = Mq
+        m_end = tl.where(mine, m_end, m_lo)                                  # not mine: no tile
         m_mid = tl.minimum(m_full, m_end)
         dc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         Qbh = Q + b * stride_qb + h * stride_qh
         DObh = DO + b * stride_dob + h * stride_doh
+        if not EXACT_C:
+            c_k = (c_k - c_ref) * 1.4426950408889634                         # (BN,) log2 units
         dk, dv, dc = _dkdv_tiles(
-            dk, dv, dc, k, v, c2_k, offs_n, n, Qbh, DObh, ROW + bh * Tq, DELTA + bh * Tq, START + bh * Mq,
-            stride_qt, stride_qd, stride_dot, stride_dod, m_lo, m_mid, Tq, q_shift, qk_scale,
-            ACP=ACP, MASKED=True, EVEN_M=EVEN_M, DOT_PRECISION=DOT_PRECISION,
+            dk, dv, dc, k, v, c_k, c_ref, offs_n, n, Qbh, DObh, Cbh, LSE2 + bh * Tq, DELTA + bh * Tq,
+            START + bh * Mq, stride_qt, stride_qd, stride_dot, stride_dod, stride_ct, m_lo, m_mid, Tq, q_shift,
+            qk_scale, ACP=ACP, MASKED=True, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
             HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
         )
         dk, dv, dc = _dkdv_tiles(
-            dk, dv, dc, k, v, c2_k, offs_n, n, Qbh, DObh, ROW + bh * Tq, DELTA + bh * Tq, START + bh * Mq,
-            stride_qt, stride_qd, stride_dot, stride_dod, m_mid, m_end, Tq, q_shift, qk_scale,
-            ACP=ACP, MASKED=False, EVEN_M=EVEN_M, DOT_PRECISION=DOT_PRECISION,
+            dk, dv, dc, k, v, c_k, c_ref, offs_n, n, Qbh, DObh, Cbh, LSE2 + bh * Tq, DELTA + bh * Tq,
+            START + bh * Mq, stride_qt, stride_qd, stride_dot, stride_dod, stride_ct, m_mid, m_end, Tq, q_shift,
+            qk_scale, ACP=ACP, MASKED=False, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
             HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
         )
-        if EVEN_N:
-            tl.store(DC + b * stride_dcb + h * stride_dch + offs_n * stride_dct, dc)
-        else:
-            tl.store(DC + b * stride_dcb + h * stride_dch + offs_n * stride_dct, dc, mask=col_ok)
+        tl.store(DC + b * stride_dcb + h * stride_dch + offs_n * stride_dct, dc, mask=store_ok)
 
     dk = dk * sm_scale
     store_rows(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
-               dk.to(DK.dtype.element_ty), col_ok, offs_d, EVEN_N, HEAD_DIM, BLOCK_D)
+               dk.to(DK.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, BLOCK_D)
     store_rows(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
-               dv.to(DV.dtype.element_ty), col_ok, offs_d, EVEN_N, HEAD_DIM, BLOCK_D)
+               dv.to(DV.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, BLOCK_D)

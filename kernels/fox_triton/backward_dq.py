@@ -25,14 +25,16 @@ from acp_compile.kernels.fox_triton.backward_dkdv import load_rows, store_rows
 
 @triton.jit
 def _dq_tiles(
-    dq, q, do, r, delta, pos_q, K, V, C,
+    dq, rs, q, do, r, lse2, delta, pos_q, K, V, C, c_ref,
     stride_kt, stride_kd, stride_vt, stride_vd, stride_ct,
     n_lo, n_hi, Tk, qk_scale,
-    MASKED: tl.constexpr, KEYS_EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, KEYS_EVEN: tl.constexpr, EXACT_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Accumulates the tiles (m, n) for n in [n_lo, n_hi) into dq (BLOCK_M, BLOCK_D).
-    KEYS_EVEN: no key of these tiles lies past Tk (always for unmasked tiles)."""
+    """Accumulates the tiles (m, n) for n in [n_lo, n_hi) into dq (BLOCK_M, BLOCK_D) and the row sums of
+    dS into rs (BLOCK_M,). KEYS_EVEN: no key of these tiles lies past Tk (always for unmasked tiles).
+    EXACT_C: r holds c[p_i] and s gets (c[p_i] - c[j]) log2(e) per entry; else r holds the row term
+    (c[p_i] - c_ref) log2(e) - lse2_i and s gets r_i - (c[j] - c_ref) log2(e)."""
     offs_d = tl.arange(0, BLOCK_D)
     for n in range(n_lo, n_hi):
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # (BN,) key positions
@@ -45,31 +47,38 @@ def _dq_tiles(
             c_k = tl.load(C + offs_n * stride_ct)
         else:
             c_k = tl.load(C + offs_n * stride_ct, mask=col_ok, other=0.0)
-        c2_k = c_k.to(tl.float32) * 1.4426950408889634
+        c_k = c_k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)        # (BM, BN)
-        s = qk * qk_scale + (r[:, None] - c2_k[None, :])
+        if EXACT_C:
+            s = (r[:, None] - c_k[None, :]) * 1.4426950408889634 + (qk * qk_scale - lse2[:, None])
+        else:
+            c2_k = (c_k - c_ref) * 1.4426950408889634
+            s = qk * qk_scale + (r[:, None] - c2_k[None, :])
         if MASKED:
             s = tl.where(pos_q[:, None] >= offs_n[None, :], s, float("-inf"))
         p = tl.math.exp2(s)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)       # (BM, BN)
         ds = p * (dp - delta[:, None])
+        rs += tl.sum(ds, axis=1)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    return dq
+    return dq, rs
 
 
 @triton.jit
 def fox_bwd_dq_kernel(
-    Q, K, V, C, DO, ROW, DELTA, START, DQ,
+    Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_cb, stride_ch, stride_ct,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    stride_dcb, stride_dch, stride_dct,
     Hq, Tq, Tk, Mq, sm_scale, qk_scale,
     GROUP: tl.constexpr, ACP: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
+    EXACT_C: tl.constexpr,
 ):
     bh = tl.program_id(0)
     m = Mq - 1 - tl.program_id(1)                                           # heaviest query blocks first
@@ -81,17 +90,30 @@ def fox_bwd_dq_kernel(
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)                            # (BM,) query rows
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Tq
-    q = load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                  row_ok, offs_d, EVEN_M, HEAD_DIM, BLOCK_D)                # (BM, BD)
-    do = load_rows(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                   row_ok, offs_d, EVEN_M, HEAD_DIM, BLOCK_D)
-    if EVEN_M:
-        r = tl.load(ROW + bh64 * Tq + offs_m)
-        delta = tl.load(DELTA + bh64 * Tq + offs_m)
-    else:
-        r = tl.load(ROW + bh64 * Tq + offs_m, mask=row_ok, other=float("-inf"))
-        delta = tl.load(DELTA + bh64 * Tq + offs_m, mask=row_ok, other=0.0)
     pos_q = offs_m + q_shift
+    Cbh = C + b * stride_cb + h * stride_ch
+    c_ref = tl.load(Cbh + (m * BLOCK_M + q_shift) * stride_ct).to(tl.float32)   # c of the block's first row
+    if EVEN_M:
+        lse2 = tl.load(LSE2 + bh64 * Tq + offs_m)
+        delta = tl.load(DELTA + bh64 * Tq + offs_m)
+        c_q = tl.load(Cbh + pos_q * stride_ct).to(tl.float32)
+    else:
+        lse2 = tl.load(LSE2 + bh64 * Tq + offs_m, mask=row_ok, other=float("inf"))   # rows past Tq: p = 0
+        delta = tl.load(DELTA + bh64 * Tq + offs_m, mask=row_ok, other=0.0)
+        c_q = tl.load(Cbh + pos_q * stride_ct, mask=row_ok, other=c_ref).to(tl.float32)
+    # This launch handles the programs of its mode only (configs.C_SPAN_LIMIT): the other launch does
+    # the rest, so neither kernel carries a branch around its pipelined loops. NaN compares False.
+    is_exact = ((tl.max(c_q, axis=0) - tl.min(c_q, axis=0)) > C_SPAN_LIMIT).to(tl.int32)
+    if EXACT_C:
+        mine = is_exact == 1
+    else:
+        mine = is_exact == 0
+    store_ok = (row_ok.to(tl.int32) * mine.to(tl.int32)) != 0
+    # q and do only for the programs of this launch: the other launch's programs read nothing more
+    q = load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                  store_ok, offs_d, False, HEAD_DIM, BLOCK_D)               # (BM, BD)
+    do = load_rows(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                   store_ok, offs_d, False, HEAD_DIM, BLOCK_D)
 
     # Last key block with a causal entry (that of the last valid row), and the key blocks every row sees in full.
     last_pos = tl.minimum((m + 1) * BLOCK_M, Tq) - 1 + q_shift
@@ -101,16 +123,28 @@ def fox_bwd_dq_kernel(
         n_start = tl.load(START + bh64 * Mq + m)
     else:
         n_start = 0
+    n_start = tl.where(mine, n_start, n_end)                                # not mine: no tile
     Kb = K + b * stride_kb + hk * stride_kh
     Vb = V + b * stride_vb + hk * stride_vh
-    Cbh = C + b * stride_cb + h * stride_ch
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    dq = _dq_tiles(dq, q, do, r, delta, pos_q, Kb, Vb, Cbh, stride_kt, stride_kd, stride_vt, stride_vd, stride_ct,
-                   n_start, n_full, Tk, qk_scale, MASKED=False, KEYS_EVEN=True, DOT_PRECISION=DOT_PRECISION,
-                   HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
-    dq = _dq_tiles(dq, q, do, r, delta, pos_q, Kb, Vb, Cbh, stride_kt, stride_kd, stride_vt, stride_vd, stride_ct,
-                   tl.maximum(n_start, n_full), n_end, Tk, qk_scale, MASKED=True, KEYS_EVEN=EVEN_N,
-                   DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    rs = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if EXACT_C:
+        r = c_q
+    else:
+        r = (c_q - c_ref) * 1.4426950408889634 - lse2                       # (BM,) row term, log2 units
+    dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, stride_kt, stride_kd,
+                       stride_vt, stride_vd, stride_ct, n_start, n_full, Tk, qk_scale, MASKED=False,
+                       KEYS_EVEN=True, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
+                       BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, stride_kt, stride_kd,
+                       stride_vt, stride_vd, stride_ct, tl.maximum(n_start, n_full), n_end, Tk, qk_scale, MASKED=True,
+                       KEYS_EVEN=EVEN_N, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
+                       BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    store_ok = (row_ok.to(tl.int32) * mine.to(tl.int32)) != 0
     dq = dq * sm_scale
     store_rows(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
-               dq.to(DQ.dtype.element_ty), row_ok, offs_d, EVEN_M, HEAD_DIM, BLOCK_D)
+               dq.to(DQ.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, BLOCK_D)
+    # The row term of dc: dc[p_i] += sum_j dS_ij. The dk/dv kernel ran before on the same stream and
+    # wrote the column terms; each position p_i belongs to this program alone (no atomics).
+    dc_ptrs = DC + b * stride_dcb + h * stride_dch + pos_q * stride_dct
+    tl.store(dc_ptrs, tl.load(dc_ptrs, mask=store_ok, other=0.0) + rs, mask=store_ok)

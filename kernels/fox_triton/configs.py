@@ -99,3 +99,17 @@ def forward_config(q: torch.Tensor) -> FwdConfig:
         if elem == size and d_pad <= bound:
             return cfg
     raise ValueError(f"no forward config for head dim {q.shape[-1]} and {q.dtype}; supported head dims are <= 256")
+
+
+# Above this spread of c (nats) over the rows a program holds fixed (a query block in the forward and
+# dq kernels, a key block in the dk/dv kernel), the kernels form c_i - c_j per entry (one more
+# subtraction per logit) instead of measuring c from one reference per block, whose rounding grows
+# with the spread: at most spread * 2^-24 * log2(e) per logit, 1.4e-6 at 16 nats. W1's local heads
+# spread about 4 nats over 128 rows, so they take the one-FMA path; a hard reset or a steep decay
+# (-50 per token) takes the exact one. ACP_C_SPAN_LIMIT overrides it (benchmarks: -1 = always exact).
+C_SPAN_LIMIT = 16.0
+
+
+def c_span_limit() -> float:
+    value = os.environ.get("ACP_C_SPAN_LIMIT")
+    return C_SPAN_LIMIT if value is None else float(value)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from acp_compile.kernels.fox_triton.configs import FwdConfig, forward_config, padded_head_dim
+from acp_compile.kernels.fox_triton.configs import FwdConfig, c_span_limit, forward_config, padded_head_dim
 from acp_compile.kernels.fox_triton.plan import compute_plan, num_blocks
 from acp_compile.kernels.plan import pruning_enabled
 
@@ -47,7 +47,7 @@ def _attend_block(
     acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n, pos, c_ref, qk_scale2, Tk,
     sk_t, sk_d, sv_t, sv_d, sc_t,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, EXACT_C: tl.constexpr,
 ):
     """One key block n for the BM queries of this program; returns the updated (acc, l_i, m_i).
 
@@ -76,8 +76,12 @@ def _attend_block(
             k = tl.load(k_ptrs)
         else:
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)                 # (BN, D_PAD)
-    ck2 = (ck - c_ref) * 1.4426950408889634                              # (BN,) log2 units
-    t = tl.dot(q, tl.trans(k)) * qk_scale2 - ck2[None, :]               # (BM, BN) shifted log2 logits
+    if EXACT_C:
+        # c_ref is the (BM,) vector c[p_i]: c_i - c_j per entry, rounded relative to |c_i - c_j|
+        t = tl.dot(q, tl.trans(k)) * qk_scale2 + (c_ref[:, None] - ck[None, :]) * 1.4426950408889634
+    else:
+        ck2 = (ck - c_ref) * 1.4426950408889634                          # (BN,) log2 units
+        t = tl.dot(q, tl.trans(k)) * qk_scale2 - ck2[None, :]           # (BM, BN) shifted log2 logits
     if MASKED:
         visible = (cols[None, :] <= pos[:, None]) & (cols[None, :] < Tk)
         t = tl.where(visible, t, float("-inf"))
@@ -97,8 +101,37 @@ def _attend_block(
 
 
 @triton.jit
+def _attend_all(
+    acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, lo, n_full, n_diag, n_hi, pos, c_ref, qk_scale2, Tk,
+    sk_t, sk_d, sv_t, sv_d, sc_t,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    NEWEST_FIRST: tl.constexpr, EXACT_C: tl.constexpr,
+):
+    """Every kept key block of this program: full tiles [lo, n_full), diagonal tiles [n_diag, n_hi]."""
+    if NEWEST_FIRST:
+        for i in range(0, n_hi + 1 - n_diag):
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n_hi - i, pos, c_ref,
+                                          qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N,
+                                          True, USE_TMA, EXACT_C)
+        for i in range(0, n_full - lo):
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n_full - 1 - i, pos, c_ref,
+                                          qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N,
+                                          False, USE_TMA, EXACT_C)
+    else:
+        for n in range(lo, n_full):
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n, pos, c_ref, qk_scale2,
+                                          Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N, False, USE_TMA,
+                                          EXACT_C)
+        for n in range(n_diag, n_hi + 1):
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n, pos, c_ref, qk_scale2,
+                                          Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N, True, USE_TMA,
+                                          EXACT_C)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fox_fwd_kernel(
-    Q, K, V, C, START, O, LSE,
+    Q, K, V, C, START, BAD, O, LSE,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -107,7 +140,7 @@ def _fox_fwd_kernel(
     Hq, Tq, Tk, Mq, qk_scale2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRUNE: tl.constexpr, EVEN_M: tl.constexpr, TQ_LT_TK: tl.constexpr,
-    USE_TMA: tl.constexpr, HEADS_FASTEST: tl.constexpr, NEWEST_FIRST: tl.constexpr,
+    USE_TMA: tl.constexpr, HEADS_FASTEST: tl.constexpr, NEWEST_FIRST: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
 ):
     if HEADS_FASTEST:                             # grid (B * Hq, Mq): every head's heaviest block first
         bh = tl.program_id(0)
@@ -148,7 +181,14 @@ def _fox_fwd_kernel(
 
     c_base = C + b64 * sc_b + h64 * sc_h
     p_first = offset + q_row0
-    c_ref = tl.load(c_base + p_first * sc_t).to(tl.float32)
+    c_first = tl.load(c_base + p_first * sc_t).to(tl.float32)
+    if EVEN_M:
+        cq = tl.load(c_base + pos * sc_t).to(tl.float32)
+    else:
+        cq = tl.load(c_base + pos * sc_t, mask=row_ok, other=c_first).to(tl.float32)
+    # Exact path when c varies by more than C_SPAN_LIMIT nats over the block's rows (a hard reset, a
+    # steep decay); NaN compares False (the fast path, which spreads the NaN the same way).
+    exact = (tl.max(cq, axis=0) - tl.min(cq, axis=0)) > C_SPAN_LIMIT
 
     p_last = offset + tl.minimum(q_row0 + BLOCK_M, Tq) - 1
     n_full = (p_first + 1) // BLOCK_N
@@ -164,29 +204,20 @@ def _fox_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
     n_diag = tl.maximum(lo, n_full)               # first diagonal (masked) tile
-    if NEWEST_FIRST:
-        for i in range(0, n_hi + 1 - n_diag):
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n_hi - i, pos, c_ref,
-                                          qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N,
-                                          True, USE_TMA)
-        for i in range(0, n_full - lo):
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n_full - 1 - i, pos, c_ref,
-                                          qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N,
-                                          False, USE_TMA)
+    if exact:
+        acc, l_i, m_i = _attend_all(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, lo, n_full, n_diag, n_hi, pos, cq,
+                                    qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N, USE_TMA,
+                                    NEWEST_FIRST, True)
+        row_c = tl.zeros((BLOCK_M,), tl.float32)        # t already holds c[p_i] - c[j]
     else:
-        for n in range(lo, n_full):
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n, pos, c_ref, qk_scale2,
-                                          Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N, False, USE_TMA)
-        for n in range(n_diag, n_hi + 1):
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n, pos, c_ref, qk_scale2,
-                                          Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N, True, USE_TMA)
-
-    if EVEN_M:
-        cq = tl.load(c_base + pos * sc_t).to(tl.float32)
-    else:
-        cq = tl.load(c_base + pos * sc_t, mask=row_ok, other=0.0).to(tl.float32)
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453 + (cq - c_ref)
-    o = acc / l_i[:, None]
+        acc, l_i, m_i = _attend_all(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, lo, n_full, n_diag, n_hi, pos,
+                                    c_first, qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N,
+                                    USE_TMA, NEWEST_FIRST, False)
+        row_c = cq - c_first
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453 + row_c
+    # BAD (B, Hq, D): 0, or NaN in the columns where v of this head's kv head holds a non-finite value
+    # anywhere (eager's 0 x NaN; see dispatch._poison)
+    o = acc / l_i[:, None] + tl.load(BAD + (b64 * Hq + h) * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0)[None, :]
     lse_ptrs = LSE + (b64 * Hq + h) * Tq + rows
     if EVEN_M:
         tl.store(lse_ptrs, lse)
@@ -218,7 +249,7 @@ def _descriptor(t: Tensor, rows: int, d_pad: int):
 
 def launch_forward(
     q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, start: Tensor | None, config: FwdConfig,
-    o: Tensor | None = None, lse: Tensor | None = None,
+    o: Tensor | None = None, lse: Tensor | None = None, bad: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Runs the kernel with a given plan (start None = dense). o/lse may be passed (tests poison them).
 
@@ -233,6 +264,9 @@ def launch_forward(
     o = torch.empty_like(q) if o is None else o
     lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device) if lse is None else lse
     prune = start is not None
+    if bad is None:
+        bad = torch.zeros((B, Hq, D), dtype=torch.float32, device=q.device)
+    bad = bad.contiguous()
     use_tma = config.tma and tma_available(q.device) and tma_compatible(q, k, v, o)
     if use_tma:
         qa, ka, va, oa = (_descriptor(q, bm, d_pad), _descriptor(k, bn, d_pad), _descriptor(v, bn, d_pad),
@@ -241,11 +275,12 @@ def launch_forward(
         qa, ka, va, oa = q, k, v, o
     grid = (B * Hq, Mq) if config.heads_fastest else (Mq, Hq, B)
     _fox_fwd_kernel[grid](
-        qa, ka, va, c, start if prune else lse, oa, lse,
+        qa, ka, va, c, start if prune else lse, bad, oa, lse,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *o.stride(),
         Hq, Tq, Tk, Mq, float(sm_scale) * LOG2E,
         GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn,
         PRUNE=prune, EVEN_M=(Tq % bm == 0), TQ_LT_TK=(Tq < Tk), USE_TMA=use_tma, HEADS_FASTEST=config.heads_fastest, NEWEST_FIRST=config.newest_first,
+        C_SPAN_LIMIT=c_span_limit(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return o, lse
@@ -259,12 +294,13 @@ def tma_available(device: torch.device) -> bool:
 
 def forward(
     q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, log_eps: float | None,
-    u_bound: Tensor | None, config: FwdConfig | None = None,
+    u_bound: Tensor | None, config: FwdConfig | None = None, bad: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(o, lse): o like q (its strides), lse (B, Hq, Tq) fp32 natural log. Plan and kernel on device."""
+    """(o, lse): o like q (its strides), lse (B, Hq, Tq) fp32 natural log. Plan and kernel on device.
+    bad (B, Hq, D) fp32, 0 or NaN: added to every output row of the head (see dispatch._poison)."""
     config = forward_config(q) if config is None else config
     start = None
     if pruning_enabled(log_eps):
         start, _ = compute_plan(q, k, c, sm_scale, log_eps, u_bound, config.block_m, config.block_n, with_end=False)
-    return launch_forward(q, k, v, c, sm_scale, start, config)
+    return launch_forward(q, k, v, c, sm_scale, start, config, bad=bad)
 

@@ -131,6 +131,41 @@ def _write_end(START, END, bh, Tq, Tk, Mq, Nk, offset,
         tl.store(END + bh * Nk + ns, last, mask=ns < Nk)
 
 
+@triton.jit
+def _nonfinite_flag_kernel(
+    V, FLAG, sv_b, sv_h, sv_t, sv_d, Hkv, T,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr,
+):
+    """FLAG[b, hk, d] = NaN when rows chunk*ROWS .. of v[b, hk, :, d] hold a NaN or an infinity (FLAG
+    starts at 0; programs that find one all store the same NaN, so no atomics are needed)."""
+    chunk = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    d = tl.arange(0, D_PAD)
+    r = tl.arange(0, ROWS)
+    row0 = chunk * ROWS
+    ptrs = V + b * sv_b + hk.to(tl.int64) * sv_h + row0.to(tl.int64) * sv_t + r[:, None] * sv_t + d[None, :] * sv_d
+    mask = ((row0 + r)[:, None] < T) & (d[None, :] < HEAD_DIM)
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    bad = tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=0)          # (D_PAD,)
+    tl.store(FLAG + (b * Hkv + hk) * HEAD_DIM + d, tl.full((D_PAD,), float("nan"), tl.float32),
+             mask=(bad > 0) & (d < HEAD_DIM))
+
+
+def nonfinite_flag(v: Tensor, n_q_heads: int) -> Tensor:
+    """(B, Hq, D) fp32: NaN in column d for each query head whose kv head's v holds a non-finite value
+    in column d, else 0. One pass over v (grid (chunks, Hkv, B)) after one fill; no host sync."""
+    B, Hkv, T, D = v.shape
+    n_chunks = num_blocks(T, NORM_ROWS)
+    flag = torch.zeros((B, Hkv, D), dtype=torch.float32, device=v.device)
+    _nonfinite_flag_kernel[(n_chunks, Hkv, B)](
+        v, flag, *v.stride(), Hkv, T, HEAD_DIM=D, D_PAD=padded_head_dim(D), ROWS=NORM_ROWS, num_warps=4,
+    )
+    if n_q_heads == Hkv:
+        return flag
+    return flag[:, :, None].expand(B, Hkv, n_q_heads // Hkv, D).reshape(B, n_q_heads, D)
+
+
 def num_blocks(t: int, block: int) -> int:
     return -(-t // block)
 
