@@ -1,18 +1,25 @@
 """The functional API: FoX attention with Adaptive Computation Pruning, for new code."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 import acp_compile.ops  # noqa: F401  (registers torch.ops.acp.*)
-from acp_compile.checks import LAYOUTS, check_api_inputs, check_log_eps, check_scale  # noqa: F401  (LAYOUTS re-exported)
+from acp_compile.checks import (  # noqa: F401  (LAYOUTS re-exported)
+    LAYOUTS, U_BOUND_POLICY, check_api_inputs, check_log_eps, check_scale, check_u_bound_float,
+)
 from acp_compile.ops import DEFAULT_LOG_EPS
+
+# Elements of q k^T formed at once by max_abs_logit (fp32: 256 MiB).
+_CHECK_CHUNK_ELEMENTS = 1 << 26
 
 
 def fox_attention(
     q: Tensor, k: Tensor, v: Tensor, log_fgate: Tensor, *,
     sm_scale: float | None = None, log_eps: float | None = DEFAULT_LOG_EPS,
-    u_bound: Tensor | float | None = None, layout: str = "bhtd",
+    u_bound: Tensor | float | None = None, layout: str = "bhtd", check_u_bound: bool = False,
 ) -> Tensor:
     """Causal FoX attention, o_i = sum_j softmax_j(scale q_i.k_j + c_i - c_j) v_j with c = cumsum(log_fgate).
 
@@ -20,25 +27,83 @@ def fox_attention(
     layout "bthd": q (B, Tq, Hq, D), k and v (B, Tk, Hkv, D), log_fgate (B, Tk, Hq), output (B, Tq, Hq, D).
     Hq must be a multiple of Hkv (grouped-query attention); with Tq < Tk the queries are the last Tq
     positions. log_fgate is the per-token log forget gate (<= 0), summed in fp32 (fp64 for fp64 input)
-    into c; gradients flow to q, k, v and log_fgate. sm_scale defaults to
-    1/sqrt(D). log_eps (default -10) bounds the attention mass that pruning drops in each row by
-    exp(log_eps); None or -inf computes every tile. u_bound, broadcastable to (B, Hq), replaces the
-    bound on |scale q.k| that is otherwise computed from the data (for example from QK-norm weights);
-    it must hold, or the eps guarantee is lost. Output: like q, in q's dtype.
-    NaN in q, k or log_fgate spreads as in the eager formula (a NaN bound turns pruning off for that
-    head); a NaN in v is read only where a tile is computed, so a skipped tile does not spread it.
+    into c; gradients flow to q, k, v and log_fgate (the gate's gradient is the reverse cumulative sum
+    of dc, in fp32, or fp64 for an fp64 gate). sm_scale (> 0) defaults to 1/sqrt(D). log_eps (default
+    -10) bounds the attention mass that pruning drops in each row by exp(log_eps); None or -inf computes
+    every tile. Empty inputs (B, H or Tq = 0) give an empty output, as SDPA.
+
+    u_bound, a float or a tensor broadcastable to (B, Hq), replaces the bound on |sm_scale q_i.k_j| that
+    is otherwise computed from the data (for example from QK-norm weights). It must hold for every
+    causal pair, or the eps guarantee is void; +inf means "never prune that head"; NaN or a negative
+    value is an error (raised for floats and CPU tensors; on CUDA, where reading it would synchronise,
+    those heads give NaN). check_u_bound=True verifies the bound on this call's data: it computes
+    sm_scale * max |q_i.k_j| over the causal pairs (a dense pass, with one host sync: for debugging and
+    tests, not training) and raises ValueError naming the heads where u_bound is below it.
+
+    NaN semantics: NaN in q, k or log_fgate spreads as in the eager formula (a NaN bound turns pruning
+    off for that head). A NaN or infinity anywhere in v[b, hk], even at a position no query sees, makes
+    every output row of the heads reading it NaN, as in eager attention (0 x NaN = NaN), on every device
+    and tile size; their q, k and gate gradients are NaN too, as in eager autograd.
     """
-    check_api_inputs(q, k, log_fgate, layout)
+    check_api_inputs(q, k, v, log_fgate, layout)
     check_log_eps(log_eps)
     check_scale(sm_scale)
     if not (u_bound is None or isinstance(u_bound, (Tensor, int, float))) or isinstance(u_bound, bool):
         raise TypeError(f"fox_attention: u_bound must be None, a float or a tensor broadcastable to (B, Hq); got {u_bound!r}")
+    if not isinstance(check_u_bound, bool):
+        raise TypeError(f"fox_attention: check_u_bound must be True or False, got {check_u_bound!r}")
     if layout == "bthd":
-        q, k, v = (t.transpose(1, 2) if isinstance(t, Tensor) and t.dim() == 4 else t for t in (q, k, v))  # views
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                                # views
         log_fgate = log_fgate.transpose(1, 2)
     if isinstance(u_bound, (int, float)):          # bool was refused above
+        check_u_bound_float(float(u_bound))
         u_bound = torch.tensor(float(u_bound), device=q.device)
+    if check_u_bound and u_bound is not None:
+        verify_u_bound(q, k, u_bound, sm_scale)
     c_dtype = torch.float64 if log_fgate.dtype == torch.float64 else torch.float32
     c = torch.cumsum(log_fgate, dim=-1, dtype=c_dtype)                                # (B, Hq, Tk)
     o, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound)
     return o.transpose(1, 2) if layout == "bthd" else o
+
+
+@torch.no_grad()
+def max_abs_logit(q: Tensor, k: Tensor, sm_scale: float | None = None) -> Tensor:
+    """sm_scale * max |q_i . k_j| over the causal pairs (j <= Tk - Tq + i), per (batch, query head):
+    (B, Hq) fp32 (fp64 for fp64 inputs), in chunks of query rows so that no (Tq, Tk) matrix of the
+    whole call is held. q (B, Hq, Tq, D), k (B, Hkv, Tk, D)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    g = Hq // max(Hkv, 1)
+    kk = k.to(dt)[:, :, None].expand(B, Hkv, g, Tk, D).reshape(B, Hq, Tk, D)
+    out = torch.zeros((B, Hq), dtype=dt, device=q.device)
+    rows = max(1, _CHECK_CHUNK_ELEMENTS // max(1, B * Hq * Tk))
+    cols = torch.arange(Tk, device=q.device)
+    for r0 in range(0, Tq, rows):
+        r1 = min(Tq, r0 + rows)
+        s = (q[:, :, r0:r1].to(dt) @ kk.transpose(-1, -2)).abs_()                     # (B, Hq, R, Tk)
+        visible = cols[None, :] <= (torch.arange(r0, r1, device=q.device) + (Tk - Tq))[:, None]
+        s.masked_fill_(~visible, 0.0)
+        out = torch.maximum(out, s.amax(dim=(-1, -2)))
+    return out * scale
+
+
+def verify_u_bound(q: Tensor, k: Tensor, u_bound: Tensor, sm_scale: float | None = None) -> None:
+    """Raises ValueError unless u_bound >= sm_scale * max |q_i . k_j| (causal pairs) for every
+    (batch, head). q, k in the (B, H, T, D) layout. One host sync."""
+    need = max_abs_logit(q, k, sm_scale)
+    ub = u_bound.detach().to(device=need.device, dtype=need.dtype).expand(need.shape)
+    if bool(torch.isnan(ub).any()) or bool((ub < 0).any()):
+        raise ValueError(f"fox_attention: {U_BOUND_POLICY}; got min {ub.min().item()}, max {ub.max().item()}")
+    # The bound must hold up to the rounding of the check itself (fp32 products of D terms).
+    slack = 1e-5 * need.abs() + 1e-6
+    short = ub + slack < need
+    if bool(short.any()):
+        b, h = (int(x) for x in short.nonzero()[0])
+        raise ValueError(
+            f"fox_attention: u_bound does not hold: at batch {b}, head {h} it is {ub[b, h].item():.6g} but "
+            f"sm_scale * max|q.k| over the causal pairs is {need[b, h].item():.6g} "
+            f"({int(short.sum())} of {short.numel()} (batch, head) pairs fall short). Raise the bound "
+            "(e.g. sm_scale * D * max|w_q| * max|w_k| with QK RMSNorm) or pass u_bound=None to compute it from the data."
+        )

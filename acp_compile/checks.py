@@ -34,13 +34,8 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, c: Tensor, u_bound: 
         raise ValueError(
             f"fox_attention: the number of query heads ({Hq}) must be a multiple of the number of kv heads ({Hkv})"
         )
-    if Tq == 0 or Tk == 0:
-        raise ValueError(
-            f"fox_attention: empty sequence: q has {Tq} positions and k has {Tk}; both need at least 1 "
-            "(skip the call for an empty sequence)"
-        )
-    if D == 0 or B == 0:
-        raise ValueError(f"fox_attention: empty input: q {tuple(q.shape)}, k {tuple(k.shape)}; batch and head dim must be >= 1")
+    if D == 0:
+        raise ValueError(f"fox_attention: q, k and v have head dim 0 (q {tuple(q.shape)}); the head dim must be >= 1")
     if Tq > Tk:
         raise ValueError(
             f"fox_attention: q has {Tq} positions but k only {Tk}; queries are the last Tq of Tk positions, so Tq <= Tk"
@@ -66,17 +61,59 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, c: Tensor, u_bound: 
             raise ValueError(f"fox_attention: u_bound is on {u_bound.device} but q is on {q.device}")
 
 
+U_BOUND_POLICY = (
+    "u_bound bounds |sm_scale * q.k| per (batch, head) and must be >= 0 (+inf: never prune that head) and "
+    "not NaN"
+)
+
+
 def check_u_bound_values(u_bound: Tensor | None) -> None:
-    """u_bound must be finite and >= 0. Checked on CPU tensors only: reading a CUDA value would
-    synchronise; on any device the plan turns pruning off for a head whose bound is negative or NaN."""
+    """One policy on every device: a u_bound value that is NaN or negative is an error; +inf is valid
+    and means "never prune that head". Raised here for CPU tensors, where reading the values costs no
+    sync. A CUDA tensor is not read (that would synchronise and break CUDA graphs); the op gives NaN
+    for every output row of a head with such a bound instead (kernels/dispatch.py), so a bad bound
+    never passes silently. A bound that is too small cannot be seen without reading q and k: it must
+    hold, or the eps guarantee is void; fox_attention(..., check_u_bound=True) verifies it on the data."""
     if u_bound is None or u_bound.device.type != "cpu" or u_bound.numel() == 0:
         return
     u = u_bound.detach()
-    if not bool(torch.isfinite(u).all()) or bool((u < 0).any()):
+    if bool(torch.isnan(u).any()) or bool((u < 0).any()):
         raise ValueError(
-            "fox_attention: u_bound bounds |sm_scale * q.k| and must be finite and >= 0 everywhere; "
-            f"got min {u.min().item()}, max {u.max().item()}"
+            f"fox_attention: {U_BOUND_POLICY}; got min {u.min().item()}, max {u.max().item()}"
+            + (" and NaN" if bool(torch.isnan(u).any()) else "")
         )
+
+
+def check_u_bound_float(u_bound: float) -> None:
+    if u_bound != u_bound or u_bound < 0:
+        raise ValueError(f"fox_attention: {U_BOUND_POLICY}; got {u_bound}")
+
+
+def check_backward_inputs(do: Tensor, q: Tensor, o: Tensor, lse: Tensor) -> None:
+    """fox_attention_bwd's own arguments: do and o like q (shape, dtype, device), lse (B, Hq, Tq) fp32."""
+    B, Hq, Tq, D = q.shape
+    for name, t in (("do", do), ("o", o)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"fox_attention_bwd: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(q.shape):
+            raise ValueError(
+                f"fox_attention_bwd: {name} must have q's shape (B, Hq, Tq, D) = {tuple(q.shape)}, got {tuple(t.shape)}"
+            )
+        if t.dtype != q.dtype:
+            raise TypeError(f"fox_attention_bwd: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"fox_attention_bwd: {name} is on {t.device} but q is on {q.device}")
+    if not isinstance(lse, Tensor):
+        raise TypeError(f"fox_attention_bwd: lse must be a torch.Tensor, got {type(lse).__name__}")
+    if tuple(lse.shape) != (B, Hq, Tq):
+        raise ValueError(
+            f"fox_attention_bwd: lse must have shape (B, Hq, Tq) = {(B, Hq, Tq)} (the forward's second output), "
+            f"got {tuple(lse.shape)}"
+        )
+    if lse.dtype != torch.float32:
+        raise TypeError(f"fox_attention_bwd: lse must be float32 (the forward's second output), got {lse.dtype}")
+    if lse.device != q.device:
+        raise ValueError(f"fox_attention_bwd: lse is on {lse.device} but q is on {q.device}")
 
 
 def check_log_eps(log_eps: float | None) -> None:
@@ -94,34 +131,44 @@ def check_scale(sm_scale: float | None) -> None:
     if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
         raise TypeError(f"fox_attention: sm_scale must be a float or None (1/sqrt(D)), got {sm_scale!r}")
     if not (sm_scale == sm_scale and abs(sm_scale) != float("inf")):
-        raise ValueError(f"fox_attention: sm_scale must be a finite float or None (1/sqrt(D)), got {sm_scale}")
+        raise ValueError(f"fox_attention: sm_scale must be a finite float > 0 or None (1/sqrt(D)), got {sm_scale}")
+    if sm_scale <= 0:
+        raise ValueError(
+            f"fox_attention: sm_scale must be > 0 (it scales q.k before the softmax; None = 1/sqrt(D)), got {sm_scale}"
+        )
 
 
 LAYOUTS = ("bhtd", "bthd")
 
 
-def check_api_inputs(q: Tensor, k: Tensor, log_fgate: Tensor, layout: str) -> None:
-    """Checks of the functional API that depend on the layout; the op checks the rest."""
+def check_api_inputs(q: Tensor, k: Tensor, v: Tensor, log_fgate: Tensor, layout: str) -> None:
+    """Checks of the functional API that depend on the layout; the op checks the rest. q, k and v are
+    checked against each other before log_fgate, so that a mismatch is blamed on the right argument."""
     if layout not in LAYOUTS:
         raise ValueError(f"fox_attention: layout must be one of {LAYOUTS}, got {layout!r}")
-    if not isinstance(log_fgate, Tensor):
-        raise TypeError(f"fox_attention: log_fgate must be a tensor, got {type(log_fgate).__name__}")
     names = "(B, H, T, D)" if layout == "bhtd" else "(B, T, H, D)"
-    for name, t in (("q", q), ("k", k)):
+    for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"fox_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(
                 f"fox_attention: {name} must have 4 dimensions {names} for layout={layout!r}, got shape {tuple(t.shape)}"
             )
+    if not isinstance(log_fgate, Tensor):
+        raise TypeError(f"fox_attention: log_fgate must be a tensor, got {type(log_fgate).__name__}")
+    t_axis, h_axis = (2, 1) if layout == "bhtd" else (1, 2)
+    if k.shape != v.shape:
+        raise ValueError(f"fox_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"fox_attention: k and v have batch {k.shape[0]} but q has batch {q.shape[0]}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"fox_attention: k and v have head dim {k.shape[3]} but q has {q.shape[3]}")
+    B, Hq, Tk = q.shape[0], q.shape[h_axis], k.shape[t_axis]
     if layout == "bhtd":
-        (B, Hq, _, _), Tk = q.shape, k.shape[2]
-        expected, got = (B, Hq, Tk), tuple(log_fgate.shape)
-        spelled = "(B, Hq, Tk)"
+        expected, spelled = (B, Hq, Tk), "(B, Hq, Tk)"
     else:
-        (B, _, Hq, _), Tk = q.shape, k.shape[1]
-        expected, got = (B, Tk, Hq), tuple(log_fgate.shape)
-        spelled = "(B, Tk, Hq)"
+        expected, spelled = (B, Tk, Hq), "(B, Tk, Hq)"
+    got = tuple(log_fgate.shape)
     if got != expected:
         raise ValueError(
             f"fox_attention: log_fgate must have shape {spelled} = {expected} for layout={layout!r}, got {got}"

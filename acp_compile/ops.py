@@ -3,8 +3,10 @@
   acp::fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound) -> (o, lse, u)
   acp::fox_attention_bwd(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound) -> (dq, dk, dv, dc)
 
-Shapes: q, o, do, dq (B, Hq, Tq, D); k, v, dk, dv (B, Hkv, Tk, D); c, dc (B, Hq, Tk) fp32;
-lse (B, Hq, Tq) fp32 natural-log log-sum-exp. Outputs take the strides of the matching input
+Shapes: q, o, do, dq (B, Hq, Tq, D); k, v, dk, dv (B, Hkv, Tk, D); c, dc (B, Hq, Tk) fp32 (or both
+fp64); lse (B, Hq, Tq) fp32 natural-log log-sum-exp. Every argument of both ops is checked
+(acp_compile/checks.py), with an error that names it. Empty inputs (B, Hq or Tq = 0, or Tq = Tk = 0)
+give empty outputs and zero gradients, as SDPA does. Outputs take the strides of the matching input
 (torch.empty_like), so a transposed (B, T, H, D) view stays copy-free. sm_scale None means
 1/sqrt(D), computed here so that a graph does not pin the head dim; log_eps None or -inf means
 dense. u_bound, optional, broadcasts to (B, Hq) and replaces the computed bound U. u (B, Hq) fp32
@@ -13,7 +15,12 @@ off); autograd hands it to the backward as its u_bound, so the backward prunes w
 and does not read q and k a second time to recompute U. lse and u carry no gradient (they are
 marked non-differentiable). The ops are opaque to torch.compile: the real
 implementation picks a Triton kernel or the blocked PyTorch path in kernels/dispatch.py.
-Values of u_bound (finite, >= 0) are checked on CPU only, where reading them costs no sync.
+u_bound values: >= 0, +inf meaning "never prune that head"; NaN or negative is an error, raised
+for CPU tensors and, for CUDA tensors (whose values are not read, to keep the op free of host syncs),
+turned into NaN output rows for that head. NaN semantics of v: a NaN or infinity anywhere in v[b, hk]
+makes every output row of the query heads that read it NaN (as eager attention does: 0 x NaN = NaN),
+on every path and tile size; u is then NaN for those heads, and their dq, dk and dc are NaN in the
+backward as in eager autograd (dv stays finite, as in eager).
 """
 from __future__ import annotations
 
@@ -22,7 +29,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from acp_compile.checks import check_attention_inputs, check_log_eps, check_scale, check_u_bound_values
+from acp_compile.checks import (
+    check_attention_inputs, check_backward_inputs, check_log_eps, check_scale, check_u_bound_values,
+)
 from acp_compile.kernels import dispatch
 
 DEFAULT_LOG_EPS = -10.0
@@ -65,13 +74,15 @@ def fox_attention_bwd(
     sm_scale: Optional[float] = None, log_eps: Optional[float] = DEFAULT_LOG_EPS, u_bound: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check(q, k, v, c, sm_scale, log_eps, u_bound)
+    check_backward_inputs(do, q, o, lse)
     return dispatch.backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound)
 
 
 @fox_attention_bwd.register_fake
 def _fox_attention_bwd_fake(do, q, k, v, c, o, lse, sm_scale=None, log_eps=DEFAULT_LOG_EPS, u_bound=None):
     _check(q, k, v, c, sm_scale, log_eps, u_bound)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(c, dtype=torch.float32)
+    check_backward_inputs(do, q, o, lse)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(c)
 
 
 def _setup_context(ctx, inputs, output) -> None:
