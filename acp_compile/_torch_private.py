@@ -246,3 +246,19 @@ def propagate_fake_values(nodes: list, example_inputs: list) -> None:
             else:
                 raise RuntimeError(f"cannot run {n.op} {n.name} on fake values")
             n.meta["example_value"] = out
+
+
+def has_no_data(value: Any) -> bool:
+    """True for a tensor that carries no data to read: a FakeTensor (what DDP's graph splitter hands the
+    backend as example inputs of each piece) or a tensor on the meta device."""
+    if not isinstance(value, torch.Tensor):
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+    return bool(value.is_meta or is_fake(value))
+
+
+def is_ddp_piece(gm: torch.fx.GraphModule) -> bool:
+    """True when `gm` is one piece of a graph that DDP's optimizer (DDPOptimizer) split at bucket
+    boundaries: it marks each piece with its compile reason before compiling it."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    return "DDPOptimizer" in str(getattr(reason, "reason", "") or "")

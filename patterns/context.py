@@ -118,6 +118,10 @@ class MatchContext:
             if n not in self.placeholder_index:
                 raise NotProven(f"no example input for {n.name}")
             v = (inputs if inputs is not None else self.example_inputs)[self.placeholder_index[n]]
+            if tp.has_no_data(v):
+                # DDP's graph splitter compiles each piece on fake example inputs: there is nothing to
+                # read; a proof that needs this value must be made on the first real call (a guard).
+                raise NotProven(f"{n.name} has no data at compile time (a fake example input)")
             if isinstance(v, torch.Tensor) and v.numel() > MAX_EVAL_INPUT_NUMEL:
                 raise NotProven(f"{n.name} is too large to read at compile time")
             return tp.concrete_int(v) if isinstance(v, torch.SymInt) else v

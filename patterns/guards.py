@@ -84,7 +84,7 @@ class MaskGuard:
     def seed(self, inputs: list) -> None:
         """Records the compile-time inputs as verified (the proof just evaluated them); never for
         data inputs, and only when the inputs are real tensors."""
-        if self.reads_data:
+        if self.reads_data or any(tp.has_no_data(inputs[g.index]) for g in self.inputs):
             return
         try:
             key, tensors = self._key(inputs)
@@ -93,6 +93,11 @@ class MaskGuard:
             pass
 
     def check(self, inputs: list) -> bool:
+        if any(tp.has_no_data(inputs[g.index]) for g in self.inputs):
+            # A call on fake values computes no data (DDP's graph splitter runs each compiled piece on
+            # its fake example inputs at compile time, to propagate shapes): nothing to verify, and
+            # nothing is cached; the first call on real values verifies.
+            return True
         if self.reads_data:
             return self._run_verify(inputs)
         key, tensors = self._key(inputs)

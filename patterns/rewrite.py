@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from acp_compile import _torch_private as tp
 from acp_compile.config import ACPConfig
+from acp_compile.patterns import graph_utils as gu
 from acp_compile.patterns.context import MatchContext
 from acp_compile.patterns.emit import emit_fox_attention
 from acp_compile.patterns.match import FoxMatch, NearMiss, NotProven
@@ -107,7 +108,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: ACPConfig) -> Rewr
             if found is None:
                 continue
             if isinstance(found, NearMiss):
-                _near_miss(found, result, counters, config)
+                _near_miss(_ddp_split_note(found, ctx), result, counters, config)
                 continue
             assert isinstance(found, FoxMatch)
             ctx.claimed.update(n for n in (found.replace, *found.region) if isinstance(n, fx.Node))
@@ -168,6 +169,41 @@ def _validator(ctx: MatchContext):
         except Exception as err:  # noqa: BLE001 - the op's checks and shape errors alike
             raise NotProven(f"the operands do not fit the op: {type(err).__name__}: {err}") from None
     return validate
+
+
+def _ddp_split_note(found: NearMiss, ctx: MatchContext) -> NearMiss:
+    """Says so in the reason when DDP's graph splitter may have cut the site in half: the graph is one
+    piece of DDPOptimizer's split and the anchor reads, without passing a projection (a matmul or an
+    op on a parameter), a tensor that another piece computed (a placeholder with no Dynamo source)."""
+    if not tp.is_ddp_piece(ctx.gm):
+        return found
+    start = next((n for n in ctx.gm.graph.nodes if n.name == found.node), None)
+    if start is None:
+        return found
+
+    def is_parameter(n: fx.Node) -> bool:
+        return n.op == "placeholder" and "._parameters[" in (tp.graph_input_source(n) or "")
+
+    seen, stack, cut = set(), list(start.all_input_nodes), []
+    while stack and len(seen) < 256:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            if tp.graph_input_source(n) is None and len(gu.shape(n) or ()) >= 2:
+                cut.append(n.name)
+            continue
+        if any(gu.is_op(n, op) for op in ("matmul", "bmm", "einsum")) or any(map(is_parameter, n.all_input_nodes)):
+            continue
+        stack.extend(n.all_input_nodes)
+    if not cut:
+        return found
+    return NearMiss(found.anchor, found.node, (
+        f"{found.reason} (this graph is one piece of DDP's graph split at gradient-bucket boundaries, and the "
+        f"attention reads {', '.join(sorted(cut))} from another piece: the split may have cut the site in half; "
+        "use a larger bucket_cap_mb in DistributedDataParallel, or compute the forget gate before q k^T so that "
+        "no parameter is used between q k^T and the softmax)"))
 
 
 def _near_miss(found: NearMiss, result: RewriteResult, counters, config: ACPConfig) -> None:
