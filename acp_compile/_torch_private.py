@@ -262,3 +262,13 @@ def is_ddp_piece(gm: torch.fx.GraphModule) -> bool:
     boundaries: it marks each piece with its compile reason before compiling it."""
     reason = getattr(gm, "compile_subgraph_reason", None)
     return "DDPOptimizer" in str(getattr(reason, "reason", "") or "")
+
+
+def is_dynamo_control_flow(err: BaseException) -> bool:
+    """True for the exceptions torch raises on purpose while compiling (e.g. a restart of the analysis
+    with a Python float specialised), which a backend must let through."""
+    try:
+        from torch._dynamo.exc import RestartAnalysis
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(err, RestartAnalysis)

@@ -56,7 +56,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: ACPConfig, m
     except NearMissError:
         raise
     except Exception as err:  # noqa: BLE001 - a bug in the pass must not change or break the program
-        if config.strict:
+        if config.strict or tp.is_dynamo_control_flow(err):
             raise
         log.warning("acp: the pass failed (%s: %s); compiling the graph without the FoX rewrite",
                     type(err).__name__, err, exc_info=log.isEnabledFor(10))
@@ -67,7 +67,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: ACPConfig, m
     try:
         compiled = _inner_compile(result.gm, example_inputs, config, mode)
     except Exception as err:  # noqa: BLE001
-        if not result.sites or config.strict:
+        if not result.sites or config.strict or tp.is_dynamo_control_flow(err):
             raise
         log.warning("acp: compiling the rewritten graph failed (%s: %s); compiling it without the FoX rewrite "
                     "of %s", type(err).__name__, err, ", ".join(result.sites), exc_info=log.isEnabledFor(10))

@@ -38,14 +38,17 @@ def emit_fox_attention(gm: fx.GraphModule, match: FoxMatch, config: ACPConfig, s
         k = _operand(graph, match.k)
         v = _operand(graph, match.v)
         c = _operand(graph, match.c)
+        sm_scale = match.sm_scale
+        if callable(sm_scale) and not isinstance(sm_scale, fx.Node):
+            sm_scale = sm_scale(graph)                 # a symbolic scale, emitted as a graph value
         out = graph.call_function(
             torch.ops.acp.fox_attention_fwd.default,
-            (q, k, v, c, match.sm_scale, config.effective_log_eps, None),
+            (q, k, v, c, sm_scale, config.effective_log_eps, None),
         )
         o = graph.call_function(operator.getitem, (out, 0))
         if config.report:
             zero = graph.call_function(
-                torch.ops.acp.report_site.default, (q, k, c, site, match.sm_scale, config.effective_log_eps)
+                torch.ops.acp.report_site.default, (q, k, c, site, sm_scale, config.effective_log_eps)
             )
             o = graph.call_function(operator.add, (o, zero))
         value = match.finish(graph, o) if match.finish is not None else o

@@ -18,6 +18,7 @@ from acp_compile import _torch_private as tp
 _FUNCTIONS: dict[str, tuple] = {
     "matmul": (operator.matmul, torch.matmul),
     "bmm": (torch.bmm,),
+    "baddbmm": (torch.baddbmm,),
     "einsum": (torch.einsum, torch.functional.einsum),
     "softmax": (torch.softmax, F.softmax, torch.nn.functional.softmax, torch.special.softmax),
     "add": (operator.add, torch.add, operator.iadd),
@@ -40,6 +41,7 @@ _FUNCTIONS: dict[str, tuple] = {
 _METHODS: dict[str, tuple[str, ...]] = {
     "matmul": ("matmul", "__matmul__"),
     "bmm": ("bmm",),
+    "baddbmm": ("baddbmm",),
     "softmax": ("softmax",),
     "add": ("add", "add_", "__add__", "__iadd__"),
     "sub": ("sub", "sub_", "subtract", "__sub__", "__isub__"),

@@ -70,11 +70,13 @@ def _is_masked_value(x: Any) -> bool:
 
 
 def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool = True,
-              exclusive: bool = True) -> Decomposition:
-    """See the module notes. exclusive: every chain node must feed only the chain (else NotProven)."""
+              exclusive: bool = True, other_readers: tuple = ()) -> Decomposition:
+    """See the module notes. exclusive: every chain node must feed only the chain (else NotProven);
+    other_readers: nodes besides `consumer` that read `top` as part of the normalisation
+    (the logsumexp of exp(s - logsumexp(s)))."""
     out = Decomposition()
     pos = ctx.position
-    visited = {consumer}
+    visited = {consumer, *other_readers}
     reads: list = []           # (chain value, the chain node reading it)
 
     def walk(node: Any, coef: list, reader: fx.Node) -> None:
@@ -97,10 +99,23 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
                 raise NotProven("the logits hold two matrix products")
             out.qk, out.qk_coef = v, coef
             return
+        if allow_qk and gu.is_op(v, "baddbmm"):
+            # baddbmm(bias, q, k^T, beta=b, alpha=a) = b * bias + a * (q @ k^T)
+            if out.qk is not None:
+                raise NotProven("the logits hold two matrix products")
+            alpha, beta = v.kwargs.get("alpha", 1), v.kwargs.get("beta", 1)
+            if not gu.is_scalar_value(alpha) or not isinstance(beta, (int, float)) or isinstance(beta, bool):
+                raise NotProven(f"{v.name}: baddbmm with a tensor alpha or a symbolic beta")
+            out.qk, out.qk_coef = v, coef + ([alpha] if alpha != 1 else [])
+            if beta != 0:
+                walk(v.args[0], coef + ([beta] if beta != 1 else []), v)
+            return
         out.chain.append(v)
         a = v.args
         if gu.is_op(v, "cast") or (v.op == "call_method" and v.target == "contiguous"):
             return walk(a[0], coef, v)
+        if gu.is_op(v, "getitem") and _keeps_every_entry(v, ctx):
+            return walk(a[0], coef, v)            # Hugging Face's attention_mask[:, :, :, :Tk] at full length
         if gu.is_op(v, "add") or gu.is_op(v, "sub"):
             if v.kwargs.get("alpha", 1) != 1 or len(a) > 2:
                 raise NotProven(f"{v.name}: add/sub with alpha is not supported")
@@ -113,6 +128,7 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
             return walk(a[0], coef + [-1], v)
         if gu.is_op(v, "mul") or gu.is_op(v, "div"):
             x, y = a[0], (a[1] if len(a) > 1 else v.kwargs.get("other"))
+            x, y = _as_number(x), _as_number(y)
             if gu.is_op(v, "mul") and gu.is_scalar_value(x) and not gu.is_scalar_value(y):
                 x, y = y, x
             if not gu.is_scalar_value(y):
@@ -120,11 +136,12 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
             if v.kwargs.get("rounding_mode") is not None:
                 raise NotProven(f"{v.name}: division with rounding")
             f = ctx.scalar(y)
+            f = y if tp.is_symbolic(f) else f        # a symbolic factor keeps its node (the op may need it)
             return walk(x, coef + [f if gu.is_op(v, "mul") else ("inv", f)], v)
         if gu.is_op(v, "masked_fill"):
             fill = gu.arg(v, 2, "value")
-            if not _is_masked_value(fill):
-                raise NotProven(f"{v.name}: masked_fill with {fill!r}, not -inf")
+            if not _is_fill(fill, ctx, v):
+                raise NotProven(f"{v.name}: masked_fill with {_describe(fill)}, not -inf{_FINITE_FILL_HINT}")
             out.masks.append(Mask(gu.arg(v, 1, "mask"), True, reader=v))
             return walk(a[0], coef, v)
         if v.op == "call_function" and v.target is operator.setitem:
@@ -133,13 +150,13 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
             return walk(a[0], coef, v)
         if gu.is_op(v, "where") and len(a) == 3:
             cond, x, y = a
-            if _is_masked_value(y) and isinstance(x, fx.Node):
+            if _is_fill(y, ctx, v) and isinstance(x, fx.Node) and not _is_fill(x, ctx, v):
                 out.masks.append(Mask(cond, False, reader=v))
                 return walk(x, coef, v)
-            if _is_masked_value(x) and isinstance(y, fx.Node):
+            if _is_fill(x, ctx, v) and isinstance(y, fx.Node):
                 out.masks.append(Mask(cond, True, reader=v))
                 return walk(y, coef, v)
-            raise NotProven(f"{v.name}: torch.where that does not fill with -inf")
+            raise NotProven(f"{v.name}: torch.where that does not fill with -inf{_FINITE_FILL_HINT}")
         out.chain.pop()
         out.terms.append(Term(coef, v, reader))
 
@@ -155,12 +172,73 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
     return out
 
 
+_FINITE_FILL_HINT = (" (a finite fill such as -1e4 leaves masked keys a weight of exp(fill - max logit), which is "
+                     "zero only for logits the pass cannot bound at compile time; fill with float('-inf') or "
+                     "torch.finfo(dtype).min)")
+
+
+def _as_number(x: Any) -> Any:
+    """The number inside a one-element tensor made from it (GPT-2's torch.full([], d ** 0.5)), rounded
+    to the tensor's dtype as eager rounds it; x itself otherwise."""
+    if not (isinstance(x, fx.Node) and x.op == "call_function" and x.args):
+        return x
+    name = getattr(x.target, "__name__", "")
+    number = None
+    if name == "full" and len(x.args) >= 2 and isinstance(x.args[0], (list, tuple)) and tuple(x.args[0]) == ():
+        number = x.args[1]
+    elif name in ("tensor", "scalar_tensor", "as_tensor"):
+        number = x.args[0]
+    value = gu.fake(x)
+    if number is None or not gu.is_scalar_value(number) or not isinstance(value, torch.Tensor):
+        return x
+    if value.dtype in (torch.float32, torch.float64):
+        return number
+    if isinstance(number, (int, float)) and value.dtype.is_floating_point:
+        return float(torch.tensor(number, dtype=value.dtype))     # the value eager divides by
+    return x
+
+
+def _describe(x: Any) -> str:
+    return x.name if isinstance(x, fx.Node) else repr(x)
+
+
+def _is_fill(x: Any, ctx: MatchContext, reader: fx.Node) -> bool:
+    """A masking fill: a number <= MASK_FILL_MAX, or a one-element tensor built in the graph from
+    constants alone holding such a number (GPT-2's torch.full([], finfo.min))."""
+    if _is_masked_value(x):
+        return True
+    if not isinstance(x, fx.Node):
+        return False
+    value = gu.fake(x)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.dtype.is_floating_point:
+        return False
+    try:
+        if ctx.tensor_inputs(x, reader=reader) or ctx.symbol_inputs(x, reader):
+            return False                             # data, or a size: not a constant
+        concrete = ctx.evaluate(x, reader=reader)
+    except NotProven:
+        return False
+    return isinstance(concrete, torch.Tensor) and _is_masked_value(float(concrete.reshape(())))
+
+
+def _keeps_every_entry(node: fx.Node, ctx: MatchContext) -> bool:
+    """x[:, :, :, :n] (slices only) whose result has x's shape: every entry is kept, in place."""
+    index = node.args[1]
+    index = index if isinstance(index, tuple) else (index,)
+    if not all(isinstance(i, slice) and i.step in (None, 1) and i.start in (None, 0) for i in index):
+        return False
+    before, after = gu.shape(node.args[0]), gu.shape(node)
+    return before is not None and after is not None and len(before) == len(after) and all(
+        tp.statically_equal(a, b) for a, b in zip(before, after))
+
+
 def _item_assignment_mask(node: fx.Node, ctx: MatchContext) -> fx.Node:
     """`s[..., m] = -inf` or `s[:, :, m] = -inf` (m bool, covering the last dims) or `s[m] = -inf` (m of
     s's shape): the same as s.masked_fill_(m, -inf). Returns m."""
     target, index, value = node.args
-    if not _is_masked_value(value):
-        raise NotProven(f"{node.name}: an item assignment into the logits of {value!r}, not -inf")
+    if not _is_fill(value, ctx, node):
+        raise NotProven(f"{node.name}: an item assignment into the logits of {_describe(value)}, not -inf"
+                        + _FINITE_FILL_HINT)
     nd = len(ctx.shape(target))
     if isinstance(index, fx.Node):
         lead, mask = [], index
@@ -178,15 +256,21 @@ def _item_assignment_mask(node: fx.Node, ctx: MatchContext) -> fx.Node:
     return mask
 
 
+def factor_value(f: Any) -> Any:
+    """A factor's number: itself, or the SymInt/SymFloat its node produces."""
+    return gu.fake(f) if isinstance(f, fx.Node) else f
+
+
 def numeric_coef(coef: list) -> float:
     value = 1.0
     for f in coef:
         if isinstance(f, tuple):
-            f = f[1]
+            f = factor_value(f[1])
             if tp.is_symbolic(f):
                 raise NotProven("a bias term is scaled by a symbolic number")
             value /= float(f)
         else:
+            f = factor_value(f)
             if tp.is_symbolic(f):
                 raise NotProven("a bias term is scaled by a symbolic number")
             value *= float(f)
@@ -195,7 +279,29 @@ def numeric_coef(coef: list) -> float:
 
 def scale_factors(coef: list) -> list:
     """Factors of a coefficient as numbers (division turned into 1/x)."""
-    return [(1.0 / f[1] if not tp.is_symbolic(f[1]) else 1 / f[1]) if isinstance(f, tuple) else f for f in coef]
+    out = []
+    for f in coef:
+        if isinstance(f, tuple):
+            x = factor_value(f[1])
+            out.append(1.0 / x if not tp.is_symbolic(x) else 1 / x)
+        else:
+            out.append(factor_value(f))
+    return out
+
+
+def scale_builder(coef: list):
+    """A builder emitting the product of the factors as a graph value (a SymFloat at run time)."""
+    def build(graph: fx.Graph) -> Any:
+        value: Any = 1.0
+        for f in coef:
+            inverse = isinstance(f, tuple)
+            x = f[1] if inverse else f
+            if isinstance(value, float) and not isinstance(x, fx.Node):
+                value = value / float(x) if inverse else value * float(x)
+            else:
+                value = graph.call_function(operator.truediv if inverse else operator.mul, (value, x))
+        return value
+    return build
 
 
 def _is_view_like(node: Any) -> bool:

@@ -45,6 +45,7 @@ def _strip_scalars(node: Any, factors: list) -> Any:
         if not gu.is_scalar_value(y) or len(node.users) != 1 or gu.is_inplace(node):
             break
         f = gu.fake(y)
+        f = y if tp.is_symbolic(f) else f                # a symbolic factor keeps its node (the op may need it)
         factors.append(f if gu.is_op(node, "mul") else ("inv", f))
         node = x
     return node
@@ -149,6 +150,11 @@ def _permute_builder(node: Any, labels: str, order: str) -> Any:
     return lambda graph: graph.call_method("permute", (node, *perm))
 
 
+def product_inputs(S: fx.Node) -> tuple:
+    """(A, B) of A @ B, matmul, bmm, or baddbmm(bias, A, B)."""
+    return (S.args[1], S.args[2]) if gu.is_op(S, "baddbmm") else (S.args[0], S.args[1])
+
+
 def qk_operands(S: fx.Node, ctx: MatchContext) -> QK:
     if gu.is_op(S, "einsum"):
         out, (la, lb), (a, b) = _parse_einsum(S)
@@ -164,7 +170,7 @@ def qk_operands(S: fx.Node, ctx: MatchContext) -> QK:
         q = _permute_builder(a, la, batch + t + dl)
         k = _permute_builder(b, lb, batch + s + dl)
         return QK(q, k, fa + fb, c_layout="4d", einsum_batch=batch)
-    a, b = S.args[0], S.args[1]
+    a, b = product_inputs(S)
     fa, fb = [], []
     a, b = _strip_scalars(a, fa), _strip_scalars(b, fb)
     sa = gu.shape(a)

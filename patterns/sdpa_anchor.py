@@ -56,7 +56,8 @@ class SdpaAnchor:
             if scale is None:
                 sm_scale = None
             else:
-                sm_scale = _scale_argument([ctx.scalar(scale)], ctx.shape(q)[-1])
+                ctx.scalar(scale)                             # a number (raises otherwise)
+                sm_scale = _scale_argument([scale], ctx.shape(q)[-1])
             if not enable_gqa:
                 k2, v2 = ops.strip_kv_repeat(k, ctx), ops.strip_kv_repeat(v, ctx)
                 if (k2 is not k) == (v2 is not v):

@@ -114,6 +114,25 @@ def _silent_miss(softmax: fx.Node, end: fx.Node, anchor: str):
     return None
 
 
+def _log_normalised(node: fx.Node):
+    """(s, s - lse, lse) when node is exp(s - logsumexp(s, dim, keepdim=True)): a softmax of s."""
+    if not (isinstance(node, fx.Node) and node.op in ("call_function", "call_method")):
+        return None
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name != "exp" or not node.args or not gu.is_op(node.args[0], "sub"):
+        return None
+    sub = node.args[0]
+    if len(sub.args) != 2 or sub.kwargs.get("alpha", 1) != 1 or len(sub.users) != 1:
+        return None
+    s, lse = sub.args
+    if not isinstance(lse, fx.Node) or lse.op not in ("call_function", "call_method") or len(lse.users) != 1:
+        return None
+    lse_name = lse.target if lse.op == "call_method" else getattr(lse.target, "__name__", "")
+    if lse_name != "logsumexp" or not lse.args or lse.args[0] is not s or gu.arg(lse, 2, "keepdim", False) is not True:
+        return None
+    return s, sub, lse
+
+
 def _dropout_is_identity(node: fx.Node) -> bool:
     p = gu.arg(node, 1, "p", 0.5)
     training = gu.arg(node, 2, "training", True) if node.target is not torch.dropout else gu.arg(node, 2, "train", True)
@@ -124,7 +143,7 @@ class SoftmaxMatmulAnchor:
     name = "softmax_matmul"
 
     def candidates(self, graph: fx.Graph) -> Iterable[fx.Node]:
-        return [n for n in graph.nodes if gu.is_op(n, "softmax")]
+        return [n for n in graph.nodes if gu.is_op(n, "softmax") or _log_normalised(n) is not None]
 
     def match(self, node: fx.Node, ctx: MatchContext):
         # Probabilities: softmax -> casts, clones, dropout, NaN clean-ups -> P @ V, each step the only user.
@@ -149,7 +168,7 @@ class SoftmaxMatmulAnchor:
                 return None
         elif out_node.args[0] is not cur:
             return None
-        if not _softmax_dim_is_last(node):
+        if not _softmax_dim_is_last(node if gu.is_op(node, "softmax") else _log_normalised(node)[2]):
             return NearMiss(self.name, node.name, "softmax is not over the last (key) dimension")
         if node.kwargs.get("dtype") not in (None, torch.float32, torch.float64, torch.float16, torch.bfloat16):
             return None
@@ -159,7 +178,12 @@ class SoftmaxMatmulAnchor:
             return NearMiss(self.name, node.name, str(err))
 
     def _prove(self, sm: fx.Node, P: fx.Node, O: fx.Node, chain: list, ctx: MatchContext):
-        dec = lg.decompose(sm.args[0], sm, ctx)
+        if gu.is_op(sm, "softmax"):
+            dec = lg.decompose(sm.args[0], sm, ctx)
+        else:
+            top, sub, lse = _log_normalised(sm)
+            dec = lg.decompose(top, sub, ctx, other_readers=(lse,))
+            chain = chain + [sub, lse]
         if dec.qk is None:
             raise NotProven("no q k^T product found below the softmax")
         qk = ops.qk_operands(dec.qk, ctx)
@@ -170,7 +194,8 @@ class SoftmaxMatmulAnchor:
             return None                                  # plain causal attention: not FoX, left alone
         guards = lg.prove_causal(dec, ctx, Tq, Tk, O)
         pv = ops.pv_operands(O, P, qk, ctx)
-        factors = lg.scale_factors(qk.factors + dec.qk_coef)
+        raw_factors = qk.factors + dec.qk_coef
+        factors = lg.scale_factors(raw_factors)
         if any(not tp.is_symbolic(f) and float(f) <= 0 for f in factors):
             raise NotProven("a non-positive scale")
         q = ops.memo(qk.q)
@@ -179,8 +204,8 @@ class SoftmaxMatmulAnchor:
             k2, v2 = ops.strip_kv_repeat(k, ctx), ops.strip_kv_repeat(v, ctx)
             if (k2 is not k) == (v2 is not v):
                 k, v = k2, v2
-        head_dim = ctx.shape(dec.qk.args[0] if not gu.is_op(dec.qk, "einsum") else O)[-1]
-        sm_scale = _scale_argument(factors, head_dim)
+        head_dim = ctx.shape(ops.product_inputs(dec.qk)[0] if not gu.is_op(dec.qk, "einsum") else O)[-1]
+        sm_scale = _scale_argument(raw_factors, head_dim)
         cast = operand_cast((qk.q, k, v), (dec.qk, O))
         if cast is not None:
             q, k, v = (cast_operand(x, cast) for x in (q, k, v))
@@ -192,12 +217,15 @@ class SoftmaxMatmulAnchor:
         )
 
 
-def _scale_argument(factors: list, head_dim):
-    """None when the scale is 1/sqrt(D) (the op computes it), a float otherwise."""
+def _scale_argument(raw_factors: list, head_dim):
+    """None when the scale is 1/sqrt(D) (the op computes it), a float for a constant scale, or a
+    builder emitting the product when it is symbolic (a float kept on the module under dynamic=True);
+    raw_factors: numbers, nodes of symbolic numbers, ("inv", x) for a division."""
+    factors = lg.scale_factors(raw_factors)
     if is_default_scale(factors, head_dim):
         return None
     if any(tp.is_symbolic(f) for f in factors):
-        raise NotProven("a symbolic scale that is not 1/sqrt(head_dim)")
+        return lg.scale_builder(raw_factors)
     value = 1.0
     for f in factors:
         value *= float(f)
