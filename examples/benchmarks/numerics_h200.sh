@@ -16,7 +16,7 @@ BENCH_T=${BENCH_T:-16384}
 run_bench() {   # tag, then env assignments
     local tag=$1; shift
     echo "## bench $tag" | tee -a "$OUT/bench.log"
-    if [ "$tag" = old ]; then
+    if [[ "$tag" == old* ]]; then
         env "$@" PYTHONPATH=/tmp/before_shim timeout 200 python3 .before/examples/benchmarks/bench_attention.py --T $BENCH_T --no-flex \
             --only ours_dense ours_acp30 ours_auto sdpa_cudnn --out /tmp/bench_$tag 2>&1 | grep '^{' | sed "s/^{/{\"tag\": \"$tag\", /" | tee -a "$OUT/bench.log"
     else
@@ -27,7 +27,7 @@ run_bench() {   # tag, then env assignments
 for step in "$@"; do
     case "$step" in
         bench) run_bench old; run_bench new; run_bench exact ACP_C_SPAN_LIMIT=-1; run_bench new2; run_bench old ;;
-        bench3) run_bench old; run_bench new; run_bench old2; run_bench new2 ;;
+        bench2) run_bench old; run_bench new ;;
         diag) timeout 120 python3 - <<'PY' 2>&1 | tee "$OUT/diag.txt"
 import logging, torch, triton
 logging.basicConfig(level=logging.INFO)
