@@ -27,7 +27,9 @@ SCENARIOS = {
     "ddp_compile_passed": dict(wrap="ddp(compile)", model=dict(mask="passed")),
     "ddp_split_site": dict(wrap="compile(ddp)", model=dict(mask="buffer", gate="between", n_layer=1)),
     "fsdp2": dict(wrap="fsdp2", model=dict(mask="buffer")),
-    "compiled_autograd": dict(wrap="compile(ddp)", model=dict(mask="buffer"), compiled_autograd=True),
+    # compiled autograd applies to backward() called inside a compiled function: the whole step is
+    # compiled, with DDP's Python reducer (what torch asks for with compiled autograd)
+    "compiled_autograd": dict(wrap="compile(step)", model=dict(mask="buffer"), compiled_autograd=True),
 }
 OPTIONS = {"inner_backend": "aot_eager"}
 
@@ -70,10 +72,14 @@ def run_scenario(name, rank):
     torch._dynamo.utils.counters.clear()
     m = make_model(spec)
     wrap = spec["wrap"]
+    old_ca, old_ddp = torch._dynamo.config.compiled_autograd, torch._dynamo.config.optimize_ddp
     if wrap == "compile(ddp)":
         model = torch.compile(DDP(m, bucket_cap_mb=1), backend="acp", options=OPTIONS)
     elif wrap == "ddp(compile)":
         model = DDP(torch.compile(m, backend="acp", options=OPTIONS), bucket_cap_mb=1)
+    elif wrap == "compile(step)":
+        torch._dynamo.config.optimize_ddp = "python_reducer"     # read when DDP is built
+        model = DDP(m, bucket_cap_mb=1)
     else:
         from torch.distributed.fsdp import fully_shard
         for layer in m.layers:
@@ -83,8 +89,15 @@ def run_scenario(name, rank):
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
     share = B_GLOBAL // WORLD
     counts = None
-    old_ca = torch._dynamo.config.compiled_autograd
     torch._dynamo.config.compiled_autograd = bool(spec.get("compiled_autograd"))
+    if wrap == "compile(step)":
+        ddp_model = model
+
+        def model(idx, tgt):                 # forward and backward in one compiled function
+            loss = ddp_model(idx, tgt)
+            loss.backward()
+            return loss.detach()
+        model = torch.compile(model, backend="acp", options=OPTIONS)
     try:
         for step, (idx, tgt) in enumerate(global_batches()):
             idx, tgt = idx[rank * share:(rank + 1) * share], tgt[rank * share:(rank + 1) * share]
@@ -93,15 +106,16 @@ def run_scenario(name, rank):
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if step == 1 else None
             if prof is not None:
                 prof.__enter__()
-            loss = model(idx, tgt)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = model(idx, tgt)
+            if wrap != "compile(step)":
+                loss.backward()
             if prof is not None:
                 prof.__exit__(None, None, None)
                 counts = op_calls(prof)
             opt.step()
     finally:
-        torch._dynamo.config.compiled_autograd = old_ca
+        torch._dynamo.config.compiled_autograd, torch._dynamo.config.optimize_ddp = old_ca, old_ddp
     params = {}
     for pname, p in m.named_parameters():
         p = p.full_tensor() if hasattr(p, "full_tensor") else p
