@@ -132,12 +132,22 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
             if gu.is_op(v, "mul") and gu.is_scalar_value(x) and not gu.is_scalar_value(y):
                 x, y = y, x
             if not gu.is_scalar_value(y):
-                raise NotProven(f"{v.name}: the logits are multiplied or divided by a tensor")
+                if gu.is_op(v, "mul") and _is_per_head_factor(x, v, ctx) and not _is_per_head_factor(y, v, ctx):
+                    x, y = y, x
+                if _is_per_head_factor(y, v, ctx):
+                    # alpha_h * (c_i - c_j), or logits / temperature_h: a factor constant over (i, j)
+                    return walk(x, coef + [("tensor" if gu.is_op(v, "mul") else "inv_tensor", y)], v)
+                raise NotProven(f"{v.name}: the logits are multiplied or divided by a tensor that varies over "
+                                "the query or key positions")
             if v.kwargs.get("rounding_mode") is not None:
                 raise NotProven(f"{v.name}: division with rounding")
             f = ctx.scalar(y)
             f = y if tp.is_symbolic(f) else f        # a symbolic factor keeps its node (the op may need it)
             return walk(x, coef + [f if gu.is_op(v, "mul") else ("inv", f)], v)
+        if any(isinstance(f, tuple) and f[0] in ("tensor", "inv_tensor") for f in coef) and (
+                gu.is_op(v, "masked_fill") or gu.is_op(v, "where") or v.target is operator.setitem):
+            raise NotProven(f"{v.name}: a tensor factor multiplies the logits after the mask (its sign would decide "
+                            "whether masked entries stay -inf)")
         if gu.is_op(v, "masked_fill"):
             fill = gu.arg(v, 2, "value")
             if not _is_fill(fill, ctx, v):
@@ -175,6 +185,25 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
 _FINITE_FILL_HINT = (" (a finite fill such as -1e4 leaves masked keys a weight of exp(fill - max logit), which is "
                      "zero only for logits the pass cannot bound at compile time; fill with float('-inf') or "
                      "torch.finfo(dtype).min)")
+
+
+def _is_per_head_factor(y: Any, reader: fx.Node, ctx: MatchContext) -> bool:
+    """A floating tensor of at most 4 dims whose last two are 1: constant over the logits' (i, j),
+    varying at most over batch and head (a learned alpha_h, a per-head temperature)."""
+    value = gu.fake(y) if isinstance(y, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point or value.dim() > 4:
+        return False
+    shape = tuple(value.shape)
+    return len(shape) >= 2 and all(tp.statically_equal(s, 1) for s in shape[-2:])
+
+
+def tensor_factors(coef: list) -> list:
+    """[(node, inverse)] of the per-head tensor factors in a coefficient."""
+    return [(f[1], f[0] == "inv_tensor") for f in coef if isinstance(f, tuple) and f[0] in ("tensor", "inv_tensor")]
+
+
+def _numbers(coef: list) -> list:
+    return [f for f in coef if not (isinstance(f, tuple) and f[0] in ("tensor", "inv_tensor"))]
 
 
 def _as_number(x: Any) -> Any:
@@ -262,8 +291,9 @@ def factor_value(f: Any) -> Any:
 
 
 def numeric_coef(coef: list) -> float:
+    """The numeric part of a coefficient (per-head tensor factors are kept apart: tensor_factors)."""
     value = 1.0
-    for f in coef:
+    for f in _numbers(coef):
         if isinstance(f, tuple):
             f = factor_value(f[1])
             if tp.is_symbolic(f):
@@ -278,9 +308,9 @@ def numeric_coef(coef: list) -> float:
 
 
 def scale_factors(coef: list) -> list:
-    """Factors of a coefficient as numbers (division turned into 1/x)."""
+    """Numeric factors of a coefficient as numbers (division turned into 1/x); tensor factors apart."""
     out = []
-    for f in coef:
+    for f in _numbers(coef):
         if isinstance(f, tuple):
             x = factor_value(f[1])
             out.append(1.0 / x if not tp.is_symbolic(x) else 1 / x)
@@ -290,10 +320,10 @@ def scale_factors(coef: list) -> list:
 
 
 def scale_builder(coef: list):
-    """A builder emitting the product of the factors as a graph value (a SymFloat at run time)."""
+    """A builder emitting the product of the numeric factors as a graph value (a SymFloat at run time)."""
     def build(graph: fx.Graph) -> Any:
         value: Any = 1.0
-        for f in coef:
+        for f in _numbers(coef):
             inverse = isinstance(f, tuple)
             x = f[1] if inverse else f
             if isinstance(value, float) and not isinstance(x, fx.Node):
@@ -349,7 +379,7 @@ def _concrete_shape(node: fx.Node, ctx: MatchContext) -> tuple[int, ...]:
 
 @dataclass
 class BiasProof:
-    key_terms: list           # (coefficient, node) of the (..., 1, Tk) terms: c = -sum(coef * node)
+    key_terms: list           # (coefficient, node, tensor factors) of the (..., 1, Tk) terms: c = -sum(coef * node * factors)
 
 
 def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasProof | None:
@@ -374,6 +404,8 @@ def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasP
             raise NotProven(f"bias term {t.node.name} of shape {s} does not broadcast to the logits")
     for t in additive:
         dec.masks.append(Mask(t.node, True, additive=True, reader=t.reader))
+        if tensor_factors(t.coef):
+            raise NotProven(f"additive term {t.node.name} is multiplied by a tensor")
         if numeric_coef(t.coef) <= 0:
             raise NotProven(f"additive term {t.node.name} enters the logits with a negative sign")
     if not query and not key:
@@ -400,11 +432,29 @@ def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasP
                 raise NotProven(f"bias term {t.node.name} is not a floating-point view of a tensor")
             shape = tuple(tp.concrete_int(s) for s in bv.shape)
             leaves[base] = torch.randn(shape, generator=gen, dtype=torch.float64).to(bv.dtype).to(bv.device)
+        for factor, _ in tensor_factors(t.coef):
+            for base in value_sources(factor):
+                if base in leaves:
+                    continue
+                bv = gu.fake(base)
+                if not isinstance(bv, torch.Tensor) or not bv.dtype.is_floating_point:
+                    raise NotProven(f"the factor {factor.name} is not a floating-point tensor")
+                shape = tuple(tp.concrete_int(s) for s in bv.shape)
+                values = 0.5 + 1.5 * torch.rand(shape, generator=gen, dtype=torch.float64)   # away from 0
+                leaves[base] = values.to(bv.dtype).to(bv.device)
+
+    def factor_product(t):
+        total = 1.0
+        for factor, inverse in tensor_factors(t.coef):
+            val = ctx.evaluate(factor, leaves=leaves, reader=t.reader).to(torch.float64)
+            total = total / val if inverse else total * val
+        return total
 
     def side(terms, squeeze_dim):
         total = None
         for t in terms:
             val = ctx.evaluate(t.node, leaves=leaves, reader=t.reader).to(torch.float64) * numeric_coef(t.coef)
+            val = val * factor_product(t)
             total = val if total is None else total + val
         return total.squeeze(squeeze_dim)
 
@@ -416,8 +466,8 @@ def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasP
     scale = max(1.0, float(lhs.abs().max()))
     if not torch.allclose(lhs, rhs, rtol=1e-5, atol=1e-5 * scale):
         raise NotProven("the bias is not c_i - c_j (query and key sides differ; a reversed c_j - c_i or an arbitrary bias)")
-    key_terms = [(numeric_coef(t.coef), t.node) for t in key]
-    for coef, node in key_terms:
+    key_terms = [(numeric_coef(t.coef), t.node, tensor_factors(t.coef)) for t in key]
+    for coef, node, _ in key_terms:
         if coef > 0 and is_log_gate_cumsum(view_base(node)):
             raise NotProven("the bias is reversed (c_j - c_i of a cumulative log forget gate): "
                             "attention would grow with distance, which is not FoX")

@@ -230,6 +230,17 @@ def pv_operands(O: fx.Node, P: fx.Node, qk: QK, ctx: MatchContext) -> PV:
     raise NotProven("q k^T and P V disagree on 3D/4D layout")
 
 
+def scaled_by(x: Any, factors: list) -> Callable:
+    """A builder emitting x * f (or x / f) for each per-head factor, kept in x's dtype."""
+    def build(graph: fx.Graph) -> fx.Node:
+        base = as_node(graph, x)
+        out = base
+        for f, inverse in factors:
+            out = graph.call_function(operator.truediv if inverse else operator.mul, (out, f))
+        return graph.call_method("type_as", (out, base))
+    return build
+
+
 def memo(x: Any) -> Any:
     """A builder that emits its nodes once and then returns the same node (nodes pass through)."""
     if isinstance(x, fx.Node):
@@ -251,18 +262,26 @@ def as_node(graph: fx.Graph, x: Any) -> fx.Node:
 def c_builder(key_terms: list, layout: str, q_op: Any) -> Callable:
     """c (B, Hq, Tk) fp32 = -(sum of coef * key term).squeeze(-2), broadcast to q's (B, Hq).
 
-    key_terms: (coef, node) with node (..., 1, Tk) in the logits' leading layout; layout as QK.c_layout;
+    key_terms: (coef, node, tensor factors) with node (..., 1, Tk) in the logits' leading layout and
+    tensor factors [(f, inverse)] of shape (..., 1, 1) (only with layout "4d"); layout as QK.c_layout;
     q_op: the (memoised) q operand of the op, whose sizes c is expanded to.
     """
+    if layout != "4d" and any(factors for _, _, factors in key_terms):
+        raise NotProven("a per-head factor on the bias of a 3D (bmm) attention")
 
     def build(graph: fx.Graph) -> fx.Node:
         q = as_node(graph, q_op)
         total = None
-        for coef, node in key_terms:
+        lead_dims = 0
+        for coef, node, factors in key_terms:
             term = node if coef == -1.0 else graph.call_function(operator.mul, (node, -coef))
+            lead_dims = max(lead_dims, len(gu.shape(node)) - 2)
+            for f, inverse in factors:
+                term = graph.call_function(operator.truediv if inverse else operator.mul, (term, f))
+                lead_dims = max(lead_dims, len(gu.shape(f)) - 2)
             total = term if total is None else graph.call_function(operator.add, (total, term))
         c = graph.call_method("squeeze", (total, -2))                      # (lead..., Tk)
-        lead = gu.shape(key_terms[0][1])[:-2]
+        lead = gu.shape(key_terms[0][1])[:-2] if layout == "flat" else (None,) * lead_dims
         qb, qh = _size(graph, q, 0), _size(graph, q, 1)
         if layout == "flat":
             if len(lead) == 1 and lead[0] != 1:

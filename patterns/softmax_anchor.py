@@ -199,6 +199,11 @@ class SoftmaxMatmulAnchor:
         if any(not tp.is_symbolic(f) and float(f) <= 0 for f in factors):
             raise NotProven("a non-positive scale")
         q = ops.memo(qk.q)
+        per_head = lg.tensor_factors(raw_factors)
+        if per_head:
+            if qk.c_layout != "4d":
+                raise NotProven("a per-head factor on the logits of a 3D (bmm) attention")
+            q = ops.memo(ops.scaled_by(q, per_head))          # (f q) . k = f (q . k), and c' = f c below
         k, v = qk.k, pv.v
         if isinstance(k, fx.Node) and isinstance(v, fx.Node):
             k2, v2 = ops.strip_kv_repeat(k, ctx), ops.strip_kv_repeat(v, ctx)

@@ -191,3 +191,56 @@ def exp_minus_logsumexp(q, k, v, fg):
     s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + c[..., :, None] - c[..., None, :]
     s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), NEG)
     return torch.exp(s - torch.logsumexp(s, dim=-1, keepdim=True)) @ v
+
+
+class PerHeadAlpha(torch.nn.Module):
+    """A learned per-head factor on the decay: alpha_h * (c_i - c_j), i.e. c' = alpha c."""
+
+    def __init__(self, heads=2):
+        super().__init__()
+        self.alpha = torch.nn.Parameter(torch.linspace(0.5, 1.5, heads))
+
+    def forward(self, q, k, v, fg):
+        c = torch.cumsum(F.logsigmoid(fg), -1)
+        T = q.shape[-2]
+        s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        s = s + self.alpha[:, None, None] * (c[..., :, None] - c[..., None, :])
+        return s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), NEG).softmax(-1) @ v
+
+
+per_head_alpha = PerHeadAlpha()
+
+
+class PerHeadTemperature(torch.nn.Module):
+    """Logits (product and decay) divided by a per-head temperature tensor before the mask."""
+
+    def __init__(self, heads=2):
+        super().__init__()
+        self.temperature = torch.nn.Parameter(torch.tensor([0.7, 1.3]).view(1, heads, 1, 1))
+
+    def forward(self, q, k, v, fg):
+        c = torch.cumsum(F.logsigmoid(fg), -1)
+        T = q.shape[-2]
+        s = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + c[..., :, None] - c[..., None, :]) / self.temperature
+        return torch.where(torch.tril(torch.ones(T, T, dtype=torch.bool, device=q.device)), s, NEG).softmax(-1) @ v
+
+
+per_head_temperature = PerHeadTemperature()
+
+
+class AlphaOnOneSideOnly(torch.nn.Module):
+    """Look-alike: the factor multiplies c_j only (alpha c_i - c_j is not a difference of one gate)."""
+
+    def __init__(self, heads=2):
+        super().__init__()
+        self.alpha = torch.nn.Parameter(torch.linspace(0.5, 1.5, heads))
+
+    def forward(self, q, k, v, fg):
+        c = torch.cumsum(F.logsigmoid(fg), -1)
+        T = q.shape[-2]
+        s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        s = s + c[..., :, None] - self.alpha[:, None, None] * c[..., None, :]
+        return s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), NEG).softmax(-1) @ v
+
+
+alpha_on_one_side_only = AlphaOnOneSideOnly()

@@ -10,11 +10,11 @@ import reach_cases as rc
 REWRITTEN = [
     "two_views_transpose", "two_views_einops", "prefill_with_cache", "setitem_mask_ellipsis", "setitem_mask_slices",
     "authors_reference_style", "nan_to_num_after_softmax", "where_isnan_after_softmax", "baddbmm_bias",
-    "gpt2_finfo_tensor_fill", "exp_minus_logsumexp", "hf_eager_attention",
+    "gpt2_finfo_tensor_fill", "exp_minus_logsumexp", "hf_eager_attention", "per_head_alpha", "per_head_temperature",
 ]
 LEFT_ALONE = [
     "two_views_shifted", "cache_queries_from_start", "separate_gates", "clamped_decay", "small_probs_zeroed",
-    "setitem_leading_mask", "fill_minus_1e4",
+    "setitem_leading_mask", "fill_minus_1e4", "alpha_on_one_side_only",
 ]
 
 
