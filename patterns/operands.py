@@ -34,6 +34,7 @@ class QK:
     factors: list = field(default_factory=list)
     c_layout: str = "4d"         # "4d": c terms are (B, H, ., .); "flat": (N, ., .) with a 4D source; "3d": no source
     einsum_batch: str = ""
+    group_source: Any = None      # "grouped": the (B, Hkv, G, Tq, D) query (a builder), whose sizes c takes
 
 
 def _strip_scalars(node: Any, factors: list) -> Any:
@@ -155,9 +156,29 @@ def product_inputs(S: fx.Node) -> tuple:
     return (S.args[1], S.args[2]) if gu.is_op(S, "baddbmm") else (S.args[0], S.args[1])
 
 
+def _grouped_qk(S: fx.Node, out: str, la: str, lb: str, a: Any, b: Any) -> QK:
+    """einsum("bhgid,bhjd->bhgij", q5, k): grouped-query attention with q viewed as (B, Hkv, G, T, D)
+    and k, v not repeated. Query head h * G + g reads kv head h, the op's own GQA mapping, so q is
+    flattened to (B, Hkv * G, T, D) and k passes as it is."""
+    batch, t, s = out[:3], out[3], out[4]
+    d = set(la) & set(lb) - set(out)
+    kv_batch = batch[:2]
+    if len(d) != 1 or sorted(la) != sorted(batch + t + "".join(d)) or sorted(lb) != sorted(kv_batch + s + "".join(d)):
+        raise NotProven(f"einsum {S.args[0]!r} is not a grouped q k^T (q (b, h, g, t, d) against k (b, h, s, d))")
+    (dl,) = d
+    fa, fb = [], []
+    a, b = _strip_scalars(a, fa), _strip_scalars(b, fb)
+    q5 = memo(_permute_builder(a, la, batch + t + dl))
+    q = lambda graph: graph.call_method("flatten", (as_node(graph, q5), 1, 2))
+    k = _permute_builder(b, lb, kv_batch + s + dl)
+    return QK(q, k, fa + fb, c_layout="grouped", einsum_batch=batch, group_source=q5)
+
+
 def qk_operands(S: fx.Node, ctx: MatchContext) -> QK:
     if gu.is_op(S, "einsum"):
         out, (la, lb), (a, b) = _parse_einsum(S)
+        if len(out) == 5:
+            return _grouped_qk(S, out, la, lb, a, b)
         if len(out) != 4:
             raise NotProven("einsum logits that are not 4D")
         batch, t, s = out[:2], out[2], out[3]
@@ -202,6 +223,8 @@ def pv_operands(O: fx.Node, P: fx.Node, qk: QK, ctx: MatchContext) -> PV:
         out, (lp, lv), (p, v) = _parse_einsum(O)
         if p is not P or qk.einsum_batch == "" and qk.c_layout != "4d":
             raise NotProven("einsum P V with the probabilities not first")
+        if qk.c_layout == "grouped":
+            return _grouped_pv(O, out, lp, lv, v, qk.group_source)
         if len(lp) != 4 or len(out) != 4:
             raise NotProven("einsum P V that is not 4D")
         batch, t, s = lp[:2], lp[2], lp[3]
@@ -241,6 +264,26 @@ def scaled_by(x: Any, factors: list) -> Callable:
     return build
 
 
+def _grouped_pv(O: fx.Node, out: str, lp: str, lv: str, v: Any, q5: Any) -> PV:
+    """einsum("bhgij,bhjd->bhgid", p, v) after a grouped q k^T: v passes as (B, Hkv, Tk, D) and the op's
+    o (B, Hkv * G, Tq, D) is unflattened to (B, Hkv, G, Tq, D) and put in the einsum's output order."""
+    if len(lp) != 5 or len(out) != 5:
+        raise NotProven(f"einsum {O.args[0]!r} after a grouped q k^T is not a grouped P V")
+    batch, t, s = lp[:3], lp[3], lp[4]
+    e = set(lv) - set(lp)
+    if len(e) != 1 or sorted(lv) != sorted(batch[:2] + s + "".join(e)) or sorted(out) != sorted(batch + t + "".join(e)):
+        raise NotProven(f"einsum {O.args[0]!r} is not a grouped P V")
+    (el,) = e
+    vb = _permute_builder(v, lv, batch[:2] + s + el)
+    inner = batch + t + el
+    order = [inner.index(ch) for ch in out]
+
+    def finish(graph: fx.Graph, o: fx.Node) -> fx.Node:
+        o5 = graph.call_method("unflatten", (o, 1, (-1, _size(graph, as_node(graph, q5), 2))))
+        return o5 if order == list(range(5)) else graph.call_method("permute", (o5, *order))
+    return PV(vb, finish)
+
+
 def memo(x: Any) -> Any:
     """A builder that emits its nodes once and then returns the same node (nodes pass through)."""
     if isinstance(x, fx.Node):
@@ -259,14 +302,14 @@ def as_node(graph: fx.Graph, x: Any) -> fx.Node:
     return x if isinstance(x, fx.Node) else x(graph)
 
 
-def c_builder(key_terms: list, layout: str, q_op: Any) -> Callable:
+def c_builder(key_terms: list, layout: str, q_op: Any, group_source: Any = None) -> Callable:
     """c (B, Hq, Tk) fp32 = -(sum of coef * key term).squeeze(-2), broadcast to q's (B, Hq).
 
     key_terms: (coef, node, tensor factors) with node (..., 1, Tk) in the logits' leading layout and
     tensor factors [(f, inverse)] of shape (..., 1, 1) (only with layout "4d"); layout as QK.c_layout;
     q_op: the (memoised) q operand of the op, whose sizes c is expanded to.
     """
-    if layout != "4d" and any(factors for _, _, factors in key_terms):
+    if layout not in ("4d", "grouped") and any(factors for _, _, factors in key_terms):
         raise NotProven("a per-head factor on the bias of a 3D (bmm) attention")
 
     def build(graph: fx.Graph) -> fx.Node:
@@ -288,6 +331,13 @@ def c_builder(key_terms: list, layout: str, q_op: Any) -> Callable:
                 c = graph.call_method("reshape", (c, qb, qh, -1))
             else:
                 c = graph.call_method("reshape", (c, 1, 1, -1))
+        elif layout == "grouped":                                         # (B, Hkv, G, Tk) -> (B, Hkv * G, Tk)
+            q5 = as_node(graph, group_source)
+            while len(lead) < 3:
+                c = graph.call_method("unsqueeze", (c, 0))
+                lead = (1, *lead)
+            c = graph.call_method("expand", (c, *(_size(graph, q5, i) for i in range(3)), -1))
+            c = graph.call_method("flatten", (c, 1, 2))
         else:                                                             # "4d", "3d": pad to (., ., Tk)
             while len(lead) < 2:
                 c = graph.call_method("unsqueeze", (c, 0))

@@ -114,6 +114,28 @@ def _silent_miss(softmax: fx.Node, end: fx.Node, anchor: str):
     return None
 
 
+def _is_call(node: Any, name: str) -> bool:
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return False
+    return (node.target if node.op == "call_method" else getattr(node.target, "__name__", "")) == name
+
+
+def _normalised_by_hand(node: fx.Node):
+    """The division node of e / e.sum(-1, keepdim=True) with e = exp(...), when its result is the
+    first operand of a matrix product: a softmax written by hand."""
+    if not _is_call(node, "exp"):
+        return None
+    for div in node.users:
+        if not gu.is_op(div, "div") or div.args[0] is not node or not isinstance(div.args[1], fx.Node):
+            continue
+        total = div.args[1]
+        if not (_is_call(total, "sum") and total.args and total.args[0] is node):
+            continue
+        if any(any(gu.is_op(u, m) for m in _MATMULS) and u.args and u.args[0] is div for u in div.users):
+            return div
+    return None
+
+
 def _log_normalised(node: fx.Node):
     """(s, s - lse, lse) when node is exp(s - logsumexp(s, dim, keepdim=True)): a softmax of s."""
     if not (isinstance(node, fx.Node) and node.op in ("call_function", "call_method")):
@@ -143,9 +165,14 @@ class SoftmaxMatmulAnchor:
     name = "softmax_matmul"
 
     def candidates(self, graph: fx.Graph) -> Iterable[fx.Node]:
-        return [n for n in graph.nodes if gu.is_op(n, "softmax") or _log_normalised(n) is not None]
+        return [n for n in graph.nodes if gu.is_op(n, "softmax") or _log_normalised(n) is not None
+                or _normalised_by_hand(n) is not None]
 
     def match(self, node: fx.Node, ctx: MatchContext):
+        if not gu.is_op(node, "softmax") and _log_normalised(node) is None:
+            return NearMiss(self.name, node.name, "the probabilities are computed by hand (exp, then a division by "
+                            "the row sum) instead of a softmax op; write torch.softmax(s, dim=-1) (or "
+                            "exp(s - logsumexp(s))) to let the pass prove the site")
         # Probabilities: softmax -> casts, clones, dropout, NaN clean-ups -> P @ V, each step the only user.
         chain = [node]
         cur = node
@@ -202,7 +229,7 @@ class SoftmaxMatmulAnchor:
         per_head = lg.tensor_factors(raw_factors)
         if per_head:
             if qk.c_layout != "4d":
-                raise NotProven("a per-head factor on the logits of a 3D (bmm) attention")
+                raise NotProven("a per-head factor on the logits of a 3D (bmm) or grouped attention")
             q = ops.memo(ops.scaled_by(q, per_head))          # (f q) . k = f (q . k), and c' = f c below
         k, v = qk.k, pv.v
         if isinstance(k, fx.Node) and isinstance(v, fx.Node):
@@ -217,7 +244,7 @@ class SoftmaxMatmulAnchor:
         region = tuple(chain) + tuple(dec.chain) + (dec.qk,)
         return FoxMatch(
             anchor=self.name, replace=O, q=q, k=k, v=v,
-            c=ops.c_builder(proof.key_terms, qk.c_layout, q),
+            c=ops.c_builder(proof.key_terms, qk.c_layout, q, qk.group_source),
             sm_scale=sm_scale, finish=pv.finish, guards=tuple(guards), region=region,
         )
 

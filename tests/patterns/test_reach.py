@@ -11,19 +11,21 @@ REWRITTEN = [
     "two_views_transpose", "two_views_einops", "prefill_with_cache", "setitem_mask_ellipsis", "setitem_mask_slices",
     "authors_reference_style", "nan_to_num_after_softmax", "where_isnan_after_softmax", "baddbmm_bias",
     "gpt2_finfo_tensor_fill", "exp_minus_logsumexp", "hf_eager_attention", "per_head_alpha", "per_head_temperature",
+    "gqa_grouped_einsum",
 ]
 LEFT_ALONE = [
     "two_views_shifted", "cache_queries_from_start", "separate_gates", "clamped_decay", "small_probs_zeroed",
-    "setitem_leading_mask", "fill_minus_1e4", "alpha_on_one_side_only",
+    "setitem_leading_mask", "fill_minus_1e4", "alpha_on_one_side_only", "softmax_by_hand",
 ]
 
 
 def make_inputs(name, seed=0):
     Tq, Tk = (11, 37) if "cache" in name else (29, 29)
+    Hq, Hkv = (6, 2) if "gqa" in name else (2, 2)
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(2, 2, Tq, 8, generator=g)
-    k, v = torch.randn(2, 2, Tk, 8, generator=g), torch.randn(2, 2, Tk, 8, generator=g)
-    fg = torch.randn(2, 2, Tk, generator=g) + 1.0
+    q = torch.randn(2, Hq, Tq, 8, generator=g)
+    k, v = torch.randn(2, Hkv, Tk, 8, generator=g), torch.randn(2, Hkv, Tk, 8, generator=g)
+    fg = torch.randn(2, Hq, Tk, generator=g) + 1.0
     return [x.requires_grad_() for x in (q, k, v, fg)]
 
 
