@@ -2,16 +2,24 @@
 
   backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound) -> (dq, dk, dv, dc)
 
-Shapes: q, do, o, dq (B, Hq, Tq, D); k, v, dk, dv (B, Hkv, Tk, D); c, dc (B, Hq, Tk) (dc fp32);
-lse (B, Hq, Tq) fp32 natural log, as written by the forward. Outputs are `empty_like` the matching
-input (strides kept); any input strides work. Queries are the last Tq of the Tk positions.
+Shapes: q, do, o, dq (B, Hq, Tq, D); k, v, dk, dv (B, Hkv, Tk, D); c, dc (B, Hq, Tk) (dc in c's
+dtype, accumulated in fp32); lse (B, Hq, Tq) fp32 natural log, as written by the forward. Outputs are
+`empty_like` the matching input (strides kept); any input strides work. Queries are the last Tq of the
+Tk positions.
 
-Steps (three launches plus the plan; nothing synchronises with the host, no atomics, so the
+Steps (five launches plus the plan; nothing synchronises with the host, no atomics, so the
 gradients are bitwise reproducible from run to run):
-  1. Delta_i = rowsum(do_i * o_i) and the row term r_i = (c[p_i] - lse_i) log2(e), fp32 (B, Hq, Tq)
-                                                                   (preprocess kernel below)
-  2. dk, dv, dc: one program per (b, kv head, key block)            (backward_dkdv.py)
-  3. dq:         one program per (b, query head, query block)       (backward_dq.py)
+  1. Delta_i = rowsum(do_i * o_i) and lse2_i = lse_i log2(e), fp32 (B, Hq, Tq)   (preprocess kernel below)
+  2. dk, dv and the column term of dc, dc_j = -sum_i dS_ij: one program per (b, kv head, key block)
+                                                                   (backward_dkdv.py)
+  3. dq and the row term of dc, dc[p_i] += sum_j dS_ij: one program per (b, query head, query block),
+     after step 2 on the same stream                               (backward_dq.py)
+  Steps 2 and 3 each launch twice: the one-FMA form for programs whose fixed block of c spreads by at
+  most C_SPAN_LIMIT (configs.py), the exact per-entry c_i - c_j for the rest; a program of the other
+  mode computes nothing and stores nothing.
+The row term is zero for the exact O, not for O rounded to bf16 (Delta is then off by e_i); dropping
+it let the error of d log f (the reverse cumulative sum of dc) grow with T. With both terms formed from
+the same Delta the e_i cancel in the suffix sums except for rows that attend across the position.
 The ACP plan comes from kernels/fox_triton/plan.py (on the device, no host sync): one launch per backward.
 
 Tile partition and the eps bound: each kernel has its own (BLOCK_M, BLOCK_N), which may differ

@@ -2,16 +2,19 @@
 
 Notation (one batch element b, kv head hk, query head h = hk * G + g for g < G = Hq // Hkv):
   queries are the last Tq of Tk positions: query row i sits at position p_i = i + q_shift,
-  q_shift = Tk - Tq.  Base-2 arithmetic: c2 = c * log2(e), qk_scale = sm_scale * log2(e),
-  r_i = (c[p_i] - lse_i) * log2(e)            (row term, written by the preprocess kernel)
-  sT_ji   = qk_scale * k_j . q_i + r_i - c2[j]
+  q_shift = Tk - Tq.  Base-2 arithmetic: qk_scale = sm_scale * log2(e), lse2_i = lse_i * log2(e)
+  (preprocess kernel), c_ref = c of the program's first key
+  one-FMA form:  sT_ji = qk_scale k_j.q_i + ((c[p_i] - c_ref) log2(e) - lse2_i) - (c[j] - c_ref) log2(e)
+  exact form:    sT_ji = (c[p_i] - c[j]) log2(e) + (qk_scale k_j.q_i - lse2_i)
+  (exact when c spreads by more than C_SPAN_LIMIT over the key block in any head of the group; one
+  launch per form, a program of the other mode computes and stores nothing; see backward.py)
   pT_ji   = exp2(sT_ji) = P_ij, the softmax probability of the forward (0 where masked or skipped)
   dpT_ji  = v_j . do_i ;  dsT_ji = pT_ji * (dpT_ji - Delta_i),  Delta_i = rowsum(do_i * o_i)
   dv_j   += sum_i pT_ji do_i         dk_j += sm_scale * sum_i dsT_ji q_i      (summed over g)
   dc_j    = -sum_i dsT_ji            (one value per query head h)
-Gradient of c: s_ij depends on c through c[p_i] - c[j], so dc_t = sum_j dS_tj - sum_i dS_it.
-The first sum is zero for every row (softmax ignores a per-row shift: sum_j P_ij dP_ij = Delta_i),
-so only the column sum is computed; tests check this against autograd through the reference.
+Gradient of c: s_ij depends on c through c[p_i] - c[j], so dc_t = sum_j dS_tj - sum_i dS_it. This
+kernel writes the column sums; the dq kernel, which holds whole rows, adds the row sums afterwards
+(they vanish for the exact O but not for O rounded to bf16, see backward.py).
 
 Grid (B * Hkv, Nk): one program per (b, kv head, key block n); the batch-head axis varies fastest
 so that all the heavy programs (small n: the most query blocks) start first. A program holds k, v
@@ -19,10 +22,10 @@ of its BLOCK_N keys and loops over the G query heads of its kv head (no atomics,
 k/v), and for each head over the query blocks m = m_lo .. end[n] - 1: m_lo is the first query
 block with a causal entry in key block n, end[n] comes from the ACP plan of this kernel's
 (BLOCK_M, BLOCK_N) partition. kept(m, n) <=> start[m] <= n is checked per tile (for a non-monotone
-c the kept query blocks below end[n] need not be contiguous); a tile that is not kept gets r = -inf
+c the kept query blocks below end[n] need not be contiguous); a tile that is not kept gets lse2 = +inf
 so it adds exactly 0 (branch-free, which keeps the loop software-pipelined). Tiles that straddle
 the diagonal use the causal mask; the rest run unmasked. Keys that no query block keeps get
-dk = dv = dc = 0 (written). Rows past Tq load r = -inf, so their probabilities are exactly 0.
+dk = dv = dc = 0 (written). Rows past Tq load lse2 = +inf and are masked, so their probabilities are exactly 0.
 Compile-time specialisation: head dim (HEAD_DIM; masks on d only when it is not a power of two),
 Tq % BLOCK_M == 0 and Tk % BLOCK_N == 0 (no row masks), GQA group, ACP on or off, dot precision.
 Offsets: batch and head offsets are int64, so B * H * T * D above 2**31 works.
@@ -134,6 +137,11 @@ def fox_bwd_dkdv_kernel(
     offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                            # (BN,) key positions
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_n < Tk
+    if not EXACT_C:
+        k = load_rows(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                      col_ok, offs_d, EVEN_N, HEAD_DIM, BLOCK_D)             # (BN, BD)
+        v = load_rows(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                      col_ok, offs_d, EVEN_N, HEAD_DIM, BLOCK_D)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
 
@@ -159,11 +167,15 @@ def fox_bwd_dkdv_kernel(
     else:
         mine = is_exact == 0
     store_ok = (col_ok.to(tl.int32) * mine.to(tl.int32)) != 0
-    # k and v only for the programs of this launch: the other launch's programs read nothing more
-    k = load_rows(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                  store_ok, offs_d, False, HEAD_DIM, BLOCK_D)                # (BN, BD)
-    v = load_rows(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                  store_ok, offs_d, False, HEAD_DIM, BLOCK_D)
+    if EXACT_C:
+        # The exact launch is idle for almost every program (W1: all); masking its k, v loads by the
+        # mode keeps its idle programs from reading them (0.18 ms at W1 16k unmasked). The one-FMA
+        # launch keeps the EVEN_N-specialised loads above: masking those by the mode as well measured
+        # slower on the H200 (8.69 against 8.01 ms, W1 16k ACP fwd+bwd).
+        k = load_rows(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                      store_ok, offs_d, False, HEAD_DIM, BLOCK_D)            # (BN, BD)
+        v = load_rows(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                      store_ok, offs_d, False, HEAD_DIM, BLOCK_D)
 
     for g in range(GROUP):
         h = hk * GROUP + g

@@ -1,17 +1,20 @@
 """Triton kernel for dq in the FoX attention backward.
 
 Notation (one batch element b, query head h, kv head hk = h // G):
-  query row i sits at position p_i = i + q_shift, q_shift = Tk - Tq; c2 = c * log2(e)
-  r_i   = (c[p_i] - lse_i) * log2(e)   (row term, written by the preprocess kernel)
-  s_ij  = qk_scale * q_i . k_j + r_i - c2[j]           qk_scale = sm_scale * log2(e)
+  query row i sits at position p_i = i + q_shift, q_shift = Tk - Tq; lse2_i = lse_i * log2(e)
+  (preprocess kernel); c_ref = c[p_first] of the program's query block; qk_scale = sm_scale * log2(e)
+  one-FMA form:  r_i = (c[p_i] - c_ref) log2(e) - lse2_i,  s_ij = qk_scale q_i.k_j + r_i - (c[j] - c_ref) log2(e)
+  exact form:    s_ij = (c[p_i] - c[j]) log2(e) + (qk_scale q_i.k_j - lse2_i)
+  (exact when c spreads by more than C_SPAN_LIMIT over the block's rows; one launch per form, see backward.py)
   p_ij  = exp2(s_ij) ;  ds_ij = p_ij * (do_i . v_j - Delta_i) ;  dq_i = sm_scale * sum_j ds_ij k_j
+  rs_i  = sum_j ds_ij, added to dc[p_i] (the row term of dc; the dk/dv kernel wrote the column term)
 
 Grid (B * Hq, Mq): one program per (b, query head, query block m), heaviest query blocks first
 (m runs from the last block down; the batch-head axis varies fastest). Like the forward, it visits
 the key blocks n = start[m] .. n_hi(m), start in units of BLOCK_N keys for blocks of BLOCK_M rows
 (the launcher derives it from the dk/dv kernel's plan, see backward.coarsen_start). First the key blocks that every row of the block sees in full (no mask, never past Tk),
 then those that straddle the diagonal (causal mask). start[m] <= n_hi(m) always, so the diagonal
-is always visited. Rows past Tq load r = -inf and are not stored; keys past Tk only occur in masked
+is always visited. Rows past Tq load lse2 = +inf (p = 0) and are not stored; keys past Tk only occur in masked
 tiles (their position exceeds every query's), so the causal mask removes them.
 Offsets: batch and head offsets are int64.
 """
@@ -90,6 +93,11 @@ def fox_bwd_dq_kernel(
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)                            # (BM,) query rows
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Tq
+    if not EXACT_C:
+        q = load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                      row_ok, offs_d, EVEN_M, HEAD_DIM, BLOCK_D)            # (BM, BD)
+        do = load_rows(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                       row_ok, offs_d, EVEN_M, HEAD_DIM, BLOCK_D)
     pos_q = offs_m + q_shift
     Cbh = C + b * stride_cb + h * stride_ch
     c_ref = tl.load(Cbh + (m * BLOCK_M + q_shift) * stride_ct).to(tl.float32)   # c of the block's first row
@@ -109,11 +117,12 @@ def fox_bwd_dq_kernel(
     else:
         mine = is_exact == 0
     store_ok = (row_ok.to(tl.int32) * mine.to(tl.int32)) != 0
-    # q and do only for the programs of this launch: the other launch's programs read nothing more
-    q = load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                  store_ok, offs_d, False, HEAD_DIM, BLOCK_D)               # (BM, BD)
-    do = load_rows(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                   store_ok, offs_d, False, HEAD_DIM, BLOCK_D)
+    if EXACT_C:
+        # idle programs of the exact launch read no q, do (see the dk/dv kernel for the measurements)
+        q = load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                      store_ok, offs_d, False, HEAD_DIM, BLOCK_D)           # (BM, BD)
+        do = load_rows(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                       store_ok, offs_d, False, HEAD_DIM, BLOCK_D)
 
     # Last key block with a causal entry (that of the last valid row), and the key blocks every row sees in full.
     last_pos = tl.minimum((m + 1) * BLOCK_M, Tq) - 1 + q_shift
@@ -140,7 +149,6 @@ def fox_bwd_dq_kernel(
                        stride_vt, stride_vd, stride_ct, tl.maximum(n_start, n_full), n_end, Tk, qk_scale, MASKED=True,
                        KEYS_EVEN=EVEN_N, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
                        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
-    store_ok = (row_ok.to(tl.int32) * mine.to(tl.int32)) != 0
     dq = dq * sm_scale
     store_rows(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
                dq.to(DQ.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, BLOCK_D)

@@ -7,10 +7,15 @@ Notation (one program = one query block m of one (batch b, query head h)):
   s_ij = scale q_i.k_j + c[p_i] - c[j]   (j <= p_i)
   Softmax ignores a per-row shift, so the kernel works with the shifted logits, in base 2:
     t_ij = log2(e) * (scale q_i.k_j - (c[j] - c_ref))        c_ref = c[p_first] of the block
-  (one fused multiply-add per entry; subtracting c_ref keeps t small where it matters, so the fp32
-  rounding of a large |c| does not enter), and adds the row term back to the log-sum-exp at the end:
+  (one fused multiply-add per entry), and adds the row term back to the log-sum-exp at the end:
     lse_i = ln2 * (m_i + log2 l_i) + (c[p_i] - c_ref)
-  with m_i the running max of t and l_i = sum_j 2^(t_ij - m_i) (online softmax).
+  with m_i the running max of t and l_i = sum_j 2^(t_ij - m_i) (online softmax). Its rounding is
+  about (|c_i - c_j| + spread) * 2^-24 per logit, spread = max - min of c over the block's rows; when
+  the spread exceeds C_SPAN_LIMIT (configs.py: a hard reset, a steep decay) the program takes the
+  exact form instead, t_ij = log2(e) * scale q_i.k_j + log2(e) * (c[p_i] - c[j]) per entry, and
+  lse_i = ln2 * (m_i + log2 l_i) (an `if` on a per-program scalar around the two key loops).
+  BAD (B, Hq, D) fp32 (0, or NaN in the columns where v of the kv head is non-finite somewhere) is
+  added to o, for eager's NaN semantics (kernels/dispatch.py).
 
 Key blocks visited by block m (BN keys each):
   [start[m], n_full)         full tiles (every key j <= p_first): no mask
