@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import BatchSampler, load_corpus  # noqa: E402
@@ -104,27 +105,12 @@ def learning_rate(step: int, s: TrainSettings) -> float:
     return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class ProgressBar:
-    def __init__(self, total: int, label: str, enabled: bool = True, width: int = 24):
-        self.total, self.label, self.enabled, self.width = total, label, enabled, width
-        self.interactive = sys.stderr.isatty()
-
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        if not self.enabled:
-            return
-        done = int(self.width * step / self.total)
-        line = (f"{self.label:>13} {step:4d}/{self.total} [{'#' * done}{'.' * (self.width - done)}] "
-                f"loss {loss:6.3f} | {tokens_per_s / 1e3:7.2f}k tok/s")
-        if self.interactive:
-            print("\r" + line, end="\n" if step == self.total else "", file=sys.stderr, flush=True)
-        elif step == self.total or step % max(1, self.total // 10) == 0:
-            print(line, file=sys.stderr, flush=True)
-
-
 def acp_counts() -> dict:
-    """The acp pass's counters: attention sites rewritten ("fox_attention") and near-misses."""
-    from acp_compile import _torch_private
-    return dict(_torch_private.acp_counters())
+    """What the acp pass did so far: attention sites rewritten ("fox_attention") and near-misses."""
+    import acp_compile
+    records = acp_compile.compilations()
+    return {"fox_attention": sum(len(r.sites) for r in records),
+            "near_miss": sum(len(r.near_misses) for r in records)}
 
 
 def autocast_for(device: torch.device):
@@ -158,7 +144,8 @@ def train_one(run: str, s: TrainSettings, corpus=None, save: Path | None = None)
         report.reset()
         counts_before = acp_counts()
     result = RunResult(name=run)
-    bar = ProgressBar(s.steps, run, s.progress)
+    bar = tqdm(total=s.steps, desc=run, disable=not s.progress, file=sys.stderr, mininterval=0.5,
+               dynamic_ncols=True, leave=True)
     tokens_per_step = s.batch_size * s.seq_len
     start = time.perf_counter()
     steady_start = None
@@ -182,7 +169,8 @@ def train_one(run: str, s: TrainSettings, corpus=None, save: Path | None = None)
             rate = tokens_per_step * (step - 1) / (now - steady_start)
         result.steps.append(step)
         result.train_loss.append(loss_value)
-        bar.update(step, loss_value, rate)
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate / 1e3:.2f}k", refresh=False)
+        bar.update(1)
         if step % s.eval_every == 0 or step == s.steps:
             pause = time.perf_counter()
             result.eval_steps.append(step)
@@ -195,6 +183,7 @@ def train_one(run: str, s: TrainSettings, corpus=None, save: Path | None = None)
             result.heldout_loss.append(heldout_loss(model, BatchSampler(
                 corpus.heldout, s.batch_size, s.seq_len, seed=s.seed + 1), s.eval_batches, device))
             steady_start += time.perf_counter() - pause   # evaluation is not training time
+    bar.close()
     result.total_s = time.perf_counter() - start
     result.tokens_per_s = tokens_per_step * (s.steps - 1) / (time.perf_counter() - steady_start) if s.steps > 1 else rate
     last = result.skipped_per_head[-1]

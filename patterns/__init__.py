@@ -12,7 +12,7 @@ dim is symbolic. A proven site comes back as a FoxMatch (patterns/match.py), whi
 patterns/emit.py turns into torch.ops.acp.fox_attention_fwd; anything attention-shaped that is
 not proven comes back as a NearMiss with its reason and the graph stays as it was.
 
-Protocol for a new anchor (e.g. patterns/flex.py):
+Protocol for a new anchor (e.g. patterns/flex_anchor.py):
 
     from acp_compile.patterns.registry import register_anchor
     from acp_compile.patterns.match import FoxMatch, NearMiss

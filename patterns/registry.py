@@ -26,7 +26,7 @@ from acp_compile.patterns.match import FoxMatch, NearMiss
 BUILTIN_ANCHOR_MODULES = (
     "acp_compile.patterns.softmax_anchor",
     "acp_compile.patterns.sdpa_anchor",
-    "acp_compile.patterns.flex",
+    "acp_compile.patterns.flex_anchor",
 )
 
 

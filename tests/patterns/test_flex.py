@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 import acp_compile.backend  # noqa: F401  (sets up the acp_compile logger before a test attaches to it)
-from acp_compile.patterns.flex import block_tables_are_causal
+from acp_compile.patterns.flex_anchor import block_tables_are_causal
 
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
