@@ -130,7 +130,7 @@ def _size(graph: fx.Graph, node: fx.Node, dim: int) -> Any:
     return graph.call_method("size", (node, dim))
 
 
-def _parse_einsum(node: fx.Node) -> tuple[str, list[str], list]:
+def parse_einsum(node: fx.Node) -> tuple[str, list[str], list]:
     eq = node.args[0]
     ops = list(node.args[1:])
     if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
@@ -176,7 +176,7 @@ def _grouped_qk(S: fx.Node, out: str, la: str, lb: str, a: Any, b: Any) -> QK:
 
 def qk_operands(S: fx.Node, ctx: MatchContext) -> QK:
     if gu.is_op(S, "einsum"):
-        out, (la, lb), (a, b) = _parse_einsum(S)
+        out, (la, lb), (a, b) = parse_einsum(S)
         if len(out) == 5:
             return _grouped_qk(S, out, la, lb, a, b)
         if len(out) != 4:
@@ -220,7 +220,7 @@ class PV:
 def pv_operands(O: fx.Node, P: fx.Node, qk: QK, ctx: MatchContext) -> PV:
     """O = P @ V (P the probabilities, first operand)."""
     if gu.is_op(O, "einsum"):
-        out, (lp, lv), (p, v) = _parse_einsum(O)
+        out, (lp, lv), (p, v) = parse_einsum(O)
         if p is not P or qk.einsum_batch == "" and qk.c_layout != "4d":
             raise NotProven("einsum P V with the probabilities not first")
         if qk.c_layout == "grouped":

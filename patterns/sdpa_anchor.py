@@ -15,7 +15,7 @@ import torch.fx as fx
 from acp_compile import _torch_private as tp
 from acp_compile.patterns import graph_utils as gu
 from acp_compile.patterns import logits as lg
-from acp_compile.patterns import operands as ops
+from acp_compile.patterns import operands as od  # od: operand builders
 from acp_compile.patterns.dtypes import cast_operand, operand_cast
 from acp_compile.patterns.match import FoxMatch, NearMiss, NotProven
 from acp_compile.patterns.registry import register_anchor
@@ -59,7 +59,7 @@ class SdpaAnchor:
                 ctx.scalar(scale)                             # a number (raises otherwise)
                 sm_scale = _scale_argument([scale], ctx.shape(q)[-1])
             if not enable_gqa:
-                k2, v2 = ops.strip_kv_repeat(k, ctx), ops.strip_kv_repeat(v, ctx)
+                k2, v2 = od.strip_kv_repeat(k, ctx), od.strip_kv_repeat(v, ctx)
                 if (k2 is not k) == (v2 is not v):
                     k, v = k2, v2
             cast = operand_cast((q, k, v), (node,))
@@ -67,7 +67,7 @@ class SdpaAnchor:
                 q, k, v = (cast_operand(x, cast) for x in (q, k, v))
             return FoxMatch(
                 anchor=self.name, replace=node, q=q, k=k, v=v,
-                c=ops.c_builder(proof.key_terms, "4d", q), sm_scale=sm_scale,
+                c=od.c_builder(proof.key_terms, "4d", q), sm_scale=sm_scale,
                 guards=tuple(guards), region=tuple(dec.chain),
             )
         except NotProven as err:

@@ -17,7 +17,7 @@ import torch.fx as fx
 from acp_compile import _torch_private as tp
 from acp_compile.patterns import graph_utils as gu
 from acp_compile.patterns import logits as lg
-from acp_compile.patterns import operands as ops
+from acp_compile.patterns import operands as od  # od: operand builders
 from acp_compile.patterns.context import MatchContext, is_default_scale
 from acp_compile.patterns.dtypes import cast_operand, operand_cast
 from acp_compile.patterns.match import FoxMatch, NearMiss, NotProven
@@ -190,8 +190,8 @@ class SoftmaxMatmulAnchor:
             return _silent_miss(node, cur, self.name)
         out_node = u
         if gu.is_op(out_node, "einsum"):
-            _, _, operands = ops._parse_einsum(out_node)
-            if operands[0] is not cur:
+            _, _, einsum_inputs = od.parse_einsum(out_node)
+            if einsum_inputs[0] is not cur:
                 return None
         elif out_node.args[0] is not cur:
             return None
@@ -213,30 +213,30 @@ class SoftmaxMatmulAnchor:
             chain = chain + [sub, lse]
         if dec.qk is None:
             raise NotProven("no q k^T product found below the softmax")
-        qk = ops.qk_operands(dec.qk, ctx)
+        qk = od.qk_operands(dec.qk, ctx)
         S_shape = ctx.shape(dec.qk)
         Tq, Tk = tp.concrete_int(S_shape[-2]), tp.concrete_int(S_shape[-1])
         proof = lg.prove_bias(dec, ctx, Tq, Tk)
         if proof is None:
             return None                                  # plain causal attention: not FoX, left alone
         guards = lg.prove_causal(dec, ctx, Tq, Tk, O)
-        pv = ops.pv_operands(O, P, qk, ctx)
+        pv = od.pv_operands(O, P, qk, ctx)
         raw_factors = qk.factors + dec.qk_coef
         factors = lg.scale_factors(raw_factors)
         if any(not tp.is_symbolic(f) and float(f) <= 0 for f in factors):
             raise NotProven("a non-positive scale")
-        q = ops.memo(qk.q)
+        q = od.memo(qk.q)
         per_head = lg.tensor_factors(raw_factors)
         if per_head:
             if qk.c_layout != "4d":
                 raise NotProven("a per-head factor on the logits of a 3D (bmm) or grouped attention")
-            q = ops.memo(ops.scaled_by(q, per_head))          # (f q) . k = f (q . k), and c' = f c below
+            q = od.memo(od.scaled_by(q, per_head))          # (f q) . k = f (q . k), and c' = f c below
         k, v = qk.k, pv.v
         if isinstance(k, fx.Node) and isinstance(v, fx.Node):
-            k2, v2 = ops.strip_kv_repeat(k, ctx), ops.strip_kv_repeat(v, ctx)
+            k2, v2 = od.strip_kv_repeat(k, ctx), od.strip_kv_repeat(v, ctx)
             if (k2 is not k) == (v2 is not v):
                 k, v = k2, v2
-        head_dim = ctx.shape(ops.product_inputs(dec.qk)[0] if not gu.is_op(dec.qk, "einsum") else O)[-1]
+        head_dim = ctx.shape(od.product_inputs(dec.qk)[0] if not gu.is_op(dec.qk, "einsum") else O)[-1]
         sm_scale = _scale_argument(raw_factors, head_dim)
         cast = operand_cast((qk.q, k, v), (dec.qk, O))
         if cast is not None:
@@ -244,7 +244,7 @@ class SoftmaxMatmulAnchor:
         region = tuple(chain) + tuple(dec.chain) + (dec.qk,)
         return FoxMatch(
             anchor=self.name, replace=O, q=q, k=k, v=v,
-            c=ops.c_builder(proof.key_terms, qk.c_layout, q, qk.group_source),
+            c=od.c_builder(proof.key_terms, qk.c_layout, q, qk.group_source),
             sm_scale=sm_scale, finish=pv.finish, guards=tuple(guards), region=region,
         )
 
