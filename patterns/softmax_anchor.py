@@ -92,9 +92,30 @@ def _probability_step(cur: fx.Node, ctx: MatchContext):
     return None
 
 
+def _over_a_product(softmax: fx.Node) -> bool:
+    """The softmax's input is built from a matrix product within a few steps (attention logits, not,
+    say, a router's linear layer)."""
+    frontier, seen = [softmax], set()
+    for _ in range(8):
+        nxt = []
+        for n in frontier:
+            for a in n.all_input_nodes:
+                if a in seen:
+                    continue
+                seen.add(a)
+                if any(gu.is_op(a, m) for m in _MATMULS + ("baddbmm",)):
+                    return True
+                nxt.append(a)
+        frontier = nxt
+    return False
+
+
 def _silent_miss(softmax: fx.Node, end: fx.Node, anchor: str):
-    """None when the softmax does not feed a product (not attention); a near-miss naming the step
-    that stopped the chain when a product with the probabilities follows within a few steps."""
+    """None when the softmax does not look like attention; a near-miss naming the step that stopped
+    the chain when the softmax reads a q k^T product and the probabilities reach the first operand of
+    another product within a few steps."""
+    if not _over_a_product(softmax):
+        return None
     frontier, seen = [end], set()
     for _ in range(4):
         nxt = []
@@ -103,7 +124,8 @@ def _silent_miss(softmax: fx.Node, end: fx.Node, anchor: str):
                 if u in seen:
                     continue
                 seen.add(u)
-                if any(gu.is_op(u, m) for m in _MATMULS):
+                if any(gu.is_op(u, m) for m in _MATMULS) and u.args and (u.args[0] in seen or u.args[0] is end
+                                                                          or gu.is_op(u, "einsum")):
                     blockers = sorted({str(x.target if x.op == "call_method" else getattr(x.target, "__name__", x.target))
                                        for x in end.users})
                     return NearMiss(anchor, softmax.name, "the probabilities pass through "

@@ -77,3 +77,18 @@ def test_a_finite_fill_says_why_it_is_refused():
 def test_a_probability_chain_that_stops_before_v_is_a_named_near_miss():
     *_, misses = run(rc.small_probs_zeroed, make_inputs("small"), dynamic=False)
     assert misses and "probabilities" in misses[0].reason, [m.reason for m in misses]
+
+
+def test_a_router_softmax_is_not_a_near_miss():
+    """A mixture-of-experts router: softmax over a linear layer's logits, top-k, then a product.
+    Not attention, so no near-miss (which strict mode would turn into an error)."""
+    def router(x, w, experts):
+        probs = torch.softmax(torch.nn.functional.linear(x, w), dim=-1)
+        top, idx = probs.topk(2, dim=-1)
+        return torch.einsum("tk,tkd->td", top, experts[idx].sum(-2))
+
+    x, w, experts = torch.randn(16, 8), torch.randn(4, 8), torch.randn(4, 3, 8)
+    torch.compiler.reset()
+    acp_compile.clear_compilations()
+    torch.compile(router, backend="acp", options={"inner_backend": "eager", "strict": True})(x, w, experts)
+    assert all(not r.near_misses for r in acp_compile.compilations())
