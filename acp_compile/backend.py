@@ -27,12 +27,15 @@ from acp_compile import compilations
 from acp_compile.config import ACPConfig
 from acp_compile.patterns.rewrite import NearMissError, copy_graph_module, rewrite_graph
 from acp_compile.third_party import register_known_fox_functions
+from acp_compile.third_party_layers import register_known_layer_functions
 
 tp.register_torch_log()
 # Known third-party FoX functions (fla, the FoX authors') already imported by the model's code are
 # redirected to our op while Dynamo traces for this backend; torch.compile resolves the backend
-# (importing this module) before it traces.
+# (importing this module) before it traces. Their fused helper layers (norms, GLU linears, ...) are
+# traced as plain PyTorch the same way (third_party_layers.py).
 register_known_fox_functions()
+register_known_layer_functions()
 log = tp.logger()
 
 def acp(gm: fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | None = None,
@@ -40,6 +43,7 @@ def acp(gm: fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | N
     """Dynamo backend entry point (declared under the torch_dynamo_backends entry-point group)."""
     config = options if isinstance(options, ACPConfig) else ACPConfig.from_options(options)
     register_known_fox_functions()   # idempotent; catches a FoX library imported after this module
+    register_known_layer_functions()
     return compile_graph(gm, example_inputs, config, mode)
 
 

@@ -12,8 +12,13 @@ Functions (when their module is already imported; a missing package is skipped s
 Both compute o = softmax(scale q.k + c_i - c_j, causal) v with c = cumsum(log f) in fp32, which is
 acp_compile.fox_attention(q, k, v, log_f, sm_scale=scale, layout="bthd"|"bhtd").
 
-Substituted only when the call is one the op computes exactly: no window_size, cu_seqlens (varlen),
-seq_start (left padding) or adaptive_threshold; k and v of one shape; Tq == Tk for fla. Any other call,
+Substituted only when the call is one the op computes exactly: no window_size, cu_seqlens (varlen)
+or seq_start (left padding); k and v of one shape; Tq == Tk for fla. The authors' own ACP threshold
+(adaptive_threshold, which their model computes from its log_pruning_tolerance as
+tolerance - log(Tk) - 2U) is the op's: a tile is skipped when its decay is below it, so it is passed on
+as log_eps = 0 and u_bound = -(threshold + log(Tk)) / 2 ("auto" is their tolerance -10 with the op's own
+bound). The backend's log_eps applies to calls without one; with log_eps=None or prune=False every call
+is dense. Any other call,
 and every call traced for a backend other than "acp", runs the original function's own code (a copy of
 the function object, so the substitution does not catch it again). Eager calls are never touched.
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
 import sys
 import types
 from dataclasses import dataclass
@@ -47,13 +53,14 @@ class KnownFox:
     scale: str                  # name of the scale parameter
     unsupported: tuple          # parameters that must be None (or absent) for the op to be exact
     same_length: bool           # True: the function needs Tq == Tk
+    threshold: str | None = None    # name of the function's own ACP threshold parameter, if any
 
 
 KNOWN_FOX_FUNCTIONS = (
     KnownFox("fla.ops.forgetting_attn", "parallel_forgetting_attn", gate="g", scale="scale",
              unsupported=("window_size", "cu_seqlens"), same_length=True),
     KnownFox("forgetting_transformer", "forgetting_attention", gate="log_fgate", scale="sm_scale",
-             unsupported=("seq_start", "adaptive_threshold"), same_length=False),
+             unsupported=("seq_start",), same_length=False, threshold="adaptive_threshold"),
 )
 
 _registered: dict[int, Callable] = {}     # id(original function) -> the polyfill Dynamo inlines
@@ -123,6 +130,7 @@ def _make_polyfill(fn: types.FunctionType, known: KnownFox, signature: inspect.S
     label = f"{known.module}.{known.attr}"
     # Plain constants only in the closure: Dynamo inlines this function and cannot wrap a dataclass.
     gate_name, scale_name, unsupported, same_length = known.gate, known.scale, known.unsupported, known.same_length
+    threshold_name = known.threshold
 
     @functools.wraps(fn)
     def polyfill(*args, **kwargs):
@@ -131,17 +139,32 @@ def _make_polyfill(fn: types.FunctionType, known: KnownFox, signature: inspect.S
         params.update(kwargs)
         q, k, v, gate = params["q"], params["k"], params["v"], params[gate_name]
         head_first = bool(params.get("head_first", False))
-        exact = (len(args) <= len(positional) and all(name in accepted for name in kwargs)
+        # A branch, not bool(): under dynamic shapes the test is a SymBool, which a branch turns into
+        # a guard and a constant (assume_constant_result takes constants only).
+        exact = (True if len(args) <= len(positional) and all(name in accepted for name in kwargs)
                  and all(params.get(name) is None for name in unsupported)
-                 and _shapes_supported(q, k, v, gate, head_first, same_length))
+                 and _shapes_supported(q, k, v, gate, head_first, same_length) else False)
         log_eps = _acp_log_eps(label, exact)
         if log_eps == "original":
             return original(*args, **kwargs)
         from acp_compile.api import fox_attention
-        return fox_attention(q, k, v, gate, sm_scale=params.get(scale_name), log_eps=log_eps,
+        threshold = params.get(threshold_name) if threshold_name is not None else None
+        u_bound = None
+        if threshold is not None and log_eps is not None:
+            log_eps, u_bound = _threshold_as_bound(threshold, k.shape[2 if head_first else 1], q)
+        return fox_attention(q, k, v, gate, sm_scale=params.get(scale_name), log_eps=log_eps, u_bound=u_bound,
                              layout="bhtd" if head_first else "bthd")
 
     return polyfill
+
+
+def _threshold_as_bound(threshold, Tk, q):
+    """The op's (log_eps, u_bound) that skip exactly the tiles a FoX-authors threshold skips: the op
+    skips a tile when its decay is below log_eps - log(Tk) - 2 u_bound."""
+    if isinstance(threshold, str):            # "auto": their tolerance -10 with the bound from q and k
+        return -10.0, None
+    threshold = torch.as_tensor(threshold, dtype=torch.float32, device=q.device)
+    return 0.0, (-(threshold + math.log(Tk)) / 2).clamp_min(0.0)
 
 
 def _shapes_supported(q, k, v, gate, head_first: bool, same_length: bool) -> bool:
@@ -166,7 +189,7 @@ def _acp_log_eps(label: str, exact: bool):
     if not exact:
         acp_counters()["near_miss"] += 1
         log.info("acp near-miss: %s called with options or shapes the op does not cover (window_size, "
-                 "cu_seqlens, seq_start, adaptive_threshold, Dv != D or Tq > Tk); left as it is", label)
+                 "cu_seqlens, seq_start, Dv != D or Tq > Tk); left as it is", label)
         return "original"
     acp_counters()["fox_attention"] += 1
     acp_counters()["fox_substituted"] += 1
