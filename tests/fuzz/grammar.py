@@ -24,23 +24,35 @@ import dataclasses
 import linecache
 import math
 
+import einops
 import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
-PRODUCTS = ["at", "matmul", "einsum", "bmm", "baddbmm", "sdpa"]
-SCALES = ["div_sqrt", "mul_pow", "on_q", "on_k", "const", "none"]
+PRODUCTS = ["at", "matmul", "einsum", "bmm", "baddbmm", "sdpa", "baddbmm_bias"]
+SCALES = ["div_sqrt", "mul_pow", "on_q", "on_k", "const", "none", "full_div"]
 GATES = ["logsigmoid", "softplus", "arbitrary"]
 BIASES = ["index", "paren", "unsqueeze", "steps", "inplace", "c_write", "reversed", "one_sided",
           "unbalanced", "arbitrary", "none"]
 KEEPS = ["tril", "arange", "tril_ne"]
-APPLIES = ["mf_not", "mf_inplace", "where", "additive", "finfo", "mf_triu", "none"]
+APPLIES = ["mf_not", "mf_inplace", "where", "additive", "finfo", "mf_triu", "set_ellipsis", "set_slices",
+           "gpt2_where", "fill_1e4", "none"]
 VARIANTS = ["causal", "window", "prefix", "sink_window"]
-SOFTMAXES = ["method", "torch", "F", "fp32"]
+SOFTMAXES = ["method", "torch", "F", "fp32", "logsumexp", "by_hand"]
 MASK_WRITES = ["prefix_item", "sink_col", "view_fill", "flat_view", "T_view", "masked_fill_", "ior_noop",
                "index_put_", "copy_", "and_noop"]
 OTHER_WRITES = ["logits_col0", "logits_iadd", "logits_open", "c_mul", "c_tail", "q_after", "k_after",
-                "v_before", "v_after", "unrelated", "sdpa_mask_col"]
+                "v_before", "v_after", "unrelated", "sdpa_mask_col", "logits_leading"]
+# issue #11 (reach): how c reaches the two sides, NaN clean-ups after the softmax, a per-head factor, the HF
+# attention interface. Look-alikes (must be left alone or be correct anyway) are named in LOOKALIKES.
+CFORMS = ["plain", "views_T", "views_permute", "views_einops", "views_rolled", "cache_cat", "cache_start"]
+CLEANUPS = ["none", "nan_to_num", "where_isnan", "clone_isnan", "small_zero"]
+FACTORS = ["none", "alpha", "temp", "alpha_one_side", "temp_after_mask"]
+STYLES = ["plain", "hf"]
+GQAS = ["repeat", "sdpa", "grouped", "expand"]
+LOOKALIKES = {"cform": {"views_rolled", "cache_start"}, "cleanup": {"small_zero"},
+              "factor": {"alpha_one_side", "temp_after_mask"}, "apply": {"fill_1e4"}, "softmax": {"by_hand"},
+              "write": {"logits_leading"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +78,44 @@ class Spec:
     write: str             # "none", one of MASK_WRITES or OTHER_WRITES
     write_after_use: bool  # mask writes: after the mask was applied instead of before
     softmax: str
-    gqa: str               # "repeat" or "sdpa" (only with G > 1)
+    gqa: str               # "repeat", "sdpa", "grouped" (5-D einsum), "expand" (HF repeat_kv); only with G > 1
     cache: bool            # queries are the last half of the keys
     padding: bool
     sdpa_mask: str         # "plus_additive", "masked_fill", "where"
     sdpa_scale: str        # "default", "const", "sqrt"
     grads: bool
+    cform: str = "plain"   # how c reaches the query and key sides (CFORMS)
+    cleanup: str = "none"  # NaN clean-up between the softmax and @ v (CLEANUPS)
+    factor: str = "none"   # per-head factor on the decay / temperature (FACTORS)
+    style: str = "plain"   # "hf": Hugging Face's eager_attention_forward with the decay in attention_mask
+
+    @property
+    def reach(self) -> list:
+        """The reach (issue #11) spellings this program uses, look-alikes marked with '~'."""
+        r = []
+        for f, v in (("cform", self.cform), ("cleanup", self.cleanup), ("factor", self.factor),
+                     ("apply", self.apply), ("softmax", self.softmax), ("write", self.write)):
+            if v in LOOKALIKES.get(f, ()):
+                r.append("~" + v)
+        if self.cform not in ("plain",) and self.cform not in LOOKALIKES["cform"]:
+            r.append(self.cform)
+        if self.cleanup not in ("none", "small_zero"):
+            r.append(self.cleanup)
+        if self.factor in ("alpha", "temp"):
+            r.append(self.factor)
+        if self.style == "hf":
+            r.append("hf")
+        if self.product == "baddbmm_bias" and self.style == "plain":
+            r.append("baddbmm_bias")
+        if self.scale == "full_div" and self.product != "sdpa" and self.style == "plain":
+            r.append("full_div")
+        if self.apply in ("set_ellipsis", "set_slices", "gpt2_where") and self.style == "plain":
+            r.append(self.apply)
+        if self.softmax == "logsumexp" and self.style == "plain" and self.product != "sdpa":
+            r.append("logsumexp")
+        if self.G > 1 and self.gqa in ("grouped", "expand"):
+            r.append("gqa_" + self.gqa)
+        return r
 
     @property
     def differentiable(self) -> bool:
@@ -118,9 +162,73 @@ def _norm(spec: Spec) -> Spec:
         d["scale"] = "div_sqrt"
     if d["gate"] == "arbitrary" and d["bias"] in ("arbitrary", "none"):
         d["gate"] = "logsigmoid"
+    _norm_reach(d)
     if not (d["grads"] and Spec(**d).differentiable):
         d["grads"] = False
     return Spec(**d)
+
+
+def _no_c_write(d):
+    if d["bias"] == "c_write":
+        d["bias"] = "index"
+    if d["write"] in ("c_mul", "c_tail"):
+        d["write"] = "none"
+
+
+def _norm_reach(d) -> None:
+    """Consistency rules for the reach (issue #11) choices."""
+    if d["style"] == "hf":
+        d.update(product="at", bias="index", variant="causal", padding=False, factor="none", apply="mf_not",
+                 softmax="F")
+        if d["write"] not in ("none", "unrelated", "v_before", "v_after"):
+            d["write"] = "none"
+        if d["G"] > 1:
+            d["gqa"] = "expand"
+    if d["G"] == 1:
+        d["gqa"] = "repeat"
+    if d["gqa"] == "grouped" and d["product"] == "sdpa":
+        d["gqa"] = "repeat"
+    if d["gqa"] == "grouped":
+        d.update(product="einsum", cform="plain", padding=False, factor="none")
+        if d["apply"] == "set_slices":
+            d["apply"] = "set_ellipsis"
+        if d["write"] == "logits_leading":
+            d["write"] = "none"
+    if d["product"] == "sdpa":
+        d.update(cleanup="none", factor="none")
+        if d["apply"] in ("set_ellipsis", "set_slices", "gpt2_where", "fill_1e4"):
+            d["apply"] = "mf_not"
+        if d["write"] == "logits_leading":
+            d["write"] = "sdpa_mask_col"
+    if d["product"] == "baddbmm_bias":
+        if d["bias"] in ("steps", "inplace", "c_write"):
+            d["bias"] = "index"
+        _no_c_write(d)
+        if d["apply"] != "none":
+            d["apply"] = "mf_not"
+        if d["scale"] in ("on_q", "on_k"):
+            d["scale"] = "div_sqrt"
+        # c, the bias and the logits live on (B*H, T) / (B*H, Tq, Tk) views, as in the reach case
+        d.update(factor="none", padding=False)
+        if d["cform"].startswith("views"):
+            d["cform"] = "plain"
+        if d["write"] == "logits_leading":
+            d["write"] = "none"
+    if d["cform"] != "plain":
+        _no_c_write(d)
+        if d["cform"] in ("cache_cat", "cache_start"):
+            d["cache"] = True
+        if d["cform"] == "cache_cat" and d["gate"] == "arbitrary":
+            d["gate"] = "logsigmoid"
+    if d["factor"] in ("alpha", "alpha_one_side"):
+        if d["bias"] in ("steps", "inplace"):
+            d["bias"] = "index"
+        if d["bias"] not in ("index", "paren", "unsqueeze"):
+            d["factor"] = "none"
+    if d["apply"] in ("set_ellipsis", "set_slices") and d["padding"]:
+        d["apply"] = "mf_not"
+    if d["gate"] == "arbitrary" and d["bias"] in ("arbitrary", "none"):
+        d["gate"] = "logsigmoid"
 
 
 @st.composite
@@ -145,50 +253,107 @@ def specs(draw, *, max_T=40, max_B=2, max_Hkv=2, max_D=16):
         keep=draw(st.sampled_from(KEEPS)), apply=draw(st.sampled_from(APPLIES[:-1] * 3 + APPLIES[-1:])), variant=variant,
         size_from=draw(st.sampled_from(["attr", "const"])), W=W, P=draw(st.integers(1, 6)),
         write=draw(st.one_of(st.just("none"), st.sampled_from(MASK_WRITES + OTHER_WRITES))),
-        write_after_use=draw(st.booleans()), softmax=draw(st.sampled_from(SOFTMAXES)),
-        gqa=draw(st.sampled_from(["repeat", "sdpa"])), cache=draw(st.booleans()),
+        write_after_use=draw(st.booleans()), softmax=draw(st.sampled_from(SOFTMAXES[:-1] * 2 + SOFTMAXES[-1:])),
+        gqa=draw(st.sampled_from(GQAS)), cache=draw(st.booleans()),
         padding=draw(st.sampled_from([False, False, True])),
         sdpa_mask=draw(st.sampled_from(["plus_additive", "masked_fill", "where"])),
         sdpa_scale=draw(st.sampled_from(["default", "const", "sqrt"])), grads=draw(st.booleans()),
+        cform=draw(st.one_of(st.just("plain"), st.sampled_from(CFORMS))),
+        cleanup=draw(st.sampled_from(CLEANUPS[:1] * 4 + CLEANUPS)),
+        factor=draw(st.sampled_from(FACTORS[:1] * 4 + FACTORS)),
+        style=draw(st.sampled_from(["plain"] * 7 + ["hf"])),
     )
     return _norm(spec)
 
 
 # ------------------------------------------------------------------------------------------- rendering
+_GATE = {"logsigmoid": "torch.cumsum(F.logsigmoid({x}), dim={d})",
+         "softplus": "-F.softplus(-{x}).cumsum({d})",
+         "arbitrary": "{x} * 0.5"}
+
+
+def _gate_lines(s: Spec, add) -> tuple:
+    """Lines computing c; returns (query-side c up to the index, key-side c, query-side row slice)."""
+    gate = lambda x, d=-1: _GATE[s.gate].format(x=x, d=d)  # noqa: E731
+    rows = "off:" if s.cache else ":"
+    if s.cform.startswith("views"):                          # the gate kept in (B, T, H)
+        add(f"cb = {gate('fg.transpose(1, 2)', 1)}")
+        kside = {"views_T": "cb.permute(0, 2, 1)", "views_permute": "cb.permute(0, 2, 1)",
+                 "views_einops": "einops.rearrange(cb, 'b t h -> b h t')",
+                 "views_rolled": "cb.roll(1, dims=1).permute(0, 2, 1)"}[s.cform]
+        qside = {"views_T": "cb.transpose(1, 2)", "views_permute": "cb.permute(0, 2, 1)",
+                 "views_einops": "einops.rearrange(cb, 'b t h -> b h t')",
+                 "views_rolled": "cb.transpose(1, 2)"}[s.cform]
+        return qside, kside, rows
+    if s.cform == "cache_cat":
+        add(f"c_cache = {gate('fg[..., :off]')}")
+        add(f"c_new = c_cache[..., -1:] + {gate('fg[..., off:]')}")
+        add("c = torch.cat([c_cache, c_new], dim=-1)")
+        if s.product == "baddbmm_bias":
+            add("c, c_new = c.reshape(B * H, Tk), c_new.reshape(B * H, Tq)")
+        return "c_new", "c", ":"
+    add(f"c = {gate('fg')}")
+    if s.gqa == "grouped" and s.G > 1:
+        add("c = c.view(B, Hkv, g, Tk)")
+    if s.product == "baddbmm_bias":
+        add("c = c.reshape(B * H, Tk)")
+    if s.cform == "cache_start":
+        return "c", "c", ":Tq"
+    return "c", "c", rows
+
+
 def render(spec: Spec) -> str:
     s = spec
     L = []                                                    # forward body lines
     add = L.append
     sdpa = s.product == "sdpa"
+    hf = s.style == "hf"
+    grouped = s.gqa == "grouped" and s.G > 1
     W = "self.window" if s.size_from == "attr" else str(s.W)
     P = "self.prefix" if s.size_from == "attr" else str(s.P)
     if s.write in ("q_after", "k_after", "v_before", "v_after"):
         add("q, k, v = q.clone(), k.clone(), v.clone()")
     if s.cache:
         add("q = q[:, :, k.shape[-2] // 2:]")
-    if s.G > 1 and not (sdpa and s.gqa == "sdpa"):
+    if s.G > 1 and (s.gqa == "repeat" or (s.gqa == "sdpa" and not sdpa)):
         add("g = q.shape[1] // k.shape[1]")
         add("k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)")
+    elif s.G > 1 and s.gqa == "expand":                     # Hugging Face's repeat_kv
+        add("g = q.shape[1] // k.shape[1]")
+        add("k = k[:, :, None, :, :].expand(k.shape[0], k.shape[1], g, k.shape[2], k.shape[3])"
+            ".reshape(k.shape[0], k.shape[1] * g, k.shape[2], k.shape[3])")
+        add("v = v[:, :, None, :, :].expand(v.shape[0], v.shape[1], g, v.shape[2], v.shape[3])"
+            ".reshape(v.shape[0], v.shape[1] * g, v.shape[2], v.shape[3])")
     add("B, H, Tq, D = q.shape")
     add("Tk, Dv = k.shape[-2], v.shape[-1]")
+    if grouped:
+        add("Hkv = k.shape[1]")
+        add("g = H // Hkv")
     off = "off" if s.cache else None
     if s.cache:
         add("off = Tk - Tq")
     # gate
-    add({"logsigmoid": "c = torch.cumsum(F.logsigmoid(fg), dim=-1)",
-         "softplus": "c = -F.softplus(-fg).cumsum(-1)",
-         "arbitrary": "c = fg * 0.5"}[s.gate])
-    ci = "c[..., off:, None]" if s.cache else "c[..., :, None]"
-    cj = "c[..., None, :]"
+    qc, kc, rows = _gate_lines(s, add)
+    ci = f"{qc}[..., {rows}, None]"
+    cj = f"{kc}[..., None, :]"
     if s.bias == "unsqueeze":
-        ci = "c[..., off:].unsqueeze(-1)" if s.cache else "c.unsqueeze(-1)"
-        cj = "c.unsqueeze(-2)"
+        ci = f"{qc}.unsqueeze(-1)" if rows == ":" else f"{qc}[..., {rows}].unsqueeze(-1)"
+        cj = f"{kc}.unsqueeze(-2)"
+    alpha_h = "self.alpha[:, None, None]"
     bias_expr = {
         "index": f"{ci} - {cj}", "paren": f"({ci} - {cj})", "unsqueeze": f"{ci} - {cj}",
         "reversed": f"{cj} - {ci}", "one_sided": f"{cj}", "unbalanced": f"{ci} - 2 * {cj}",
         "arbitrary": "torch.sin(torch.arange(Tq)[:, None] * 0.37 + torch.arange(Tk)[None, :] * 1.3)",
         "c_write": "ci - cj",
     }.get(s.bias)
+    if s.factor == "alpha":
+        bias_expr = f"{alpha_h} * ({ci} - {cj})"
+    elif s.factor == "alpha_one_side":
+        bias_expr = f"{ci} - {alpha_h} * {cj}"
+
+    if hf:
+        return _render_hf(s, L, ci, cj)
+
     # keep mask (Tq, Tk)
     need_mask = s.apply != "none"
     if need_mask or s.write in MASK_WRITES:
@@ -256,29 +421,44 @@ def render(spec: Spec) -> str:
             add("q = q * D ** -0.5")
         elif s.scale == "on_k":
             add("k = k / math.sqrt(D)")
-        alpha = {"div_sqrt": "1.0 / math.sqrt(D)", "mul_pow": "D ** -0.5", "const": "0.3"}.get(s.scale, "1.0")
-        add({
-            "at": "s = q @ k.transpose(-2, -1)",
-            "matmul": "s = torch.matmul(q, k.mT)",
-            "einsum": "s = torch.einsum('bhid,bhjd->bhij', q, k)",
-            "bmm": "s = torch.bmm(q.reshape(-1, Tq, D), k.reshape(-1, Tk, D).transpose(1, 2)).view(B, H, Tq, Tk)",
-            "baddbmm": f"s = torch.baddbmm(torch.zeros(B * H, Tq, Tk), q.reshape(-1, Tq, D), "
-                       f"k.reshape(-1, Tk, D).transpose(1, 2), alpha={alpha}).view(B, H, Tq, Tk)",
-        }[s.product])
+        alpha = {"div_sqrt": "1.0 / math.sqrt(D)", "mul_pow": "D ** -0.5", "const": "0.3",
+                 "full_div": "1.0 / math.sqrt(D)"}.get(s.scale, "1.0")
+        if s.product == "baddbmm_bias":                      # c_i - c_j and the mask in baddbmm's bias
+            # (a no-op .expand on c_i - c_j hides the bias from the pass today: a miss, see .fuzz_findings.md)
+            add({"none": "bias = torch.zeros(B * H, Tq, Tk)", "arbitrary": f"bias = ({bias_expr}).expand(B * H, Tq, Tk)"}
+                .get(s.bias, f"bias = {bias_expr}"))
+            if need_mask:
+                add(f"bias = bias.masked_fill(~{K}, float('-inf'))")
+            add(f"s = torch.baddbmm(bias, q.reshape(B * H, Tq, D), "
+                f"k.reshape(B * H, Tk, D).transpose(1, 2), alpha={alpha})")   # stays (B*H, Tq, Tk)
+        elif grouped:
+            add("s = torch.einsum('bhgid,bhjd->bhgij', q.view(B, Hkv, g, Tq, D), k)")
+        else:
+            add({
+                "at": "s = q @ k.transpose(-2, -1)",
+                "matmul": "s = torch.matmul(q, k.mT)",
+                "einsum": "s = torch.einsum('bhid,bhjd->bhij', q, k)",
+                "bmm": "s = torch.bmm(q.reshape(-1, Tq, D), k.reshape(-1, Tk, D).transpose(1, 2)).view(B, H, Tq, Tk)",
+                "baddbmm": f"s = torch.baddbmm(torch.zeros(B * H, Tq, Tk), q.reshape(-1, Tq, D), "
+                           f"k.reshape(-1, Tk, D).transpose(1, 2), alpha={alpha}).view(B, H, Tq, Tk)",
+            }[s.product])
         if s.write == "q_after":
             add("q.mul_(2.0)")
         if s.write == "k_after":
             add("k.mul_(0.5)")
-        if s.product != "baddbmm":
+        bias_in_logits = s.product != "baddbmm_bias"
+        if s.product not in ("baddbmm", "baddbmm_bias"):
             if s.scale == "div_sqrt":
                 add("s = s / math.sqrt(D)")
             elif s.scale == "mul_pow":
                 add("s = s * D ** -0.5")
             elif s.scale == "const":
                 add("s = s * 0.3")
-        if s.bias in ("index", "unsqueeze", "c_write", "reversed", "one_sided", "unbalanced", "arbitrary"):
-            add(f"s = s + {bias_expr}")
-        elif s.bias == "paren":
+            elif s.scale == "full_div":                      # GPT-2
+                add("s = s / torch.full([], D ** 0.5, dtype=s.dtype)")
+        if not bias_in_logits:
+            pass
+        elif s.bias in ("index", "unsqueeze", "c_write", "reversed", "one_sided", "unbalanced", "arbitrary", "paren"):
             add(f"s = s + {bias_expr}")
         elif s.bias == "steps":
             add(f"s = s + {ci}")
@@ -286,8 +466,12 @@ def render(spec: Spec) -> str:
         elif s.bias == "inplace":
             add(f"s += {ci}")
             add(f"s -= {cj}")
+        if s.factor == "temp":
+            add("s = s / self.temperature")
         ninf = "float('-inf')"
-        if s.apply == "mf_not":
+        if not bias_in_logits:
+            pass
+        elif s.apply == "mf_not":
             add(f"s = s.masked_fill(~{K}, {ninf})")
         elif s.apply == "mf_inplace":
             add(f"s.masked_fill_({K}.logical_not(), {ninf})")
@@ -299,6 +483,17 @@ def render(spec: Spec) -> str:
             add(f"s = s.masked_fill(~{K}, torch.finfo(s.dtype).min)")
         elif s.apply == "mf_triu":
             add(f"s = s.masked_fill(hide, {ninf})")
+        elif s.apply == "set_ellipsis":
+            add(f"s[..., ~{K}] = {ninf}")
+        elif s.apply == "set_slices":
+            add(f"s[:, :, ~{K}] = -1e30")
+        elif s.apply == "gpt2_where":
+            add("mask_value = torch.full([], torch.finfo(s.dtype).min, dtype=s.dtype)")
+            add(f"s = torch.where({K}, s, mask_value)")
+        elif s.apply == "fill_1e4":
+            add(f"s = s.masked_fill(~{K}, -1e4)")
+        if s.factor == "temp_after_mask":
+            add("s = s / self.temperature")
         if mask_write and s.write_after_use:
             add(mask_write)
         if s.write == "logits_col0":
@@ -307,18 +502,69 @@ def render(spec: Spec) -> str:
             add("s[..., :, :3] += 1.0")
         elif s.write == "logits_open":
             add("s[..., 0, 1:3] = 0.5")
-        add({"method": "p = s.softmax(-1)", "torch": "p = torch.softmax(s, dim=-1)",
-             "F": "p = F.softmax(s, dim=-1)", "fp32": "p = torch.softmax(s.float(), dim=-1).to(v.dtype)"}[s.softmax])
+        elif s.write == "logits_leading":                    # a 2-D mask over (B, H): whole heads, not (i, j)
+            add("s[torch.arange(B * H).view(B, H) % 2 == 1] = 0.0")
+        if s.softmax == "logsumexp":
+            add("p = torch.exp(s - torch.logsumexp(s, -1, keepdim=True))")
+        elif s.softmax == "by_hand":
+            add("e = torch.exp(s - s.amax(dim=-1, keepdim=True))")
+            add("p = e / e.sum(dim=-1, keepdim=True)")
+        else:
+            add({"method": "p = s.softmax(-1)", "torch": "p = torch.softmax(s, dim=-1)",
+                 "F": "p = F.softmax(s, dim=-1)", "fp32": "p = torch.softmax(s.float(), dim=-1).to(v.dtype)"}[s.softmax])
+        _cleanup(s, add)
         if s.write == "v_before":
             add("v.add_(1.0)")
-        add({
-            "at": "o = p @ v", "matmul": "o = torch.matmul(p, v)",
-            "einsum": "o = torch.einsum('bhij,bhjd->bhid', p, v)",
-            "bmm": "o = torch.bmm(p.reshape(-1, Tq, Tk), v.reshape(-1, Tk, Dv)).view(B, H, Tq, Dv)",
-            "baddbmm": "o = torch.bmm(p.reshape(-1, Tq, Tk), v.reshape(-1, Tk, Dv)).view(B, H, Tq, Dv)",
-        }[s.product])
+        if grouped:
+            add("o = torch.einsum('bhgij,bhjd->bhgid', p, v).reshape(B, H, Tq, Dv)")
+        else:
+            add({
+                "at": "o = p @ v", "matmul": "o = torch.matmul(p, v)",
+                "einsum": "o = torch.einsum('bhij,bhjd->bhid', p, v)",
+                "bmm": "o = torch.bmm(p.reshape(-1, Tq, Tk), v.reshape(-1, Tk, Dv)).view(B, H, Tq, Dv)",
+                "baddbmm": "o = torch.bmm(p.reshape(-1, Tq, Tk), v.reshape(-1, Tk, Dv)).view(B, H, Tq, Dv)",
+                "baddbmm_bias": "o = torch.bmm(p, v.reshape(B * H, Tk, Dv)).view(B, H, Tq, Dv)",
+            }[s.product])
         if s.write == "v_after":
             add("v.add_(1.0)")
+    return _finish(s, L)
+
+
+def _cleanup(s: Spec, add, p="p") -> None:
+    if s.cleanup == "nan_to_num":
+        add(f"{p} = torch.nan_to_num({p})")
+    elif s.cleanup == "where_isnan":
+        add(f"{p} = torch.where(torch.isnan({p}), 0.0, {p})")
+    elif s.cleanup == "clone_isnan":
+        add(f"{p} = {p}.clone()")
+        add(f"{p}[torch.isnan({p})] = 0")
+    elif s.cleanup == "small_zero":                           # look-alike: changes probabilities that are not NaN
+        add(f"{p} = {p}.clone()")
+        add(f"{p}[{p} < 0.05] = 0")
+
+
+def _render_hf(s: Spec, L: list, ci: str, cj: str) -> str:
+    """Hugging Face's eager_attention_forward, the causal mask and the decay arriving in attention_mask."""
+    add = L.append
+    add(f"causal = torch.full((Tq, Tk), torch.finfo(q.dtype).min, dtype=q.dtype).triu({'off + 1' if s.cache else '1'})")
+    add(f"attention_mask = causal[None, None] + ({ci} - {cj})")
+    add("causal_mask = attention_mask[:, :, :, : k.shape[-2]]")
+    add("attn_weights = torch.matmul(q, k.transpose(2, 3)) * self.scaling")
+    add("attn_weights = attn_weights + causal_mask")
+    add("attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(q.dtype)")
+    _cleanup(s, add, "attn_weights")
+    add("attn_weights = F.dropout(attn_weights, p=self.attention_dropout, training=self.training)")
+    if s.write == "v_before":
+        add("v.add_(1.0)")
+    add("o = torch.matmul(attn_weights, v)")
+    if s.write == "v_after":
+        add("v.add_(1.0)")
+    add("o = o.transpose(1, 2).contiguous().transpose(1, 2)")
+    return _finish(s, L)
+
+
+def _finish(s: Spec, L: list) -> str:
+    add = L.append
     if s.write == "unrelated":
         add("stats = torch.zeros(3)")
         add("stats[0] = fg.mean()")
@@ -329,12 +575,17 @@ def render(spec: Spec) -> str:
 
     args = "q, k, v, fg, pad" if s.padding else "q, k, v, fg"
     body = "\n".join("        " + line for line in L)
+    Hq = s.Hkv * s.G
     return (
         "class Prog(torch.nn.Module):\n"
         "    def __init__(self):\n"
         "        super().__init__()\n"
         f"        self.window = {s.W}\n"
-        f"        self.prefix = {s.P}\n\n"
+        f"        self.prefix = {s.P}\n"
+        f"        self.scaling = {s.D} ** -0.5\n"
+        "        self.attention_dropout = 0.0\n"
+        f"        self.alpha = torch.nn.Parameter(torch.linspace(0.5, 1.5, {Hq}))\n"
+        f"        self.temperature = torch.nn.Parameter(torch.linspace(0.7, 1.3, {Hq}).view(1, {Hq}, 1, 1))\n\n"
         f"    def forward(self, {args}):\n{body}\n"
     )
 
@@ -364,7 +615,7 @@ def build(spec: Spec):
     _counter[0] += 1
     fname = f"<acp-fuzz-{_counter[0]}>"
     linecache.cache[fname] = (len(src), None, src.splitlines(True), fname)
-    ns = {"torch": torch, "F": F, "math": math}
+    ns = {"torch": torch, "F": F, "math": math, "einops": einops}
     exec(compile(src, fname, "exec"), ns)
     return ns["Prog"], src
 
@@ -393,8 +644,19 @@ def calls_for(spec: Spec, seed: int = 0):
     return len(seq), (lambda n: make_inputs(spec, seq[n], n, seed))
 
 
+def expect_rewrite(spec: Spec) -> bool:
+    """A reach positive on otherwise plain choices: the pass must rewrite it (issue #11), not only stay correct."""
+    s = spec
+    return (bool(s.reach) and not any(r.startswith("~") for r in s.reach)
+            and s.write in ("none", "unrelated") and s.variant == "causal" and not s.padding
+            and s.Dv == s.D                                  # the op takes v with k's shape only
+            and s.bias in ("index", "paren", "unsqueeze", "steps", "inplace") and s.apply != "none")
+
+
 def category(spec: Spec) -> str:
     """The family a wrong program belongs to (to deduplicate findings)."""
+    if spec.reach:
+        return "reach-" + "+".join(sorted(spec.reach))
     if spec.write in MASK_WRITES:
         return f"write-mask-{spec.write}"
     if spec.write not in ("none", "unrelated"):

@@ -23,17 +23,20 @@ import time
 
 from hypothesis import HealthCheck, Phase, given, settings
 
-from fuzz.grammar import build, calls_for, category, specs
+from fuzz.grammar import build, calls_for, category, expect_rewrite, specs
 from fuzz.harness import record_finding, run_and_compare
 
 PROFILE = os.environ.get("ACP_FUZZ_PROFILE", "ci")
 N_EXAMPLES = int(os.environ.get("ACP_FUZZ_EXAMPLES", 300 if PROFILE == "large" else 30))
 
 
-def _write_report(path, stats, wrong, elapsed):
+def _write_report(path, stats, wrong, missed, elapsed):
     data = {"profile": PROFILE, "programs": stats["tried"], "rewritten": stats["rewritten"],
             "refused": stats["refused"], "untouched": stats["untouched"], "wrong": stats["wrong"],
             "wrong_rewritten": stats["wrong_rewritten"], "errors": stats["errors"],
+            "reach_programs": stats["reach"], "reach_positives": stats["positives"],
+            "reach_positives_rewritten": stats["positives_rewritten"], "missed": stats["missed"],
+            "missed_programs": [{"category": c, "settings": st, "result": r, "source": src} for c, st, r, src in missed],
             "seconds": round(elapsed, 1), "by_category": dict(stats["by_category"]),
             "wrong_programs": [{"category": c, "settings": st, "result": r, "source": src} for c, st, r, src in wrong]}
     if path.endswith(".json"):
@@ -47,6 +50,8 @@ def _write_report(path, stats, wrong, elapsed):
         "|---|---|---|---|---|---|---|",
         f"| {stats['tried']} | {stats['rewritten']} | {stats['refused']} | {stats['untouched']} | {stats['wrong']} | "
         f"{stats['wrong_rewritten']} | {stats['errors']} |", "",
+        f"Reach spellings (issue #11): {stats['reach']} programs use at least one; {stats['positives']} are plain "
+        f"positives that must be rewritten, {stats['positives_rewritten']} were, {stats['missed']} missed.", "",
         "Wrong programs by category (category: wrong / tried):", "",
     ]
     for cat, (w, t) in sorted(stats["by_category"].items()):
@@ -58,7 +63,7 @@ def _write_report(path, stats, wrong, elapsed):
 def test_differential_fuzz():
     stats = collections.Counter()
     stats["by_category"] = collections.defaultdict(lambda: [0, 0])
-    wrong = []
+    wrong, missed = [], []
     t0 = time.time()
 
     @settings(max_examples=N_EXAMPLES, deadline=None, database=None,
@@ -75,14 +80,23 @@ def test_differential_fuzz():
         stats["untouched"] += out.rewritten == 0 and out.near_miss == 0
         cat = category(spec)
         stats["by_category"][cat][1] += 1
+        stats["reach"] += bool(spec.reach)
+        setting = (f"dynamic={spec.dynamic}, log_eps={spec.log_eps}, lengths={spec.lengths}, B={spec.B}, "
+                   f"Hkv={spec.Hkv}, G={spec.G}, D={spec.D}, Dv={spec.Dv}, grads={spec.grads}, "
+                   f"padding={spec.padding} (tests/fuzz/grammar.py make_inputs)")
+        if expect_rewrite(spec):                     # a reach positive on plain choices must be rewritten
+            stats["positives"] += 1
+            stats["positives_rewritten"] += out.rewritten > 0
+            if out.rewritten == 0 and not out.wrong:
+                stats["missed"] += 1
+                missed.append((cat, setting, f"rewritten=0 near_miss={out.near_miss}", src))
+                record_finding(f"missed:{cat}", f"## fuzzer, reach positive not rewritten, `{cat}`\n"
+                                                f"settings: {setting}\n```python\n{src}```\n")
         if out.wrong:
             stats["wrong"] += 1
             stats["wrong_rewritten"] += out.rewritten > 0
             stats["errors"] += out.error is not None
             stats["by_category"][cat][0] += 1
-            setting = (f"dynamic={spec.dynamic}, log_eps={spec.log_eps}, lengths={spec.lengths}, B={spec.B}, "
-                       f"Hkv={spec.Hkv}, G={spec.G}, D={spec.D}, Dv={spec.Dv}, grads={spec.grads}, "
-                       f"padding={spec.padding} (tests/fuzz/grammar.py make_inputs)")
             result = (f"rewritten={out.rewritten} near_miss={out.near_miss} "
                       f"error={out.error and out.error[:300]} mismatch={out.mismatch}")
             wrong.append((cat, setting, result, src))
@@ -94,8 +108,10 @@ def test_differential_fuzz():
     finally:
         report = os.environ.get("ACP_FUZZ_REPORT")
         if report:
-            _write_report(report, stats, wrong, time.time() - t0)
+            _write_report(report, stats, wrong, missed, time.time() - t0)
     summary = (f"{stats['tried']} programs: {stats['rewritten']} rewritten, {stats['refused']} refused, "
-               f"{stats['wrong']} wrong")
+               f"{stats['wrong']} wrong; reach: {stats['reach']} programs, {stats['positives']} plain positives, "
+               f"{stats['missed']} missed")
     print(summary)
     assert not wrong, summary + "\n" + "\n\n".join(f"[{c}] {st}\n{r}\n{src}" for c, st, r, src in wrong[:5])
+    assert not missed, summary + "\n" + "\n\n".join(f"[{c}] {st}\n{r}\n{src}" for c, st, r, src in missed[:5])
