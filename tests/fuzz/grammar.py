@@ -15,6 +15,19 @@ assignment, views, fill_/copy_/index_put_/masked_fill_/|=), the logits, c, q/k/v
 or after the mask is used; per-call padding masks; Dv == D or not; GQA via repeat_interleave or SDPA's
 enable_gqa; queries the last half of the keys (a kv cache: Tq < Tk).
 
+Reach spellings (issue #11), mixed with the choices above: the gate kept in (B, T, H) and transposed, permuted or
+einops.rearranged separately for the two sides (look-alike: the key side rolled); prefill after a cache with
+c_new = c_cache[..., -1:] + cumsum(new), c_all = cat (look-alike: query side from the start of c_all); masks by
+item assignment into the logits (s[..., m] = -inf, s[:, :, m] = -1e30; look-alike: s[m over (B, H)] = 0.0); NaN
+clean-ups after the softmax (nan_to_num, where(isnan), clone + p[isnan(p)] = 0; look-alike: p[p < 0.05] = 0);
+torch.baddbmm(bias, ...) on (B*H, T, D) views with c_i - c_j and the mask in the bias; exp(s - logsumexp(s))
+(look-alike: a softmax by hand); Hugging Face's eager_attention_forward (finfo.min triu + (c_i - c_j) in
+attention_mask, self.scaling, softmax(dtype=float32), dropout p=0, repeat_kv for GQA); GPT-2's division by
+torch.full([], d ** 0.5) and where(mask, w, finfo.min tensor) (look-alike: a finite -1e4 fill); a per-head factor
+alpha_h (c_i - c_j) or temperature dividing the logits before the mask (look-alikes: the factor on one side, the
+temperature after the mask); GQA as a 5-D grouped einsum. `expect_rewrite` names the reach positives on plain
+choices, which the pass must rewrite; every program, look-alike or not, must equal eager.
+
 Every program is well-defined in eager: each query row keeps at least one key (the diagonal, or key 0 / the
 even keys when padding hides keys), so eager never gives NaN.
 """
@@ -225,6 +238,8 @@ def _norm_reach(d) -> None:
             d["bias"] = "index"
         if d["bias"] not in ("index", "paren", "unsqueeze"):
             d["factor"] = "none"
+    if d["factor"] != "none" and d["write"] in ("q_after", "k_after", "v_after", "c_mul", "c_tail"):
+        d["write"] = "none"    # a parameter makes the graph need grad: a write into a saved tensor fails under any backend
     if d["apply"] in ("set_ellipsis", "set_slices") and d["padding"]:
         d["apply"] = "mf_not"
     if d["gate"] == "arbitrary" and d["bias"] in ("arbitrary", "none"):

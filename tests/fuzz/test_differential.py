@@ -6,7 +6,9 @@ with backend="acp" (inner_backend "aot_eager", dynamic=None or True, log_eps Non
 the compile length and at 1-2 other lengths (at least one longer); programs with a padding input get a fresh
 pad per call. Per program it records rewritten (counters fox_attention > 0), refused (near_miss > 0) and wrong
 (an exception or a mismatch beyond the tolerance of tests/fuzz/harness.py); the test fails if any is wrong,
-listing them, after the whole run (no shrinking: each example costs a compile).
+listing them, after the whole run (no shrinking: each example costs a compile). A reach positive on plain choices
+(grammar.expect_rewrite: issue #11's spellings, causal, no writes or padding, Dv == D) that is not rewritten is
+"missed": it fails the test too, listed after the wrong ones.
 
 Profiles:
   default (CI): ACP_FUZZ_PROFILE unset, 30 programs, B <= 2, Hkv <= 2, T <= 40, D <= 16 (about a minute on 2 cores).
