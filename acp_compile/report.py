@@ -11,7 +11,7 @@ one device sync per site and call, and cannot run under CUDA graphs).
 
 Site names are the module path of the attention ("layers.3.attn", "#2" appended when one module
 holds several), or the graph node's name outside modules. Numbers come from the same plan the
-kernels use (kernels/plan.py with the forward's tile sizes), computed for the forward call.
+kernels use (kernels/dispatch.py forward_plan: the forward's tile sizes), computed for the forward call.
 
 Mechanism: the pass adds `o = o + acp::report_site(q, k, c, site, ...)` (acp_compile/report_op.py),
 an opaque custom op returning a zero scalar; its result feeds the output, so neither AOTAutograd nor
@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from acp_compile import report_op
-from acp_compile.kernels import blocked, dispatch
-from acp_compile.kernels.plan import default_scale, kept_tiles, make_plan, skipped_fraction
+from acp_compile.kernels import dispatch
+from acp_compile.kernels.plan import kept_tiles, skipped_fraction
 
 
 @dataclass
@@ -73,22 +73,11 @@ def draw_pruning_map(site_name: str, head: int = 0, batch: int = 0, path: str = 
     return path
 
 
-def _tile_sizes(q: Tensor, k: Tensor, c: Tensor) -> tuple[int, int]:
-    """The forward's tile sizes for this call (Triton table or the blocked path). An error here is
-    raised, not hidden: a report with another tile size than the kernel's would be wrong."""
-    if dispatch.forward_implementation(q, k, k, c) == "triton":
-        from acp_compile.kernels.fox_triton.configs import forward_config
-        cfg = forward_config(q)
-        return cfg.block_m, cfg.block_n
-    return blocked.BLOCK_M, blocked.BLOCK_N
-
-
 def record(q: Tensor, k: Tensor, c: Tensor, site_name: str, sm_scale: Optional[float], log_eps: Optional[float]) -> None:
     """Computes the plan of one call and stores it under `site_name` (syncs with the device)."""
     with torch.no_grad():
-        bm, bn = _tile_sizes(q, k, c)
-        scale = default_scale(q.shape[-1]) if sm_scale is None else sm_scale
-        plan = make_plan(q, k, c, scale, log_eps, None, bm, bn)
+        plan = dispatch.forward_plan(q, k, c, sm_scale, log_eps)
+        bm, bn = plan.block_m, plan.block_n
         skipped = skipped_fraction(plan).cpu()
         kept = kept_tiles(plan).cpu()
     prev = _RECORDS.get(site_name)

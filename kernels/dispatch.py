@@ -21,7 +21,8 @@ from torch import Tensor
 
 from acp_compile.kernels import blocked
 from acp_compile.kernels.fox_triton import support
-from acp_compile.kernels.plan import default_scale, make_plan, nonfinite_flag, pruning_enabled, qk_bound
+from acp_compile.kernels.plan import Plan, make_plan, nonfinite_flag, torch_qk_bound
+from acp_compile.kernels.threshold import default_scale, pruning_enabled
 
 
 def _scale(q: Tensor, sm_scale: float | None) -> float:
@@ -33,8 +34,25 @@ def blocked_plan(q, k, c, sm_scale, log_eps, u_bound):
 
 
 def forward_implementation(q, k, v, c) -> str:
-    """'triton' or 'blocked': what forward() will run for these inputs."""
+    """'triton' or 'blocked': what forward() and backward() will run for these inputs (one coverage rule)."""
     return "triton" if support.supported(q, k, v, c) else "blocked"
+
+
+def forward_tile_sizes(q, k, v, c) -> tuple[int, int]:
+    """(block_m, block_n) of the forward for these inputs: the Triton launch table or the blocked path's."""
+    if forward_implementation(q, k, v, c) == "triton":
+        from acp_compile.kernels.fox_triton.configs import forward_config
+        cfg = forward_config(q)
+        return cfg.block_m, cfg.block_n
+    return blocked.BLOCK_M, blocked.BLOCK_N
+
+
+def forward_plan(q, k, c, sm_scale, log_eps, u_bound=None) -> Plan:
+    """The plan the forward uses for these inputs, with its tile sizes, computed in torch (the report
+    reads it; the Triton forward computes the same start indices on the device, kernels/fox_triton/plan.py).
+    An error here is raised, not hidden: a plan with another tile size than the kernel's would be wrong."""
+    bm, bn = forward_tile_sizes(q, k, k, c)
+    return make_plan(q, k, c, _scale(q, sm_scale), log_eps, u_bound, bm, bn)
 
 
 def pruning_bound(q, k, scale, log_eps, u_bound, triton: bool):
@@ -46,9 +64,9 @@ def pruning_bound(q, k, scale, log_eps, u_bound, triton: bool):
         # A copy, never u_bound itself: an op output must not alias its input.
         return u_bound.to(device=q.device, dtype=torch.float32).expand(B, Hq).clone(memory_format=torch.contiguous_format)
     if triton:
-        from acp_compile.kernels.fox_triton.plan import qk_bound as device_qk_bound
-        return device_qk_bound(q, k, scale)
-    return qk_bound(q, k, scale)
+        from acp_compile.kernels.fox_triton.plan import triton_qk_bound
+        return triton_qk_bound(q, k, scale)
+    return torch_qk_bound(q, k, scale)
 
 
 def _poison(q, v, u_bound, triton: bool):
@@ -86,11 +104,6 @@ def forward(q, k, v, c, sm_scale, log_eps, u_bound):
     o, lse = blocked.forward(q, k, v, c, scale, plan)
     o.add_(bad[:, :, None, :].to(o.dtype))
     return o, lse, u
-
-
-def backward_implementation(q, k, v, c) -> str:
-    """'triton' or 'blocked': what backward() will run for these inputs."""
-    return forward_implementation(q, k, v, c)
 
 
 def backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound):

@@ -18,11 +18,12 @@ Tk * exp(2U + delta) = eps. Everything here runs on the tensors' device without 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from acp_compile.kernels.threshold import pruning_enabled, threshold_delta
 
 
 @dataclass(frozen=True)
@@ -43,15 +44,7 @@ class Plan:
         return self.end.shape[-1]
 
 
-def pruning_enabled(log_eps: float | None) -> bool:
-    return log_eps is not None and log_eps != float("-inf")
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
-
-
-def qk_bound(q: Tensor, k: Tensor, sm_scale: float) -> Tensor:
+def torch_qk_bound(q: Tensor, k: Tensor, sm_scale: float) -> Tensor:
     """Paper's U = scale * max_i ||q_i|| * max_j ||k_j|| per (batch, query head): (B, Hq) fp32."""
     Hq, Hkv = q.shape[1], k.shape[1]
     q_norm = torch.linalg.vector_norm(q.float(), dim=-1).amax(dim=-1)     # (B, Hq)
@@ -74,16 +67,15 @@ def nonfinite_flag(v: Tensor, n_q_heads: int, triton: bool = False) -> Tensor:
     return flag[:, :, None].expand(B, Hkv, n_q_heads // Hkv, D).reshape(B, n_q_heads, D)
 
 
-def threshold(q: Tensor, k: Tensor, sm_scale: float, log_eps: float | None, u_bound: Tensor | None) -> Tensor:
-    """delta = log_eps - log(Tk) - 2U per (batch, query head), fp32 (B, Hq); -inf when pruning is off."""
+def head_delta(q: Tensor, k: Tensor, sm_scale: float, log_eps: float | None, u_bound: Tensor | None) -> Tensor:
+    """delta per (batch, query head), fp32 (B, Hq) (kernels/threshold.py); -inf when pruning is off.
+    U is the caller's u_bound, or computed from q and k when it is None. A negative or NaN U (a wrong
+    u_bound, or NaN in q or k) turns pruning off for that head, on the device."""
     B, Hq, Tk = q.shape[0], q.shape[1], k.shape[2]
     if not pruning_enabled(log_eps):
         return torch.full((B, Hq), float("-inf"), device=q.device, dtype=torch.float32)
-    u = qk_bound(q, k, sm_scale) if u_bound is None else u_bound.to(q.device, torch.float32).expand(B, Hq)
-    delta = (float(log_eps) - math.log(Tk)) - 2.0 * u
-    # The guarantee needs U >= 0 (so delta <= 0 and no diagonal tile is ever skipped). A negative
-    # or NaN U (a wrong u_bound, or NaN in q or k) turns pruning off for that head, on the device.
-    return torch.where(u >= 0, delta, float("-inf"))
+    u = torch_qk_bound(q, k, sm_scale) if u_bound is None else u_bound.to(q.device, torch.float32).expand(B, Hq)
+    return threshold_delta(log_eps, Tk, u)
 
 
 def causal_last_key_block(Tq: int, Tk: int, block_m: int, block_n: int, device=None) -> Tensor:
@@ -124,7 +116,7 @@ def make_plan(
 ) -> Plan:
     """The plan for q (B, Hq, Tq, D), k (B, Hkv, Tk, D), c (B, Hq, Tk)."""
     Tq, Tk = q.shape[2], k.shape[2]
-    delta = threshold(q, k, sm_scale, log_eps, u_bound)
+    delta = head_delta(q, k, sm_scale, log_eps, u_bound)
     n_hi = causal_last_key_block(Tq, Tk, block_m, block_n, q.device)       # (Mq,)
     skip = tile_skip_mask(delta, c, Tq, block_m, block_n)                  # (B, Hq, Mq, Nk)
     Nk = skip.shape[-1]

@@ -1,6 +1,8 @@
 """The layers of DESIGN.md section 3 and their dependency rules, enforced by reading every import.
 
-    kernels/            -> kernels only (the fp64 reference is imported by nothing in the package)
+    kernels/            -> kernels only (the fp64 reference is imported by nothing in the package);
+                        kernels/fox_triton/* never imports the torch plan (kernels/plan.py): what both
+                        plans share (threshold, pruning on/off, default scale) is in kernels/threshold.py
     foundation          _torch_private, config, checks: nothing of the package
     op layer            ops, report_op: kernels and the foundation
     patterns/ (pass)    patterns, the op layer and the foundation; never kernels, the API, the report,
@@ -90,6 +92,12 @@ def test_nothing_in_the_package_imports_the_reference():
     users = sorted(m for m, p in MODULES.items() if m != "acp_compile.kernels.reference"
                    and "acp_compile.kernels.reference" in _package_imports(p))
     assert not users, f"the fp64 reference defines correctness for tests; {users} import it"
+
+
+def test_triton_kernels_do_not_import_the_torch_plan():
+    users = sorted(m for m, p in MODULES.items() if m.startswith("acp_compile.kernels.fox_triton")
+                   and "acp_compile.kernels.plan" in _package_imports(p))
+    assert not users, f"{users} import kernels/plan.py; share helpers through kernels/threshold.py"
 
 
 def test_private_torch_apis_are_touched_in_one_module():

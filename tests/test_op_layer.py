@@ -151,20 +151,20 @@ def test_forward_returns_the_bound_it_pruned_with_and_the_backward_reuses_it(mon
     q, k, v, c = _op_args("gqa_tq_lt_tk", strength=1.0)
     scale = 1 / math.sqrt(q.shape[-1])
     _, _, u_auto = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
-    torch.testing.assert_close(u_auto, plan.qk_bound(q, k, scale), rtol=0, atol=0)
+    torch.testing.assert_close(u_auto, plan.torch_qk_bound(q, k, scale), rtol=0, atol=0)
     _, _, u_given = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, torch.tensor(0.75))
     assert u_given.shape == q.shape[:2] and (u_given == 0.75).all()
     _, _, u_dense = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
     assert (u_dense == 0).all()
 
     calls = []
-    counted = plan.qk_bound
+    counted = plan.torch_qk_bound
 
     def counting(*args):
         calls.append(1)
         return counted(*args)
-    monkeypatch.setattr(plan, "qk_bound", counting)
-    monkeypatch.setattr(dispatch, "qk_bound", counting)
+    monkeypatch.setattr(plan, "torch_qk_bound", counting)
+    monkeypatch.setattr(dispatch, "torch_qk_bound", counting)
     leaves = [t.detach().requires_grad_() for t in (q, k, v, c)]
     o, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None)
     o.backward(torch.randn_like(o))

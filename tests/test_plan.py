@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from acp_compile.kernels.plan import (
-    causal_last_key_block, kept_entries, kept_tiles, make_plan, qk_bound, skipped_fraction, threshold,
+    causal_last_key_block, kept_entries, kept_tiles, make_plan, skipped_fraction, head_delta, torch_qk_bound,
 )
 from acp_compile.kernels.reference import causal_mask
 from conftest import fox_inputs
@@ -117,12 +117,12 @@ def test_pruning_off_keeps_every_causal_tile(log_eps):
 
 def test_threshold_formula_and_user_bound():
     q, k, v, c = fox_inputs(2, 4, 2, 10, 30, 8, seed=9)
-    u = qk_bound(q, k, 0.25)
+    u = torch_qk_bound(q, k, 0.25)
     expected_u = 0.25 * q.norm(dim=-1).amax(-1) * k.norm(dim=-1).amax(-1).repeat_interleave(2, dim=1)
     torch.testing.assert_close(u, expected_u)
-    torch.testing.assert_close(threshold(q, k, 0.25, -10.0, None), -10.0 - math.log(30) - 2 * expected_u)
+    torch.testing.assert_close(head_delta(q, k, 0.25, -10.0, None), -10.0 - math.log(30) - 2 * expected_u)
     user = torch.tensor([0.5, 1.0, 1.5, 2.0])                              # (Hq,) broadcasts over batch
-    torch.testing.assert_close(threshold(q, k, 0.25, -10.0, user), (-10.0 - math.log(30) - 2 * user).expand(2, 4))
+    torch.testing.assert_close(head_delta(q, k, 0.25, -10.0, user), (-10.0 - math.log(30) - 2 * user).expand(2, 4))
 
 
 def test_negative_or_nan_bound_turns_pruning_off():

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from acp_compile.kernels.fox_triton.configs import FwdConfig, c_span_limit, forward_config, padded_head_dim
 from acp_compile.kernels.fox_triton.plan import compute_plan, num_blocks
-from acp_compile.kernels.plan import pruning_enabled
+from acp_compile.kernels.threshold import pruning_enabled
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

@@ -4,14 +4,15 @@ Same semantics as kernels/plan.py's make_plan (read its header for the math); no
   q (B, Hq, Tq, D), k (B, Hkv, Tk, D), c (B, Hq, Tk) cumulative log forget gate, G = Hq // Hkv
   Mq = ceil(Tq / BM) query blocks, Nk = ceil(Tk / BN) key blocks; query i sits at p_i = Tk - Tq + i
   U        scale * max_i ||q_i|| * max_j ||k_j||   (or the caller's u_bound)
-  delta    (log_eps - log Tk) - 2U      (fp32, the same expression as the torch plan); -inf (no
-           pruning for that head) when U is negative or NaN
+  delta    threshold_offset - 2U with threshold_offset = log_eps - log Tk (kernels/threshold.py; fp32,
+           the same expression as the torch plan); -inf (no pruning for that head) when U is
+           negative or NaN
   skip(m,n)  (max_{i in m} c[p_i]) - (min_{j in n} c[j]) < delta
   start[m] = min(n_hi(m) + 1, first n with not skip(m, n))        (B, Hq, Mq) int32
   end[n]   = 1 + max{m : start[m] <= n <= n_hi(m)}, 0 if none      (B, Hq, Nk) int32
 
 Launches (static grids, no host synchronisation, CUDA-graph safe):
-  1. qk_bound, only when U is computed from the data: _row_norm_partials, grid (chunks, Hq + Hkv, B),
+  1. triton_qk_bound, only when U is computed from the data: _row_norm_partials, grid (chunks, Hq + Hkv, B),
      where each program takes ROWS rows of q or k and writes the largest row norm of its chunk (fp32),
      then two small torch reductions to U (B, Hq). The op calls it once per forward and hands U to
      the backward.
@@ -24,15 +25,13 @@ from the torch plan in the last bit; with the same u_bound the two plans are ide
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from acp_compile.kernels.fox_triton.configs import padded_head_dim
-from acp_compile.kernels.plan import pruning_enabled
+from acp_compile.kernels.threshold import pruning_enabled, threshold_offset
 
 NORM_ROWS = 64          # rows of q or k per program of the norm pass
 PLAN_CHUNK_M = 32       # query blocks per step of the plan program
@@ -76,7 +75,7 @@ def _plan_kernel(
     C, U, START, END,
     sc_b, sc_h, sc_t, su_b, su_h,
     Hq, Tq, Tk, Mq, Nk,
-    delta_offset,
+    threshold_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_END: tl.constexpr,
     CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr,
 ):
@@ -84,7 +83,7 @@ def _plan_kernel(
     b = tl.program_id(1)
     bh = b.to(tl.int64) * Hq + h
     u = tl.load(U + b.to(tl.int64) * su_b + h * su_h).to(tl.float32)
-    delta = delta_offset - 2.0 * u
+    delta = threshold_offset - 2.0 * u                  # kernels/threshold.py: threshold_delta
     delta = tl.where(u >= 0, delta, float("-inf"))      # negative or NaN U: pruning off for this head
 
     c_base = C + b.to(tl.int64) * sc_b + h.to(tl.int64) * sc_h
@@ -170,7 +169,7 @@ def num_blocks(t: int, block: int) -> int:
     return -(-t // block)
 
 
-def qk_bound(q: Tensor, k: Tensor, sm_scale: float) -> Tensor:
+def triton_qk_bound(q: Tensor, k: Tensor, sm_scale: float) -> Tensor:
     """U = scale * max_i ||q_i|| * max_j ||k_j|| per (batch, query head), (B, Hq) fp32 on the device:
     the norm pass, then two small reductions."""
     B, Hq, Tq, D = q.shape
@@ -203,12 +202,12 @@ def compute_plan(
     start = torch.empty((B, Hq, Mq), dtype=torch.int32, device=q.device)
     end = torch.empty((B, Hq, Nk), dtype=torch.int32, device=q.device) if with_end else None
     if u_bound is None:
-        u_bound = qk_bound(q, k, sm_scale)
+        u_bound = triton_qk_bound(q, k, sm_scale)
     u = u_bound.to(device=q.device, dtype=torch.float32).expand(B, Hq)
     _plan_kernel[(Hq, B)](
         c, u, start, end if with_end else start,
         *c.stride(), *u.stride(),
-        Hq, Tq, Tk, Mq, Nk, float(log_eps - math.log(Tk)),
+        Hq, Tq, Tk, Mq, Nk, threshold_offset(log_eps, Tk),
         BLOCK_M=block_m, BLOCK_N=block_n, WRITE_END=with_end,
         CHUNK_M=PLAN_CHUNK_M, CHUNK_N=PLAN_CHUNK_N, num_warps=4,
     )

