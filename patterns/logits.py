@@ -114,6 +114,8 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
         a = v.args
         if gu.is_op(v, "cast") or (v.op == "call_method" and v.target == "contiguous"):
             return walk(a[0], coef, v)
+        if gu.is_op(v, "expand") or (v.op == "call_method" and v.target == "expand_as"):
+            return walk(a[0], coef, v)            # adding x.expand(...) is adding x, broadcast
         if gu.is_op(v, "getitem") and _keeps_every_entry(v, ctx):
             return walk(a[0], coef, v)            # Hugging Face's attention_mask[:, :, :, :Tk] at full length
         if gu.is_op(v, "add") or gu.is_op(v, "sub"):

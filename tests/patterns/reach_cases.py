@@ -266,3 +266,13 @@ def gqa_grouped_einsum(q, k, v, fg):
     s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), NEG)
     o = torch.einsum("bhgij,bhjd->bhgid", s.softmax(-1), v)
     return o.reshape(B, Hq, T, D)
+
+
+def baddbmm_expanded_bias(q, k, v, fg):
+    """The bias expanded (a no-op) to the logits' shape before baddbmm."""
+    B, H, T, D = q.shape
+    c = torch.cumsum(F.logsigmoid(fg), -1).reshape(B * H, T)
+    bias = (c[:, :, None] - c[:, None, :]).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), NEG)
+    bias = bias.expand(B * H, T, T)
+    s = torch.baddbmm(bias, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2), alpha=D ** -0.5)
+    return torch.bmm(s.softmax(-1), v.reshape(B * H, T, D)).view(B, H, T, D)
