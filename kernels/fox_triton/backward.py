@@ -54,9 +54,10 @@ from triton.runtime.errors import OutOfResources
 
 from acp_compile.kernels.fox_triton.backward_dkdv import fox_bwd_dkdv_kernel
 from acp_compile.kernels.fox_triton.backward_dq import fox_bwd_dq_kernel
-from acp_compile.kernels.fox_triton.configs import c_span_limit
+from acp_compile.kernels.fox_triton.common import LOG2E
+from acp_compile.kernels.fox_triton.configs import c_span_limit, padded_head_dim
+from acp_compile.kernels.threshold import pruning_enabled
 
-LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 logger = logging.getLogger("acp_compile")
 
@@ -120,11 +121,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 @triton.jit
 def fox_bwd_preprocess_kernel(
     O, DO, LSE, DELTA, LSE2,
-    stride_ob, stride_oh, stride_ot, stride_od,
-    stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_lb, stride_lh, stride_lt,
+    so_b, so_h, so_t, so_d,
+    sdo_b, sdo_h, sdo_t, sdo_d,
+    sl_b, sl_h, sl_t,
     Hq, Tq,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
     """Delta_i = sum_d o_id do_id and lse2_i = lse_i log2(e): (B, Hq, Tq) fp32 contiguous.
     Grid (ceil(Tq / BLOCK_M), B * Hq)."""
@@ -133,17 +134,17 @@ def fox_bwd_preprocess_kernel(
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < Tq
     ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+    o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :] * so_d,
                 mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :] * sdo_d,
                  mask=ok, other=0.0).to(tl.float32)
-    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m * stride_lt, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + b * sl_b + h * sl_h + offs_m * sl_t, mask=row_ok, other=0.0)
     out = bh.to(tl.int64) * Tq + offs_m
     tl.store(DELTA + out, tl.sum(o * do, axis=1), mask=row_ok)
-    tl.store(LSE2 + out, lse * 1.4426950408889634, mask=row_ok)
+    tl.store(LSE2 + out, lse * LOG2E, mask=row_ok)
 
 
 def plan_indices(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n):
@@ -153,10 +154,6 @@ def plan_indices(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n):
     return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
-def _pow2_head_dim(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
-
-
 def preprocess(do, o, lse, block_m: int = 64):
     """(delta, lse2): both (B, Hq, Tq) fp32 contiguous."""
     B, Hq, Tq, D = o.shape
@@ -164,7 +161,7 @@ def preprocess(do, o, lse, block_m: int = 64):
     lse2 = torch.empty((B, Hq, Tq), device=o.device, dtype=torch.float32)
     fox_bwd_preprocess_kernel[(triton.cdiv(Tq, block_m), B * Hq)](
         o, do, lse, delta, lse2, *o.stride(), *do.stride(), *lse.stride(), Hq, Tq,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_D=_pow2_head_dim(D),
+        HEAD_DIM=D, BLOCK_M=block_m, D_PAD=padded_head_dim(D),
     )
     return delta, lse2
 
@@ -177,13 +174,13 @@ def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: fl
     Hkv, Tk = k.shape[1], k.shape[2]
     bm, bn = cfg.kv_block_m, cfg.kv_block_n
     Mq, Nk = triton.cdiv(Tq, bm), triton.cdiv(Tk, bn)
-    acp = start is not None
+    prune = start is not None
     return fox_bwd_dkdv_kernel[(B * Hkv, Nk)](
-        q, k, v, c, do, row, delta, start if acp else delta, end if acp else delta, dk, dv, dc,
+        q, k, v, c, do, row, delta, start if prune else delta, end if prune else delta, dk, dv, dc,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dk.stride(), *dv.stride(), *dc.stride(),
-        Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, sm_scale * LOG2E,
-        GROUP=Hq // Hkv, ACP=acp, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
-        EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2_head_dim(D),
+        Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, sm_scale * LOG2E.value,
+        GROUP=Hq // Hkv, PRUNE=prune, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
+        EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, D_PAD=padded_head_dim(D),
         C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )
 
@@ -209,13 +206,13 @@ def launch_dq(q, k, v, c, do, row, delta, start, dq, dc, sm_scale: float, cfg: B
     Hkv, Tk = k.shape[1], k.shape[2]
     bm, bn = cfg.q_block_m, cfg.q_block_n
     Mq = triton.cdiv(Tq, bm)
-    acp = start is not None
+    prune = start is not None
     return fox_bwd_dq_kernel[(B * Hq, Mq)](
-        q, k, v, c, do, row, delta, start if acp else delta, dq, dc,
+        q, k, v, c, do, row, delta, start if prune else delta, dq, dc,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dq.stride(), *dc.stride(),
-        Hq, Tq, Tk, Mq, sm_scale, sm_scale * LOG2E,
-        GROUP=Hq // Hkv, ACP=acp, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
-        EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2_head_dim(D),
+        Hq, Tq, Tk, Mq, sm_scale, sm_scale * LOG2E.value,
+        GROUP=Hq // Hkv, PRUNE=prune, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
+        EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, D_PAD=padded_head_dim(D),
         C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact, num_warps=cfg.q_warps, num_stages=cfg.q_stages,
     )
 
@@ -237,13 +234,11 @@ def backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps=None, u_bound=None
 
 
 def _backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps, u_bound, cfg: BackwardConfig):
-    acp = log_eps is not None and log_eps != float("-inf")
-
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dc = torch.empty_like(c, dtype=torch.float32)
     delta, row = preprocess(do, o, lse, cfg.pre_block_m)
     kv_start = kv_end = q_start = None
-    if acp:
+    if pruning_enabled(log_eps):
         kv_start, kv_end = plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.kv_block_m, cfg.kv_block_n)
         if cfg.shares_plan:
             q_start = coarsen_start(kv_start, cfg.q_block_m // cfg.kv_block_m, cfg.kv_block_n // cfg.q_block_n)

@@ -26,8 +26,8 @@ c the kept query blocks below end[n] need not be contiguous); a tile that is not
 so it adds exactly 0 (branch-free, which keeps the loop software-pipelined). Tiles that straddle
 the diagonal use the causal mask; the rest run unmasked. Keys that no query block keeps get
 dk = dv = dc = 0 (written). Rows past Tq load lse2 = +inf and are masked, so their probabilities are exactly 0.
-Compile-time specialisation: head dim (HEAD_DIM; masks on d only when it is not a power of two),
-Tq % BLOCK_M == 0 and Tk % BLOCK_N == 0 (no row masks), GQA group, ACP on or off, dot precision.
+Compile-time specialisation: head dim (HEAD_DIM, padded to D_PAD; masks on d only when it is not a power of two),
+Tq % BLOCK_M == 0 and Tk % BLOCK_N == 0 (no row masks), GQA group, pruning on or off (PRUNE), dot precision.
 Offsets: batch and head offsets are int64, so B * H * T * D above 2**31 works.
 """
 from __future__ import annotations
@@ -35,68 +35,44 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def load_rows(ptrs, row_ok, offs_d, ROWS_EVEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Loads a (rows, BLOCK_D) tile, masking only what the specialisation cannot rule out."""
-    if ROWS_EVEN and HEAD_DIM == BLOCK_D:
-        x = tl.load(ptrs)
-    elif ROWS_EVEN:
-        x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-    elif HEAD_DIM == BLOCK_D:
-        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-    else:
-        x = tl.load(ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    return x
-
-
-@triton.jit
-def store_rows(ptrs, x, row_ok, offs_d, ROWS_EVEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    if ROWS_EVEN and HEAD_DIM == BLOCK_D:
-        tl.store(ptrs, x)
-    elif ROWS_EVEN:
-        tl.store(ptrs, x, mask=(offs_d < HEAD_DIM)[None, :])
-    elif HEAD_DIM == BLOCK_D:
-        tl.store(ptrs, x, mask=row_ok[:, None])
-    else:
-        tl.store(ptrs, x, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+from acp_compile.kernels.fox_triton.common import LOG2E, load_rows, store_rows
 
 
 @triton.jit
 def _dkdv_tiles(
     dk, dv, dc, k, v, c_k, c_ref, offs_n, n,
     Q, DO, C, LSE2, DELTA, START,
-    stride_qt, stride_qd, stride_dot, stride_dod, stride_ct,
+    sq_t, sq_d, sdo_t, sdo_d, sc_t,
     m_lo, m_hi, Tq, q_shift, qk_scale,
-    ACP: tl.constexpr, MASKED: tl.constexpr, EVEN_M: tl.constexpr, EXACT_C: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRUNE: tl.constexpr, MASKED: tl.constexpr, EVEN_M: tl.constexpr, EXACT_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    """Accumulates the tiles (m, n) for m in [m_lo, m_hi) into dk, dv (BLOCK_N, BLOCK_D), dc (BLOCK_N,).
+    """Accumulates the tiles (m, n) for m in [m_lo, m_hi) into dk, dv (BLOCK_N, D_PAD), dc (BLOCK_N,).
     EXACT_C: c_k holds c[j] and sT gets (c[p_i] - c[j]) log2(e) per entry; else c_k holds
     (c[j] - c_ref) log2(e) and the row term (c[p_i] - c_ref) log2(e) - lse2_i is formed per tile."""
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, D_PAD)
     for m in range(m_lo, m_hi):
         offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)                       # (BM,) query rows
         row_ok = offs_m < Tq
-        q = load_rows(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, row_ok, offs_d,
-                      EVEN_M, HEAD_DIM, BLOCK_D)                              # (BM, BD)
-        do = load_rows(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, row_ok, offs_d,
-                       EVEN_M, HEAD_DIM, BLOCK_D)
+        q = load_rows(Q + offs_m[:, None] * sq_t + offs_d[None, :] * sq_d, row_ok, offs_d,
+                      EVEN_M, HEAD_DIM, D_PAD)                              # (BM, D_PAD)
+        do = load_rows(DO + offs_m[:, None] * sdo_t + offs_d[None, :] * sdo_d, row_ok, offs_d,
+                       EVEN_M, HEAD_DIM, D_PAD)
         if EVEN_M:
             lse2 = tl.load(LSE2 + offs_m)
             delta = tl.load(DELTA + offs_m)
-            c_q = tl.load(C + (offs_m + q_shift) * stride_ct).to(tl.float32)
+            c_q = tl.load(C + (offs_m + q_shift) * sc_t).to(tl.float32)
         else:
             lse2 = tl.load(LSE2 + offs_m, mask=row_ok, other=float("inf"))     # rows past Tq: p = 0
             delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
-            c_q = tl.load(C + (offs_m + q_shift) * stride_ct, mask=row_ok, other=0.0).to(tl.float32)
-        if ACP:
+            c_q = tl.load(C + (offs_m + q_shift) * sc_t, mask=row_ok, other=0.0).to(tl.float32)
+        if PRUNE:
             lse2 = tl.where(tl.load(START + m) <= n, lse2, float("inf"))     # tile not kept: adds 0
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)         # (BN, BM)
         if EXACT_C:
-            sT = (c_q[None, :] - c_k[:, None]) * 1.4426950408889634 + (qkT * qk_scale - lse2[None, :])
+            sT = (c_q[None, :] - c_k[:, None]) * LOG2E + (qkT * qk_scale - lse2[None, :])
         else:
-            r = (c_q - c_ref) * 1.4426950408889634 - lse2                    # (BM,) row term
+            r = (c_q - c_ref) * LOG2E - lse2                    # (BM,) row term
             sT = qkT * qk_scale + (r[None, :] - c_k[:, None])
         if not EVEN_M:
             # rows past Tq: lse2 = +inf alone could meet a +inf from c (a reset of -1e38) and give NaN
@@ -116,18 +92,18 @@ def _dkdv_tiles(
 @triton.jit
 def fox_bwd_dkdv_kernel(
     Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_cb, stride_ch, stride_ct,
-    stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-    stride_dcb, stride_dch, stride_dct,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    sc_b, sc_h, sc_t,
+    sdo_b, sdo_h, sdo_t, sdo_d,
+    sdk_b, sdk_h, sdk_t, sdk_d,
+    sdv_b, sdv_h, sdv_t, sdv_d,
+    sdc_b, sdc_h, sdc_t,
     Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, qk_scale,
-    GROUP: tl.constexpr, ACP: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
     EXACT_C: tl.constexpr,
 ):
     bhk = tl.program_id(0)
@@ -135,15 +111,15 @@ def fox_bwd_dkdv_kernel(
     b = (bhk // Hkv).to(tl.int64)
     hk = (bhk % Hkv).to(tl.int64)
     offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                            # (BN,) key positions
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, D_PAD)
     col_ok = offs_n < Tk
     if not EXACT_C:
-        k = load_rows(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                      col_ok, offs_d, EVEN_N, HEAD_DIM, BLOCK_D)             # (BN, BD)
-        v = load_rows(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                      col_ok, offs_d, EVEN_N, HEAD_DIM, BLOCK_D)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        k = load_rows(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_t + offs_d[None, :] * sk_d,
+                      col_ok, offs_d, EVEN_N, HEAD_DIM, D_PAD)             # (BN, D_PAD)
+        v = load_rows(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_t + offs_d[None, :] * sv_d,
+                      col_ok, offs_d, EVEN_N, HEAD_DIM, D_PAD)
+    dk = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
 
     q_shift = Tk - Tq
     # First query block with a causal entry in key block n, and first whose rows all see the whole block.
@@ -156,8 +132,8 @@ def fox_bwd_dkdv_kernel(
     # rest, so neither kernel carries a branch around its pipelined loops. NaN compares False.
     span = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for g in range(GROUP):
-        Cg = C + b * stride_cb + (hk * GROUP + g) * stride_ch
-        c_g = tl.load(Cg + offs_n * stride_ct, mask=col_ok, other=tl.load(Cg + n * BLOCK_N * stride_ct))
+        Cg = C + b * sc_b + (hk * GROUP + g) * sc_h
+        c_g = tl.load(Cg + offs_n * sc_t, mask=col_ok, other=tl.load(Cg + n * BLOCK_N * sc_t))
         c_g = c_g.to(tl.float32)
         span = tl.maximum(span, tl.max(c_g, axis=0) - tl.min(c_g, axis=0))
     span = tl.max(span, axis=0)
@@ -172,47 +148,47 @@ def fox_bwd_dkdv_kernel(
         # mode keeps its idle programs from reading them (0.18 ms at W1 16k unmasked). The one-FMA
         # launch keeps the EVEN_N-specialised loads above: masking those by the mode as well measured
         # slower on the H200 (8.69 against 8.01 ms, W1 16k ACP fwd+bwd).
-        k = load_rows(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                      store_ok, offs_d, False, HEAD_DIM, BLOCK_D)            # (BN, BD)
-        v = load_rows(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                      store_ok, offs_d, False, HEAD_DIM, BLOCK_D)
+        k = load_rows(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_t + offs_d[None, :] * sk_d,
+                      store_ok, offs_d, False, HEAD_DIM, D_PAD)            # (BN, D_PAD)
+        v = load_rows(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_t + offs_d[None, :] * sv_d,
+                      store_ok, offs_d, False, HEAD_DIM, D_PAD)
 
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * Hq + h
-        Cbh = C + b * stride_cb + h * stride_ch
-        c_ref = tl.load(Cbh + n * BLOCK_N * stride_ct).to(tl.float32)     # c of the block's first key
+        Cbh = C + b * sc_b + h * sc_h
+        c_ref = tl.load(Cbh + n * BLOCK_N * sc_t).to(tl.float32)     # c of the block's first key
         if EVEN_N:
-            c_k = tl.load(Cbh + offs_n * stride_ct).to(tl.float32)
+            c_k = tl.load(Cbh + offs_n * sc_t).to(tl.float32)
         else:
-            c_k = tl.load(Cbh + offs_n * stride_ct, mask=col_ok, other=c_ref).to(tl.float32)
-        if ACP:
+            c_k = tl.load(Cbh + offs_n * sc_t, mask=col_ok, other=c_ref).to(tl.float32)
+        if PRUNE:
             m_end = tl.load(END + bh * Nk + n)
         else:
             m_end = Mq
         m_end = tl.where(mine, m_end, m_lo)                                  # not mine: no tile
         m_mid = tl.minimum(m_full, m_end)
         dc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        Qbh = Q + b * stride_qb + h * stride_qh
-        DObh = DO + b * stride_dob + h * stride_doh
+        Qbh = Q + b * sq_b + h * sq_h
+        DObh = DO + b * sdo_b + h * sdo_h
         if not EXACT_C:
-            c_k = (c_k - c_ref) * 1.4426950408889634                         # (BN,) log2 units
+            c_k = (c_k - c_ref) * LOG2E                         # (BN,) log2 units
         dk, dv, dc = _dkdv_tiles(
             dk, dv, dc, k, v, c_k, c_ref, offs_n, n, Qbh, DObh, Cbh, LSE2 + bh * Tq, DELTA + bh * Tq,
-            START + bh * Mq, stride_qt, stride_qd, stride_dot, stride_dod, stride_ct, m_lo, m_mid, Tq, q_shift,
-            qk_scale, ACP=ACP, MASKED=True, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
-            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+            START + bh * Mq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_lo, m_mid, Tq, q_shift,
+            qk_scale, PRUNE=PRUNE, MASKED=True, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
+            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD,
         )
         dk, dv, dc = _dkdv_tiles(
             dk, dv, dc, k, v, c_k, c_ref, offs_n, n, Qbh, DObh, Cbh, LSE2 + bh * Tq, DELTA + bh * Tq,
-            START + bh * Mq, stride_qt, stride_qd, stride_dot, stride_dod, stride_ct, m_mid, m_end, Tq, q_shift,
-            qk_scale, ACP=ACP, MASKED=False, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
-            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+            START + bh * Mq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_mid, m_end, Tq, q_shift,
+            qk_scale, PRUNE=PRUNE, MASKED=False, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
+            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD,
         )
-        tl.store(DC + b * stride_dcb + h * stride_dch + offs_n * stride_dct, dc, mask=store_ok)
+        tl.store(DC + b * sdc_b + h * sdc_h + offs_n * sdc_t, dc, mask=store_ok)
 
     dk = dk * sm_scale
-    store_rows(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
-               dk.to(DK.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, BLOCK_D)
-    store_rows(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
-               dv.to(DV.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, BLOCK_D)
+    store_rows(DK + b * sdk_b + hk * sdk_h + offs_n[:, None] * sdk_t + offs_d[None, :] * sdk_d,
+               dk.to(DK.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, D_PAD)
+    store_rows(DV + b * sdv_b + hk * sdv_h + offs_n[:, None] * sdv_t + offs_d[None, :] * sdv_d,
+               dv.to(DV.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, D_PAD)

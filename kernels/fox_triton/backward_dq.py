@@ -23,39 +23,39 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from acp_compile.kernels.fox_triton.backward_dkdv import load_rows, store_rows
+from acp_compile.kernels.fox_triton.common import LOG2E, load_rows, store_rows
 
 
 @triton.jit
 def _dq_tiles(
     dq, rs, q, do, r, lse2, delta, pos_q, K, V, C, c_ref,
-    stride_kt, stride_kd, stride_vt, stride_vd, stride_ct,
+    sk_t, sk_d, sv_t, sv_d, sc_t,
     n_lo, n_hi, Tk, qk_scale,
     MASKED: tl.constexpr, KEYS_EVEN: tl.constexpr, EXACT_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    """Accumulates the tiles (m, n) for n in [n_lo, n_hi) into dq (BLOCK_M, BLOCK_D) and the row sums of
+    """Accumulates the tiles (m, n) for n in [n_lo, n_hi) into dq (BLOCK_M, D_PAD) and the row sums of
     dS into rs (BLOCK_M,). KEYS_EVEN: no key of these tiles lies past Tk (always for unmasked tiles).
     EXACT_C: r holds c[p_i] and s gets (c[p_i] - c[j]) log2(e) per entry; else r holds the row term
     (c[p_i] - c_ref) log2(e) - lse2_i and s gets r_i - (c[j] - c_ref) log2(e)."""
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, D_PAD)
     for n in range(n_lo, n_hi):
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # (BN,) key positions
         col_ok = offs_n < Tk
-        k = load_rows(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, col_ok, offs_d,
-                      KEYS_EVEN, HEAD_DIM, BLOCK_D)                          # (BN, BD)
-        v = load_rows(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, col_ok, offs_d,
-                      KEYS_EVEN, HEAD_DIM, BLOCK_D)
+        k = load_rows(K + offs_n[:, None] * sk_t + offs_d[None, :] * sk_d, col_ok, offs_d,
+                      KEYS_EVEN, HEAD_DIM, D_PAD)                          # (BN, D_PAD)
+        v = load_rows(V + offs_n[:, None] * sv_t + offs_d[None, :] * sv_d, col_ok, offs_d,
+                      KEYS_EVEN, HEAD_DIM, D_PAD)
         if KEYS_EVEN:
-            c_k = tl.load(C + offs_n * stride_ct)
+            c_k = tl.load(C + offs_n * sc_t)
         else:
-            c_k = tl.load(C + offs_n * stride_ct, mask=col_ok, other=0.0)
+            c_k = tl.load(C + offs_n * sc_t, mask=col_ok, other=0.0)
         c_k = c_k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)        # (BM, BN)
         if EXACT_C:
-            s = (r[:, None] - c_k[None, :]) * 1.4426950408889634 + (qk * qk_scale - lse2[:, None])
+            s = (r[:, None] - c_k[None, :]) * LOG2E + (qk * qk_scale - lse2[:, None])
         else:
-            c2_k = (c_k - c_ref) * 1.4426950408889634
+            c2_k = (c_k - c_ref) * LOG2E
             s = qk * qk_scale + (r[:, None] - c2_k[None, :])
         if MASKED:
             s = tl.where(pos_q[:, None] >= offs_n[None, :], s, float("-inf"))
@@ -70,17 +70,17 @@ def _dq_tiles(
 @triton.jit
 def fox_bwd_dq_kernel(
     Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_cb, stride_ch, stride_ct,
-    stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-    stride_dcb, stride_dch, stride_dct,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    sc_b, sc_h, sc_t,
+    sdo_b, sdo_h, sdo_t, sdo_d,
+    sdq_b, sdq_h, sdq_t, sdq_d,
+    sdc_b, sdc_h, sdc_t,
     Hq, Tq, Tk, Mq, sm_scale, qk_scale,
-    GROUP: tl.constexpr, ACP: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
     EXACT_C: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -91,24 +91,24 @@ def fox_bwd_dq_kernel(
     bh64 = b * Hq + h
     q_shift = Tk - Tq
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)                            # (BM,) query rows
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < Tq
     if not EXACT_C:
-        q = load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                      row_ok, offs_d, EVEN_M, HEAD_DIM, BLOCK_D)            # (BM, BD)
-        do = load_rows(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                       row_ok, offs_d, EVEN_M, HEAD_DIM, BLOCK_D)
+        q = load_rows(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :] * sq_d,
+                      row_ok, offs_d, EVEN_M, HEAD_DIM, D_PAD)            # (BM, D_PAD)
+        do = load_rows(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :] * sdo_d,
+                       row_ok, offs_d, EVEN_M, HEAD_DIM, D_PAD)
     pos_q = offs_m + q_shift
-    Cbh = C + b * stride_cb + h * stride_ch
-    c_ref = tl.load(Cbh + (m * BLOCK_M + q_shift) * stride_ct).to(tl.float32)   # c of the block's first row
+    Cbh = C + b * sc_b + h * sc_h
+    c_ref = tl.load(Cbh + (m * BLOCK_M + q_shift) * sc_t).to(tl.float32)   # c of the block's first row
     if EVEN_M:
         lse2 = tl.load(LSE2 + bh64 * Tq + offs_m)
         delta = tl.load(DELTA + bh64 * Tq + offs_m)
-        c_q = tl.load(Cbh + pos_q * stride_ct).to(tl.float32)
+        c_q = tl.load(Cbh + pos_q * sc_t).to(tl.float32)
     else:
         lse2 = tl.load(LSE2 + bh64 * Tq + offs_m, mask=row_ok, other=float("inf"))   # rows past Tq: p = 0
         delta = tl.load(DELTA + bh64 * Tq + offs_m, mask=row_ok, other=0.0)
-        c_q = tl.load(Cbh + pos_q * stride_ct, mask=row_ok, other=c_ref).to(tl.float32)
+        c_q = tl.load(Cbh + pos_q * sc_t, mask=row_ok, other=c_ref).to(tl.float32)
     # This launch handles the programs of its mode only (configs.C_SPAN_LIMIT): the other launch does
     # the rest, so neither kernel carries a branch around its pipelined loops. NaN compares False.
     is_exact = ((tl.max(c_q, axis=0) - tl.min(c_q, axis=0)) > C_SPAN_LIMIT).to(tl.int32)
@@ -119,40 +119,40 @@ def fox_bwd_dq_kernel(
     store_ok = (row_ok.to(tl.int32) * mine.to(tl.int32)) != 0
     if EXACT_C:
         # idle programs of the exact launch read no q, do (see the dk/dv kernel for the measurements)
-        q = load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                      store_ok, offs_d, False, HEAD_DIM, BLOCK_D)           # (BM, BD)
-        do = load_rows(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                       store_ok, offs_d, False, HEAD_DIM, BLOCK_D)
+        q = load_rows(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :] * sq_d,
+                      store_ok, offs_d, False, HEAD_DIM, D_PAD)           # (BM, D_PAD)
+        do = load_rows(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :] * sdo_d,
+                       store_ok, offs_d, False, HEAD_DIM, D_PAD)
 
     # Last key block with a causal entry (that of the last valid row), and the key blocks every row sees in full.
     last_pos = tl.minimum((m + 1) * BLOCK_M, Tq) - 1 + q_shift
     n_end = last_pos // BLOCK_N + 1
     n_full = tl.minimum((m * BLOCK_M + q_shift + 1) // BLOCK_N, n_end)
-    if ACP:
+    if PRUNE:
         n_start = tl.load(START + bh64 * Mq + m)
     else:
         n_start = 0
     n_start = tl.where(mine, n_start, n_end)                                # not mine: no tile
-    Kb = K + b * stride_kb + hk * stride_kh
-    Vb = V + b * stride_vb + hk * stride_vh
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    Kb = K + b * sk_b + hk * sk_h
+    Vb = V + b * sv_b + hk * sv_h
+    dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     rs = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if EXACT_C:
         r = c_q
     else:
-        r = (c_q - c_ref) * 1.4426950408889634 - lse2                       # (BM,) row term, log2 units
-    dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, stride_kt, stride_kd,
-                       stride_vt, stride_vd, stride_ct, n_start, n_full, Tk, qk_scale, MASKED=False,
+        r = (c_q - c_ref) * LOG2E - lse2                       # (BM,) row term, log2 units
+    dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, sk_t, sk_d,
+                       sv_t, sv_d, sc_t, n_start, n_full, Tk, qk_scale, MASKED=False,
                        KEYS_EVEN=True, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
-                       BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
-    dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, stride_kt, stride_kd,
-                       stride_vt, stride_vd, stride_ct, tl.maximum(n_start, n_full), n_end, Tk, qk_scale, MASKED=True,
+                       BLOCK_N=BLOCK_N, D_PAD=D_PAD)
+    dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, sk_t, sk_d,
+                       sv_t, sv_d, sc_t, tl.maximum(n_start, n_full), n_end, Tk, qk_scale, MASKED=True,
                        KEYS_EVEN=EVEN_N, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
-                       BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+                       BLOCK_N=BLOCK_N, D_PAD=D_PAD)
     dq = dq * sm_scale
-    store_rows(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
-               dq.to(DQ.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, BLOCK_D)
+    store_rows(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :] * sdq_d,
+               dq.to(DQ.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, D_PAD)
     # The row term of dc: dc[p_i] += sum_j dS_ij. The dk/dv kernel ran before on the same stream and
     # wrote the column terms; each position p_i belongs to this program alone (no atomics).
-    dc_ptrs = DC + b * stride_dcb + h * stride_dch + pos_q * stride_dct
+    dc_ptrs = DC + b * sdc_b + h * sdc_h + pos_q * sdc_t
     tl.store(dc_ptrs, tl.load(dc_ptrs, mask=store_ok, other=0.0) + rs, mask=store_ok)

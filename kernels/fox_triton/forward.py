@@ -39,12 +39,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from acp_compile.kernels.fox_triton.common import LN2, LOG2E
 from acp_compile.kernels.fox_triton.configs import FwdConfig, c_span_limit, forward_config, padded_head_dim
 from acp_compile.kernels.fox_triton.plan import compute_plan, num_blocks
 from acp_compile.kernels.threshold import pruning_enabled
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -83,9 +82,9 @@ def _attend_block(
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)                 # (BN, D_PAD)
     if EXACT_C:
         # c_ref is the (BM,) vector c[p_i]: c_i - c_j per entry, rounded relative to |c_i - c_j|
-        t = tl.dot(q, tl.trans(k)) * qk_scale2 + (c_ref[:, None] - ck[None, :]) * 1.4426950408889634
+        t = tl.dot(q, tl.trans(k)) * qk_scale2 + (c_ref[:, None] - ck[None, :]) * LOG2E
     else:
-        ck2 = (ck - c_ref) * 1.4426950408889634                          # (BN,) log2 units
+        ck2 = (ck - c_ref) * LOG2E                          # (BN,) log2 units
         t = tl.dot(q, tl.trans(k)) * qk_scale2 - ck2[None, :]           # (BM, BN) shifted log2 logits
     if MASKED:
         visible = (cols[None, :] <= pos[:, None]) & (cols[None, :] < Tk)
@@ -219,7 +218,7 @@ def _fox_fwd_kernel(
                                     c_first, qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N,
                                     USE_TMA, NEWEST_FIRST, False)
         row_c = cq - c_first
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453 + row_c
+    lse = (m_i + tl.math.log2(l_i)) * LN2 + row_c
     # BAD (B, Hq, D): 0, or NaN in the columns where v of this head's kv head holds a non-finite value
     # anywhere (eager's 0 x NaN; see dispatch._poison)
     o = acc / l_i[:, None] + tl.load(BAD + (b64 * Hq + h) * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0)[None, :]
@@ -282,7 +281,7 @@ def launch_forward(
     _fox_fwd_kernel[grid](
         qa, ka, va, c, start if prune else lse, bad, oa, lse,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *o.stride(),
-        Hq, Tq, Tk, Mq, float(sm_scale) * LOG2E,
+        Hq, Tq, Tk, Mq, float(sm_scale) * LOG2E.value,
         GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn,
         PRUNE=prune, EVEN_M=(Tq % bm == 0), TQ_LT_TK=(Tq < Tk), USE_TMA=use_tma, HEADS_FASTEST=config.heads_fastest, NEWEST_FIRST=config.newest_first,
         C_SPAN_LIMIT=c_span_limit(),
