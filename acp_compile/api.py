@@ -8,7 +8,7 @@ from torch import Tensor
 
 import acp_compile.ops  # noqa: F401  (registers torch.ops.acp.*)
 from acp_compile.checks import (  # noqa: F401  (LAYOUTS re-exported)
-    LAYOUTS, U_BOUND_POLICY, check_api_inputs, check_log_eps, check_scale, check_u_bound_float,
+    LAYOUTS, U_BOUND_POLICY, check_api_inputs, check_scale, check_u_bound_float, normalize_log_eps,
 )
 from acp_compile.ops import DEFAULT_LOG_EPS
 
@@ -46,7 +46,7 @@ def fox_attention(
     and tile size; their q, k and gate gradients are NaN too, as in eager autograd.
     """
     check_api_inputs(q, k, v, log_fgate, layout)
-    check_log_eps(log_eps)
+    log_eps = normalize_log_eps(log_eps)   # a wrong type must not reach the op's schema check
     check_scale(sm_scale)
     if not (u_bound is None or isinstance(u_bound, (Tensor, int, float))) or isinstance(u_bound, bool):
         raise TypeError(f"fox_attention: u_bound must be None, a float or a tensor broadcastable to (B, Hq); got {u_bound!r}")

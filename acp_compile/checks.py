@@ -116,13 +116,16 @@ def check_backward_inputs(do: Tensor, q: Tensor, o: Tensor, lse: Tensor) -> None
         raise ValueError(f"fox_attention_bwd: lse is on {lse.device} but q is on {q.device}")
 
 
-def check_log_eps(log_eps: float | None) -> None:
+def normalize_log_eps(log_eps: float | None, who: str = "fox_attention: log_eps") -> float | None:
+    """The one parser of log_eps: validates it and returns a float <= 0, or None for "dense" (None and
+    -inf both mean dense; below this point only None does). `who` names the argument in errors."""
     if log_eps is None:
-        return
+        return None
     if isinstance(log_eps, bool) or not isinstance(log_eps, (int, float)):
-        raise TypeError(f"fox_attention: log_eps must be a float <= 0, -inf or None (no pruning); got {log_eps!r}")
+        raise TypeError(f"{who} must be a float <= 0, -inf or None (no pruning); got {log_eps!r}")
     if log_eps != log_eps or log_eps > 0:
-        raise ValueError(f"fox_attention: log_eps must be <= 0 (log of eps <= 1), -inf or None (no pruning); got {log_eps}")
+        raise ValueError(f"{who} must be <= 0 (log of eps <= 1), -inf or None (no pruning); got {log_eps}")
+    return None if log_eps == float("-inf") else float(log_eps)
 
 
 def check_scale(sm_scale: float | None) -> None:

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from acp_compile.checks import normalize_log_eps
 
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -19,15 +20,8 @@ class ACPConfig:
     inner_backend: str = "inductor"  # what compiles the rewritten graph: "inductor" | "aot_eager" | "eager"
 
     def __post_init__(self) -> None:
-        if self.log_eps is not None:
-            if not isinstance(self.log_eps, (int, float)) or isinstance(self.log_eps, bool):
-                raise TypeError(f"acp option log_eps must be a float or None, got {self.log_eps!r}")
-            if math.isnan(self.log_eps) or self.log_eps > 0:
-                raise ValueError(
-                    f"acp option log_eps must be <= 0 (it is log(eps), eps <= 1) or -inf/None for no pruning; "
-                    f"got {self.log_eps!r}"
-                )
-            object.__setattr__(self, "log_eps", float(self.log_eps))
+        # The op's own parser: -inf becomes None (dense), the one spelling of "dense" below.
+        object.__setattr__(self, "log_eps", normalize_log_eps(self.log_eps, who="acp option log_eps"))
         if self.inner_backend not in INNER_BACKENDS:
             raise ValueError(
                 f"acp option inner_backend must be one of {INNER_BACKENDS}, got {self.inner_backend!r}"
@@ -37,8 +31,8 @@ class ACPConfig:
                 raise TypeError(f"acp option {name} must be True or False, got {getattr(self, name)!r}")
 
     @property
-    def effective_log_eps(self) -> float | None:
-        """What the op receives: None when pruning is switched off."""
+    def op_log_eps(self) -> float | None:
+        """The log_eps the op receives: None (dense) when pruning is off or log_eps is None."""
         return self.log_eps if self.prune else None
 
     @classmethod

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from acp_compile.checks import (
-    check_attention_inputs, check_backward_inputs, check_log_eps, check_scale, check_u_bound_values,
+    check_attention_inputs, check_backward_inputs, check_scale, check_u_bound_values, normalize_log_eps,
 )
 from acp_compile.kernels import dispatch
 
@@ -46,10 +46,11 @@ def _u_like(q: Tensor) -> Tensor:
     return q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
-def _check(q, k, v, c, sm_scale, log_eps, u_bound) -> None:
+def _check(q, k, v, c, sm_scale, log_eps, u_bound) -> float | None:
+    """Validates the arguments; returns log_eps normalised (None: dense), the one form below the op."""
     check_attention_inputs(q, k, v, c, u_bound)
     check_scale(sm_scale)
-    check_log_eps(log_eps)
+    return normalize_log_eps(log_eps)
 
 
 @torch.library.custom_op("acp::fox_attention_fwd", mutates_args=())
@@ -57,7 +58,7 @@ def fox_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, c: Tensor,
     sm_scale: Optional[float] = None, log_eps: Optional[float] = DEFAULT_LOG_EPS, u_bound: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check(q, k, v, c, sm_scale, log_eps, u_bound)
+    log_eps = _check(q, k, v, c, sm_scale, log_eps, u_bound)
     check_u_bound_values(u_bound)
     return dispatch.forward(q, k, v, c, sm_scale, log_eps, u_bound)
 
@@ -73,7 +74,7 @@ def fox_attention_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, o: Tensor, lse: Tensor,
     sm_scale: Optional[float] = None, log_eps: Optional[float] = DEFAULT_LOG_EPS, u_bound: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check(q, k, v, c, sm_scale, log_eps, u_bound)
+    log_eps = _check(q, k, v, c, sm_scale, log_eps, u_bound)
     check_backward_inputs(do, q, o, lse)
     return dispatch.backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound)
 

@@ -193,8 +193,8 @@ def _acp_log_eps(label: str, exact: bool):
         return "original"
     acp_counters()["fox_attention"] += 1
     acp_counters()["fox_substituted"] += 1
-    log.debug("acp: %s redirected to acp::fox_attention_fwd (log_eps=%s)", label, config.effective_log_eps)
-    return config.effective_log_eps
+    log.debug("acp: %s redirected to acp::fox_attention_fwd (log_eps=%s)", label, config.op_log_eps)
+    return config.op_log_eps
 
 
 def _tracing_acp_config():

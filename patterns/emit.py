@@ -43,12 +43,12 @@ def emit_fox_attention(gm: fx.GraphModule, match: FoxMatch, config: ACPConfig, s
             sm_scale = sm_scale(graph)                 # a symbolic scale, emitted as a graph value
         out = graph.call_function(
             torch.ops.acp.fox_attention_fwd.default,
-            (q, k, v, c, sm_scale, config.effective_log_eps, None),
+            (q, k, v, c, sm_scale, config.op_log_eps, None),
         )
         o = graph.call_function(operator.getitem, (out, 0))
         if config.report:
             zero = graph.call_function(
-                torch.ops.acp.report_site.default, (q, k, c, site, sm_scale, config.effective_log_eps)
+                torch.ops.acp.report_site.default, (q, k, c, site, sm_scale, config.op_log_eps)
             )
             o = graph.call_function(operator.add, (o, zero))
         value = match.finish(graph, o) if match.finish is not None else o

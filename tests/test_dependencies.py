@@ -3,7 +3,7 @@
     kernels/            -> kernels only (the fp64 reference is imported by nothing in the package);
                         kernels/fox_triton/* never imports the torch plan (kernels/plan.py): what both
                         plans share (threshold, pruning on/off, default scale) is in kernels/threshold.py
-    foundation          _torch_private, config, checks: nothing of the package
+    foundation          _torch_private, config, checks: nothing of the package but each other
     op layer            ops, report_op: kernels and the foundation
     patterns/ (pass)    patterns, the op layer and the foundation; never kernels, the API, the report,
                         the backend or the decorator
@@ -71,7 +71,7 @@ def _layer(module: str) -> str:
 MODULES = dict(_modules())
 ALLOWED = {
     "kernels": {"kernels"},
-    "foundation": set(),
+    "foundation": {"foundation"},
     "op": {"kernels", "foundation", "op"},
     "patterns": {"patterns", "op", "foundation"},
     "top": {"kernels", "foundation", "op", "patterns", "top"},
