@@ -1,4 +1,5 @@
-"""Shared helpers of the numerics tests (tests/test_numerics.py, tests/triton_interpret/test_numerics.py).
+"""Shared helpers of the numerics tests (tests/test_numerics.py, tests/triton_interpret/test_numerics.py,
+tests/gpu/test_gpu_backward.py); their inputs come from helpers.fox_inputs.
 
 Truth is fp64: `reference_grads` computes o, lse and the gradients of FoX attention in fp64, in chunks
 of query rows (never a whole T x T matrix), with the exact formulas: P = softmax(s), dP = dO V^T,
@@ -14,14 +15,12 @@ import math
 import torch
 
 
-def log_gates(B, H, T, kind, g):
-    """(B, H, T) fp32 log forget gates: "uniform2" U(-2, 0); "mixed" 3/4 of the heads W1's local decay
-    -(30/1024) U(0.5, 1.5), the rest -1e-6 U(0.5, 1.5) (global)."""
+def gate_options(kind, H):
+    """helpers.fox_inputs options of the numerics tests' log gates: "uniform2" U(-2, 0); "mixed" 3/4 of the
+    heads W1's local decay -(30/1024) U(0.5, 1.5), the rest -1e-6 U(0.5, 1.5) (global)."""
     if kind == "uniform2":
-        return -2.0 * torch.rand(B, H, T, generator=g)
-    rate = torch.full((H,), 30.0 / 1024)
-    rate[H - max(1, H // 4):] = 1e-6
-    return -rate[None, :, None] * (0.5 + torch.rand(B, H, T, generator=g))
+        return dict(gate="uniform", strength=2.0, log_f=True)
+    return dict(gate="w1", n_global=max(1, H // 4), log_f=True)
 
 
 def reverse_cumsum(x):

@@ -18,14 +18,12 @@ from acp_compile import _torch_private as tp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "patterns"))
 import spelling_cases as sc  # noqa: E402
 from fox_tiny_model import TinyFox  # noqa: E402
+from helpers import fox_inputs  # noqa: E402
 
 
 def inputs(B=1, Hq=2, Hkv=2, T=23, D=8, seed=0, decay=1.0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, T, D, generator=g)
-    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
-    fg = torch.randn(B, Hq, T, generator=g) + decay
-    return q, k, v, fg
+    """q, k, v and forget-gate logits N(decay, 1) (the spellings apply logsigmoid)."""
+    return fox_inputs(B, Hq, Hkv, T, T, D, gate="logit", strength=decay, log_f=True, seed=seed)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 from acp_compile.kernels import blocked
 from acp_compile.kernels.plan import kept_entries, kept_tiles, make_plan, skipped_fraction
 from acp_compile.kernels.reference import fox_attention_reference
-from conftest import fox_inputs, requires_cuda
+from helpers import fox_inputs, requires_cuda
 
 # Tolerances of the blocked path against the pruned fp64 reference, by input dtype (outputs are
 # rounded to the input dtype; the compute is fp32, fp64 for fp64).

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import acp_compile
-from conftest import fox_inputs
+from helpers import fox_inputs
 
 
 def good(B=1, Hq=4, Hkv=2, Tq=6, Tk=8, D=4):

@@ -19,7 +19,8 @@ from hypothesis import given, settings, strategies as st
 
 import acp_compile
 from acp_compile.kernels import dispatch
-from numerics_helpers import eager_grads, log_gates, op_grads, reference_grads, rel_err, reverse_cumsum
+from helpers import fox_inputs
+from numerics_helpers import eager_grads, gate_options, op_grads, reference_grads, rel_err, reverse_cumsum
 
 RESETS = (-1e4, -1e6, -1e9, -1e30, -2.5e38)
 
@@ -28,9 +29,8 @@ RESETS = (-1e4, -1e6, -1e9, -1e30, -2.5e38)
 def test_bf16_gradients_at_long_T_are_as_accurate_as_eager(T, H, gates):
     """d log f (and dq, dk, dv) within 1.5x of eager bf16 autograd's error against fp64 (issue 10: the
     dropped row term of dc made it 20-40x worse, growing with T)."""
-    g = torch.Generator().manual_seed(T)
-    q, k, v, do = (torch.randn(1, H, T, 32, generator=g).bfloat16() for _ in range(4))
-    log_f = log_gates(1, H, T, gates, g)
+    q, k, v, log_f, do = fox_inputs(1, H, H, T, T, 32, dtype=torch.bfloat16, seed=T, grad="before_gate",
+                                    **gate_options(gates, H))
     _, _, *ref = reference_grads(q, k, v, torch.cumsum(log_f, -1), do)
     ref[3] = reverse_cumsum(ref[3])
     ours = op_grads(q, k, v, log_f, do)
@@ -46,10 +46,9 @@ def test_bf16_gradients_at_long_T_are_as_accurate_as_eager(T, H, gates):
 def test_hard_reset_anywhere_is_exact(pos, reset, second, prune, seed):
     """One very negative log gate (a document boundary), at or across 64-row tile borders: o, lse and
     every gradient equal the fp64 reference to fp32 rounding, pruned or dense."""
-    g = torch.Generator().manual_seed(seed)
     B, H, T, D = 1, 2, 151, 16
-    q, k, v, do = (torch.randn(B, H, T, D, generator=g) for _ in range(4))
-    log_f = -0.2 * torch.rand(B, H, T, generator=g)
+    q, k, v, log_f, do = fox_inputs(B, H, H, T, T, D, gate="uniform", strength=0.2, log_f=True, seed=seed,
+                                    grad="before_gate")
     log_f[..., pos] = reset
     if second:
         log_f[..., (pos + 70) % T] = reset / 3
@@ -67,8 +66,7 @@ def test_hard_reset_anywhere_is_exact(pos, reset, second, prune, seed):
 
 def test_steep_decay_lse_is_exact():
     """-50 nats per token: the bias is large inside every block, the attention is the diagonal."""
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 2, 300, 32, generator=g) for _ in range(3))
+    q, k, v, _ = fox_inputs(1, 2, 2, 300, 300, 32, seed=3)
     c = torch.cumsum(torch.full((1, 2, 300), -50.0), -1)
     o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
     o64, lse64, *_ = reference_grads(q, k, v, c, torch.zeros_like(q))
@@ -79,10 +77,10 @@ def test_steep_decay_leaves_no_more_noise_than_eager_fp32():
     """Issue 10 item 8: with -20 .. -50 nats per token the true dq, dk and d log f are about 0 (P is the
     identity up to e^-20). Delta taken from the same P and dP as dS (not do . o, whose different
     summation order left 1e-6 .. 1e-5) gives what eager fp32 autograd gives, and d log f to 1e-12."""
-    g = torch.Generator().manual_seed(4)
     T = 200
-    q, k, v, do = (torch.randn(1, 2, T, 32, generator=g) for _ in range(4))
-    log_f = -20.0 - 30.0 * torch.rand(1, 2, T, generator=g)
+    q, k, v, log_f, do = fox_inputs(1, 2, 2, T, T, 32, gate="uniform", strength=30.0, log_f=True, seed=4,
+                                    grad="before_gate")
+    log_f = log_f - 20.0                                                   # -20 .. -50
     _, _, *ref = reference_grads(q, k, v, torch.cumsum(log_f, -1), do)
     ref[3] = reverse_cumsum(ref[3])
     ours = op_grads(q, k, v, log_f, do, log_eps=None)
@@ -95,9 +93,8 @@ def test_steep_decay_leaves_no_more_noise_than_eager_fp32():
 
 def test_fp64_inputs_get_fp64_gradients():
     """dc comes back in c's dtype: the gate gradient of fp64 inputs is exact to fp64, not fp32 (2e-7)."""
-    g = torch.Generator().manual_seed(5)
-    q, k, v, do = (torch.randn(1, 2, 90, 16, generator=g, dtype=torch.float64) for _ in range(4))
-    log_f = -0.3 * torch.rand(1, 2, 90, generator=g, dtype=torch.float64)
+    q, k, v, log_f, do = fox_inputs(1, 2, 2, 90, 90, 16, dtype=torch.float64, draw_on="device", gate="uniform",
+                                    strength=0.3, log_f=True, gate_dtype=torch.float64, seed=5, grad="before_gate")
     _, _, *ref = reference_grads(q, k, v, torch.cumsum(log_f, -1), do)
     ref[3] = reverse_cumsum(ref[3])
     got = op_grads(q, k, v, log_f, do, log_eps=None)
@@ -116,11 +113,8 @@ def test_non_finite_v_anywhere_gives_nan_in_every_row_of_that_head(pos, what, pr
     """Eager semantics, whatever the tile size and the pruning: a NaN or infinity in v[b, hk] at any
     position (a future one, a pruned one) makes every output row of the query heads that read hk
     non-finite; the other heads are untouched; dq, dk and d log f of those heads are NaN, dv finite."""
-    g = torch.Generator().manual_seed(pos)
     B, Hq, Hkv, Tk, D = 2, 4, 2, 200, 16
-    q = torch.randn(B, Hq, Tq, D, generator=g)
-    k, v = (torch.randn(B, Hkv, Tk, D, generator=g) for _ in range(2))
-    log_f = -0.5 * torch.rand(B, Hq, Tk, generator=g)
+    q, k, v, log_f = fox_inputs(B, Hq, Hkv, Tq, Tk, D, gate="uniform", strength=0.5, log_f=True, seed=pos)
     v[1, 0, pos, 3] = float(what)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, log_f)]
     o = acp_compile.fox_attention(*leaves, log_eps=-10.0 if prune else None)
@@ -159,9 +153,7 @@ def test_empty_inputs_give_empty_outputs_and_zero_gradients(shape):
 
 
 def test_infinite_u_bound_never_prunes_and_equals_dense():
-    g = torch.Generator().manual_seed(6)
-    q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
-    log_f = -0.5 * torch.rand(1, 2, 300, generator=g)
+    q, k, v, log_f = fox_inputs(1, 2, 2, 300, 300, 16, gate="uniform", strength=0.5, log_f=True, seed=6)
     dense = acp_compile.fox_attention(q, k, v, log_f, log_eps=None)
     for ub in (float("inf"), torch.tensor([float("inf"), float("inf")])):
         assert torch.equal(acp_compile.fox_attention(q, k, v, log_f, u_bound=ub), dense)
@@ -171,10 +163,7 @@ def test_infinite_u_bound_never_prunes_and_equals_dense():
 def test_check_u_bound_verifies_the_bound_on_the_data():
     from acp_compile.api import max_abs_logit
 
-    g = torch.Generator().manual_seed(7)
-    q = torch.randn(2, 4, 70, 16, generator=g)
-    k, v = (torch.randn(2, 2, 100, 16, generator=g) for _ in range(2))
-    log_f = -0.5 * torch.rand(2, 4, 100, generator=g)
+    q, k, v, log_f = fox_inputs(2, 4, 2, 70, 100, 16, gate="uniform", strength=0.5, log_f=True, seed=7)
     need = max_abs_logit(q, k)
     kk = k.repeat_interleave(2, 1)
     s = (q @ kk.transpose(-1, -2)).abs() / 4
@@ -191,9 +180,7 @@ def test_check_u_bound_verifies_the_bound_on_the_data():
 def test_a_bad_bound_that_is_not_read_gives_nan_not_a_silent_answer():
     """What the op does on CUDA, where it does not read u_bound (no host sync): NaN output rows for a
     head whose bound is NaN or negative. Checked here on the dispatcher, below the CPU check."""
-    g = torch.Generator().manual_seed(8)
-    q, k, v = (torch.randn(1, 3, 50, 16, generator=g) for _ in range(3))
-    c = torch.cumsum(-0.5 * torch.rand(1, 3, 50, generator=g), -1)
+    q, k, v, c = fox_inputs(1, 3, 3, 50, 50, 16, gate="uniform", strength=0.5, seed=8)
     ub = torch.tensor([[2.0, -1.0, float("nan")]])
     o, _, u = dispatch.forward(q, k, v, c, None, -10.0, ub)
     assert torch.isfinite(o[:, 0]).all() and torch.isnan(o[:, 1:]).all() and torch.isnan(u[:, 1:]).all()

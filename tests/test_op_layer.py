@@ -10,7 +10,7 @@ import acp_compile
 from acp_compile.kernels import blocked
 from acp_compile.kernels.plan import make_plan, skipped_fraction
 from acp_compile.kernels.reference import fox_attention_reference
-from conftest import fox_inputs
+from helpers import fox_inputs
 
 OPCHECK_CASES = {
     "mha": dict(B=1, Hq=2, Hkv=2, Tq=70, Tk=70, D=16),
@@ -54,15 +54,10 @@ def _api_fn(log_eps, layout="bhtd"):
     return fn
 
 
-def _log_fgate(B, H, T, strength, seed):
-    g = torch.Generator().manual_seed(seed)
-    return -strength * (0.5 + torch.rand(B, H, T, generator=g, dtype=torch.float64))
-
-
 def test_gradcheck_fp64_small_dense_and_pruned_settings():
     """Small shapes (one tile): the pruned setting must equal the dense gradient here."""
-    q, k, v, _ = fox_inputs(1, 2, 1, 5, 7, 3, dtype=torch.float64, seed=2)
-    log_f = _log_fgate(1, 2, 7, 0.3, 2)
+    q, k, v, log_f = fox_inputs(1, 2, 1, 5, 7, 3, dtype=torch.float64, seed=2, strength=0.3, log_f=True,
+                                gate_dtype=torch.float64, gate_seed=2)
     inputs = tuple(t.requires_grad_() for t in (q, k, v, log_f))
     for log_eps in (None, -10.0):
         assert torch.autograd.gradcheck(_api_fn(log_eps), inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
@@ -71,8 +66,8 @@ def test_gradcheck_fp64_small_dense_and_pruned_settings():
 def test_gradcheck_fp64_with_real_pruning():
     """T spans several blocked tiles and the decay is strong: gradients of the pruned attention."""
     T, D = 2 * blocked.BLOCK_M + 7, 2
-    q, k, v, _ = fox_inputs(1, 2, 1, T, T, D, dtype=torch.float64, qk_scale=0.5, seed=3)
-    log_f = _log_fgate(1, 2, T, 0.5, 3)
+    q, k, v, log_f = fox_inputs(1, 2, 1, T, T, D, dtype=torch.float64, qk_scale=0.5, seed=3, strength=0.5, log_f=True,
+                                gate_dtype=torch.float64, gate_seed=3)
     plan = make_plan(q, k, torch.cumsum(log_f, -1), 1 / math.sqrt(D), -10.0, None, blocked.BLOCK_M, blocked.BLOCK_N)
     assert skipped_fraction(plan).min() > 0.15, "the case must prune for this test to mean anything"
     inputs = tuple(t.requires_grad_() for t in (q, k, v, log_f))

@@ -10,7 +10,7 @@ from acp_compile.kernels.plan import (
     causal_last_key_block, kept_entries, kept_tiles, make_plan, skipped_fraction, head_delta, torch_qk_bound,
 )
 from acp_compile.kernels.reference import causal_mask
-from conftest import fox_inputs
+from helpers import fox_inputs
 
 
 def brute_force_plan(q, k, c, scale, log_eps, bm, bn):

@@ -20,7 +20,7 @@ import acp_compile
 from acp_compile.kernels import blocked
 from acp_compile.kernels.plan import kept_entries, kept_tiles, make_plan, skipped_fraction
 from acp_compile.kernels.reference import attention_probs, causal_mask, fox_attention_reference
-from conftest import fox_inputs
+from helpers import fox_inputs
 
 ROUNDING = {torch.float32: 3e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 

@@ -9,7 +9,7 @@ import torch
 from acp_compile.kernels.reference import (
     attention_probs, causal_mask, fox_attention_reference, logits, repeat_kv,
 )
-from conftest import fox_inputs
+from helpers import fox_inputs
 
 
 def loop_reference(q, k, v, c, scale):

@@ -16,25 +16,11 @@ from hypothesis import given, settings, strategies as st
 from acp_compile.kernels.fox_triton.backward import BackwardConfig, backward
 from acp_compile.kernels.plan import kept_entries, make_plan
 from acp_compile.kernels.reference import fox_attention_reference
+from helpers import fox_inputs
 
 # Small tiles so that T around 100 crosses several of them; kv and q kernels differ in shape on purpose.
 SAME = BackwardConfig(16, 32, 16, 32, 4, 1, 4, 1, 16)
 MIXED = BackwardConfig(16, 32, 32, 16, 4, 1, 4, 1, 32)
-
-
-def make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, decay, seed, monotone=True, qk_gain=1.0):
-    g = torch.Generator().manual_seed(seed)
-    q = (qk_gain * torch.randn(B, Hq, Tq, D, generator=g)).to(dtype)
-    k = (qk_gain * torch.randn(B, Hkv, Tk, D, generator=g)).to(dtype)
-    v = torch.randn(B, Hkv, Tk, D, generator=g).to(dtype)
-    if monotone:
-        log_f = -decay * torch.rand(B, Hq, Tk, generator=g)
-        c = log_f.cumsum(-1)
-    else:   # any bias of the form c_i - c_j: a decay with a bump up over the last third but a few
-        c = (-decay * torch.rand(B, Hq, Tk, generator=g)).cumsum(-1)
-        c[..., 2 * Tk // 3: Tk - 8] += 0.8 * decay * Tk
-    do = torch.randn(B, Hq, Tq, D, generator=g).to(dtype)
-    return q, k, v, c.float(), do
 
 
 def reference_grads(q, k, v, c, do, scale, keep=None):
@@ -75,7 +61,8 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hq{}Hkv{}Tq{}Tk{}D{}-{}".format(*s[:6], str(s[6])[6:]))
 def test_dense_matches_reference(shape, poison):
     B, Hq, Hkv, Tq, Tk, D, dtype = shape
-    q, k, v, c, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, decay=0.3, seed=Tk + D)
+    q, k, v, c, do = fox_inputs(B, Hq, Hkv, Tq, Tk, D, dtype=dtype, gate="uniform", strength=0.3, seed=Tk + D,
+                                grad="after_gate")
     scale = 1.0 / math.sqrt(D)
     o, lse, *want = reference_grads(q, k, v, c, do, scale)
     got = run_kernel(q, k, v, c, do, o, lse, scale, None, None, SAME)
@@ -88,7 +75,8 @@ def test_dense_matches_reference(shape, poison):
 def test_pruned_matches_pruned_reference(monotone, dtype, poison):
     """Tight: the kernels compute exactly the pruned attention of the plan for their partition."""
     B, Hq, Hkv, Tq, Tk, D = 1, 4, 2, 70, 130, 32
-    q, k, v, c, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, decay=0.5, seed=7, monotone=monotone, qk_gain=1.8)
+    q, k, v, c, do = fox_inputs(B, Hq, Hkv, Tq, Tk, D, dtype=dtype, gate="uniform" if monotone else "bump", strength=0.5,
+                                qk_scale=1.8, seed=7, grad="after_gate")
     # delta = -log(Tk): skipped entries still carry visible mass, so a wrongly visited tile shows.
     scale, log_eps = 1.0 / math.sqrt(D), 0.0
     u_bound = torch.tensor(0.0)      # not a valid bound on purpose
@@ -114,7 +102,7 @@ def test_pruned_matches_pruned_reference(monotone, dtype, poison):
 def test_pruned_within_eps_of_dense_with_mixed_partitions(poison):
     """Valid U, kv and q kernels on different tile partitions: gradients stay eps-close to dense."""
     B, Hq, Hkv, Tq, Tk, D = 1, 2, 1, 90, 120, 16
-    q, k, v, c, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, decay=2.0, seed=3, qk_gain=0.3)
+    q, k, v, c, do = fox_inputs(B, Hq, Hkv, Tq, Tk, D, gate="uniform", strength=2.0, qk_scale=0.3, seed=3, grad="after_gate")
     scale, log_eps = 1.0 / math.sqrt(D), -9.0
     plan = make_plan(q, k, c, scale, log_eps, None, MIXED.kv_block_m, MIXED.kv_block_n)
     assert (plan.start > 0).any(), "the case must actually skip tiles"
@@ -136,7 +124,7 @@ def test_dq_on_the_shared_coarser_plan_is_exact(poison):
 
     assert MIXED.shares_plan and not (MIXED.kv_block_m, MIXED.kv_block_n) == (MIXED.q_block_m, MIXED.q_block_n)
     B, Hq, Hkv, Tq, Tk, D = 1, 2, 1, 75, 110, 16
-    q, k, v, c, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, decay=0.5, seed=21, qk_gain=1.8)
+    q, k, v, c, do = fox_inputs(B, Hq, Hkv, Tq, Tk, D, gate="uniform", strength=0.5, qk_scale=1.8, seed=21, grad="after_gate")
     scale, log_eps, u_bound = 1.0 / math.sqrt(D), 0.0, torch.tensor(0.0)
     plan = make_plan(q, k, c, scale, log_eps, u_bound, MIXED.kv_block_m, MIXED.kv_block_n)
     keep_kv = kept_entries(plan, Tq, Tk)
@@ -186,7 +174,8 @@ def test_any_strides_and_reproducible(poison):
 
 def test_dc_row_term_really_cancels():
     """The kernels compute dc as -colsum(dS); autograd's dc also holds rowsum(dS), which must vanish."""
-    q, k, v, c, do = make_inputs(1, 2, 2, 40, 40, 16, torch.float64, decay=0.5, seed=5)
+    q, k, v, c, do = fox_inputs(1, 2, 2, 40, 40, 16, dtype=torch.float64, gate="uniform", strength=0.5, seed=5,
+                                grad="after_gate")
     c = c.double()
     from acp_compile.kernels.reference import logits
     s = logits(q, k, c, 0.25)
@@ -204,7 +193,7 @@ def test_dc_row_term_really_cancels():
 )
 def test_property_matches_pruned_reference(Tq, extra, D, group, log_eps, seed):
     Tk = Tq + extra
-    q, k, v, c, do = make_inputs(1, 2 * group, 2, Tq, Tk, D, torch.float32, decay=1.0, seed=seed)
+    q, k, v, c, do = fox_inputs(1, 2 * group, 2, Tq, Tk, D, gate="uniform", strength=1.0, seed=seed, grad="after_gate")
     scale, u_bound = 1.0 / math.sqrt(D), torch.tensor(0.3)
     keep = None
     if log_eps is not None:
@@ -222,7 +211,8 @@ def test_op_gradients_route_to_triton_backward(log_eps):
     import acp_compile  # noqa: F401  (registers torch.ops.acp)
     from acp_compile.kernels import dispatch
 
-    q, k, v, c, do = make_inputs(1, 4, 2, 60, 90, 32, torch.float32, decay=1.0, seed=13, qk_gain=0.5)
+    q, k, v, c, do = fox_inputs(1, 4, 2, 60, 90, 32, gate="uniform", strength=1.0, qk_scale=0.5, seed=13,
+                                grad="after_gate")
     assert dispatch.forward_implementation(q, k, v, c) == "triton"      # one coverage rule for both passes
     leaves = [t.clone().requires_grad_() for t in (q, k, v, c)]
     o, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, log_eps, None)

@@ -24,7 +24,7 @@ from acp_compile.kernels.fox_triton.plan import compute_plan
 from acp_compile.kernels.plan import kept_entries, make_plan
 from acp_compile.kernels.reference import fox_attention_reference
 
-from conftest import default_scale, fox_inputs
+from helpers import default_scale, fox_inputs
 
 SMALL = FwdConfig(32, 16, 4, 1)
 TALL = FwdConfig(16, 32, 4, 1, False, True)   # block_n > block_m; grid (B * Hq, Mq) launch order

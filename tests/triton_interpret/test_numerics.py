@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 
 import acp_compile
 from acp_compile.kernels import dispatch
-from numerics_helpers import eager_grads, log_gates, op_grads, reference_grads, rel_err, reverse_cumsum
+from helpers import fox_inputs
+from numerics_helpers import eager_grads, gate_options, op_grads, reference_grads, rel_err, reverse_cumsum
 
 
 def test_the_triton_path_is_taken():
@@ -47,8 +48,7 @@ def test_hard_reset_anywhere_is_exact(pos, reset, second, prune, Tq, seed):
 
 def test_steep_decay_is_exact():
     """-50 nats per token: the old one-reference-per-block form lost 2e-4 in lse."""
-    g = torch.Generator().manual_seed(3)
-    q, k, v, do = (torch.randn(1, 2, 100, 16, generator=g) for _ in range(4))
+    q, k, v, _, do = fox_inputs(1, 2, 2, 100, 100, 16, seed=3, grad="before_gate")
     log_f = torch.full((1, 2, 100), -50.0)
     c = torch.cumsum(log_f, -1)
     o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
@@ -62,10 +62,9 @@ def test_steep_decay_is_exact():
 @pytest.mark.parametrize("gates", ["uniform2", "mixed"])
 def test_fp16_gate_gradient_is_as_accurate_as_eager(gates):
     """The dq kernel adds the row term sum_j dS_ij to dc: without it d log f drifted with T (issue 10)."""
-    g = torch.Generator().manual_seed(11)
     T, H = 480, 2
-    q, k, v, do = (torch.randn(1, H, T, 32, generator=g).half() for _ in range(4))
-    log_f = log_gates(1, H, T, gates, g)
+    q, k, v, log_f, do = fox_inputs(1, H, H, T, T, 32, dtype=torch.float16, seed=11, grad="before_gate",
+                                    **gate_options(gates, H))
     _, _, *ref = reference_grads(q, k, v, torch.cumsum(log_f, -1), do)
     ref[3] = reverse_cumsum(ref[3])
     ours = op_grads(q, k, v, log_f, do)
@@ -77,11 +76,8 @@ def test_fp16_gate_gradient_is_as_accurate_as_eager(gates):
 @settings(max_examples=3)
 @given(pos=st.integers(0, 96), col=st.integers(0, 19), prune=st.booleans())
 def test_non_finite_v_anywhere_gives_nan_in_that_column_of_every_row(pos, col, prune):
-    g = torch.Generator().manual_seed(pos)
     B, Hq, Hkv, T, D = 1, 2, 1, 97, 20
-    q = torch.randn(B, Hq, T, D, generator=g)
-    k, v = (torch.randn(B, Hkv, T, D, generator=g) for _ in range(2))
-    log_f = -0.5 * torch.rand(B, Hq, T, generator=g)
+    q, k, v, log_f = fox_inputs(B, Hq, Hkv, T, T, D, gate="uniform", strength=0.5, log_f=True, seed=pos)
     v[0, 0, pos, col] = float("nan")
     leaves = [t.clone().requires_grad_() for t in (q, k, v, log_f)]
     o = acp_compile.fox_attention(*leaves, log_eps=-10.0 if prune else None)

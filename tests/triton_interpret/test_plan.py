@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 from acp_compile.kernels.fox_triton.plan import compute_plan
 from acp_compile.kernels.plan import make_plan
 
-from conftest import default_scale, fox_inputs
+from helpers import default_scale, fox_inputs
 
 CASES = [
     # B, Hq, Hkv, Tq, Tk, D, block_m, block_n, gate, strength
