@@ -32,8 +32,9 @@ for step in "$@"; do
 import logging, torch, triton
 logging.basicConfig(level=logging.INFO)
 from acp_compile.kernels.fox_triton import backward as bw
-from acp_compile.kernels.fox_triton.sampled_reference import gated_inputs
-q, k, v, c = gated_inputs(2, 16, 16, 16384, 16384, 128)
+import sys; sys.path.insert(0, "tests")
+from helpers import W1_ON_CUDA, fox_inputs
+q, k, v, c = fox_inputs(2, 16, 16, 16384, 16384, 128, dtype=torch.bfloat16, **W1_ON_CUDA)
 o = torch.randn_like(q); do = torch.randn_like(q); lse = torch.randn(q.shape[:3], device="cuda")
 cfg = bw.default_config(q); scale = 128 ** -0.5
 delta, row = bw.preprocess(do, o, lse)

@@ -87,7 +87,8 @@ def regs(handle):
 
 def smoke():
     import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "gpu"))
+    tests = Path(__file__).resolve().parents[2] / "tests"
+    sys.path[:0] = [str(tests / "gpu"), str(tests)]             # test_gpu_backward imports helpers from tests/
     from test_gpu_backward import chunked_reference_grads, sample_indices
     q, k, v, c, do = inputs(4096, 4, 128, 1)
     q, k, v, c, do = q[:1], k[:1, :2], v[:1, :2], c[:1], do[:1]        # GQA 2

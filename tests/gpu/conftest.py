@@ -1,8 +1,9 @@
 """GPU test suite (run on the H200; skipped without CUDA, so CI on CPU skips every test here).
 
 Every test in this folder is marked `gpu` and skipped when torch.cuda.is_available() is False.
-Helpers (W1-like gated inputs, an fp64 reference on sampled query rows) live in
-kernels/fox_triton/sampled_reference.py so that the tests and the benchmark share them.
+W1-like gated inputs come from tests/helpers.py (fox_inputs(..., **W1_ON_CUDA)) and the fp64 reference on
+sampled query rows from tests/sampled_reference.py (both outside the installed package; the benchmarks
+that use them put tests/ on sys.path).
 """
 from __future__ import annotations
 

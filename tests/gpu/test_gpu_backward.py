@@ -14,9 +14,9 @@ import torch
 
 from acp_compile.kernels.fox_triton.backward import BackwardConfig, backward
 from acp_compile.kernels.fox_triton.forward import forward
-from acp_compile.kernels.fox_triton.sampled_reference import gated_inputs
 from acp_compile.kernels.plan import kept_entries, make_plan
 from acp_compile.kernels.reference import fox_attention_reference
+from helpers import W1_ON_CUDA, fox_inputs
 
 
 def sample_indices(T: int, n: int = 40, seed: int = 0) -> torch.Tensor:
@@ -92,7 +92,7 @@ LONG_CASES = [
 @pytest.mark.parametrize("case", LONG_CASES, ids=lambda c: f"Hq{c[1]}Hkv{c[2]}Tq{c[3]}Tk{c[4]}D{c[5]}-{str(c[6])[6:]}-eps{c[7]}")
 def test_long_sequences_on_sampled_rows_and_columns(case, poison):
     B, Hq, Hkv, Tq, Tk, D, dtype, log_eps = case
-    q, k, v, c = gated_inputs(B, Hq, Hkv, Tq, Tk, D, dtype=dtype, seed=Tk + D)
+    q, k, v, c = fox_inputs(B, Hq, Hkv, Tq, Tk, D, dtype=dtype, seed=Tk + D, **W1_ON_CUDA)
     do = torch.randn_like(q)
     scale = D ** -0.5
     o, lse = forward(q, k, v, c, scale, log_eps, None)
@@ -122,7 +122,7 @@ SHORT_CASES = [
 @pytest.mark.parametrize("log_eps", [None, -10.0])
 def test_head_dims_and_dtypes_vs_fp64_autograd(case, log_eps, poison):
     Hq, Hkv, T, D, dtype = case
-    q, k, v, c = gated_inputs(1, Hq, Hkv, T, T, D, dtype=dtype, local_decay=0.05, seed=D)
+    q, k, v, c = fox_inputs(1, Hq, Hkv, T, T, D, dtype=dtype, strength=0.05, seed=D, **W1_ON_CUDA)
     do = torch.randn_like(q)
     scale = D ** -0.5
     ref = [t.detach().double().requires_grad_() for t in (q, k, v, c)]
@@ -140,7 +140,7 @@ def test_pruned_is_exact_for_the_kernels_own_plan(poison, monkeypatch):
     """fp32 with exact dots, equal partitions, a bound small enough that many tiles are skipped."""
     monkeypatch.setenv("ACP_TRITON_FP32_DOT", "ieee")
     cfg = BackwardConfig(64, 64, 64, 64, 4, 2, 4, 2)
-    q, k, v, c = gated_inputs(2, 4, 2, 700, 1000, 64, dtype=torch.float32, local_decay=0.05, seed=9)
+    q, k, v, c = fox_inputs(2, 4, 2, 700, 1000, 64, dtype=torch.float32, strength=0.05, seed=9, **W1_ON_CUDA)
     do = torch.randn_like(q)
     scale, log_eps, u_bound = 0.125, -6.0, torch.tensor(1.0, device="cuda")
     plan = make_plan(q, k, c, scale, log_eps, u_bound, 64, 64)
@@ -155,7 +155,7 @@ def test_pruned_is_exact_for_the_kernels_own_plan(poison, monkeypatch):
 
 
 def test_two_runs_give_identical_bits():
-    q, k, v, c = gated_inputs(2, 8, 2, 6000, 8192, 128, seed=4)
+    q, k, v, c = fox_inputs(2, 8, 2, 6000, 8192, 128, dtype=torch.bfloat16, seed=4, **W1_ON_CUDA)
     do = torch.randn_like(q)
     o, lse = forward(q, k, v, c, 128 ** -0.5, -10.0, None)
     first = backward(do, q, k, v, c, o, lse, 128 ** -0.5, -10.0, None)
@@ -203,9 +203,8 @@ def test_bf16_gate_gradient_within_1p5x_of_eager_up_to_32k(T, gates):
     19% at 16k against eager's 0.44% and 0.56% (issue 10)."""
     nh = _numerics()
     H = 4 if T <= 16384 else 2
-    g = torch.Generator().manual_seed(T)
-    q, k, v, do = (torch.randn(1, H, T, 128, generator=g).bfloat16().cuda() for _ in range(4))
-    log_f = nh.log_gates(1, H, T, gates, g).cuda()
+    q, k, v, log_f, do = fox_inputs(1, H, H, T, T, 128, dtype=torch.bfloat16, seed=T, grad="before_gate", device="cuda",
+                                    **nh.gate_options(gates, H))
     _, _, *ref = nh.reference_grads(q, k, v, torch.cumsum(log_f, -1), do, chunk=512)
     ref[3] = nh.reverse_cumsum(ref[3])
     ours = nh.op_grads(q, k, v, log_f, do)
@@ -220,14 +219,12 @@ def test_hard_resets_on_the_gpu_kernels(dtype, reset):
     """Resets at and across the forward's 128-row and the backward's 64/128/32 tile borders; before the
     fix the rows after a -1e9 reset were off by 1.5 and -2.5e38 gave NaN."""
     nh = _numerics()
-    g = torch.Generator().manual_seed(1)
     B, H, T, D = 1, 2, 1000, 128
-    q, k, v, do = (torch.randn(B, H, T, D, generator=g).to(dtype).cuda() for _ in range(4))
-    log_f = -0.02 * torch.rand(B, H, T, generator=g)
+    q, k, v, log_f, do = fox_inputs(B, H, H, T, T, D, dtype=dtype, gate="uniform", strength=0.02, log_f=True, seed=1,
+                                    grad="before_gate", device="cuda")
     for pos in (127, 128, 511, 700):                # smaller resets, so that c stays above -3.4e38
         log_f[..., pos] = reset * 1e-3
     log_f[..., 300] = reset
-    log_f = log_f.cuda()
     c = torch.cumsum(log_f, -1)
     o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
     o64, lse64, *ref = nh.reference_grads(q, k, v, c, do, chunk=500)
@@ -243,7 +240,7 @@ def test_hard_resets_on_the_gpu_kernels(dtype, reset):
 def test_non_finite_v_semantics_on_the_gpu():
     """A NaN in v at a future position of a pruned head: column NaN in every row, as eager; dv finite."""
     import acp_compile
-    q, k, v, c = gated_inputs(1, 4, 2, 3000, 3000, 64, seed=3)
+    q, k, v, c = fox_inputs(1, 4, 2, 3000, 3000, 64, dtype=torch.bfloat16, seed=3, **W1_ON_CUDA)
     log_f = torch.diff(c, dim=-1, prepend=torch.zeros_like(c[..., :1]))
     v[0, 1, 2999, 5] = float("nan")
     leaves = [t.clone().requires_grad_() for t in (q, k, v, log_f)]
@@ -260,7 +257,7 @@ def test_non_finite_v_semantics_on_the_gpu():
 
 def test_backward_op_rejects_a_bad_lse_and_a_bad_bound_gives_nan():
     """Issue 10: a wrongly shaped lse used to be read out of bounds on the Triton path."""
-    q, k, v, c = gated_inputs(1, 2, 2, 256, 256, 64, seed=4)
+    q, k, v, c = fox_inputs(1, 2, 2, 256, 256, 64, dtype=torch.bfloat16, seed=4, **W1_ON_CUDA)
     o, lse, u = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
     do = torch.randn_like(o)
     with pytest.raises(ValueError, match=r"lse must have shape \(B, Hq, Tq\) = \(1, 2, 256\)"):

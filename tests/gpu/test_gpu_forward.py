@@ -16,8 +16,8 @@ from acp_compile.kernels.fox_triton.configs import FwdConfig, forward_config
 from acp_compile.kernels.fox_triton.forward import forward, launch_forward
 from acp_compile.kernels.fox_triton.plan import compute_plan
 from acp_compile.kernels.plan import make_plan
-
-from acp_compile.kernels.fox_triton.sampled_reference import eps_bound, gated_inputs, rows_reference, sample_rows
+from helpers import W1_ON_CUDA, fox_inputs
+from sampled_reference import eps_bound, rows_reference, sample_rows
 
 TOL = {torch.bfloat16: 2.5e-2, torch.float16: 4e-3, torch.float32: 5e-3}
 
@@ -52,7 +52,7 @@ def check_rows(q, k, v, c, scale, o, lse, start, cfg, log_eps):
 @pytest.mark.parametrize("log_eps", [None, -10.0])
 def test_w1_like_heads(T, dtype, log_eps):
     B = max(1, 8192 // T)
-    q, k, v, c = gated_inputs(B, 8, 8, T, T, 128, dtype=dtype, n_global=2, seed=T)
+    q, k, v, c = fox_inputs(B, 8, 8, T, T, 128, dtype=dtype, n_global=2, seed=T, **W1_ON_CUDA)
     scale = 128 ** -0.5
     u = None if log_eps is None else torch.tensor(4.0, device="cuda")    # delta = -10 - log T - 8
     o, lse, start, cfg = run_poisoned(q, k, v, c, scale, log_eps, u)
@@ -63,21 +63,21 @@ def test_w1_like_heads(T, dtype, log_eps):
 
 @pytest.mark.parametrize("D", [64, 80, 96, 128, 256, 32, 16])
 def test_head_dims(D):
-    q, k, v, c = gated_inputs(2, 4, 2, 1500, 1500, D, dtype=torch.bfloat16, local_decay=0.05)
+    q, k, v, c = fox_inputs(2, 4, 2, 1500, 1500, D, dtype=torch.bfloat16, strength=0.05, **W1_ON_CUDA)
     o, lse, start, cfg = run_poisoned(q, k, v, c, D ** -0.5, -10.0, None)
     check_rows(q, k, v, c, D ** -0.5, o, lse, start, cfg, -10.0)
 
 
 @pytest.mark.parametrize("Tq", [1, 7, 300, 2049])
 def test_fewer_queries_than_keys_and_gqa(Tq):
-    q, k, v, c = gated_inputs(2, 8, 2, Tq, 5000, 128, dtype=torch.bfloat16, local_decay=0.05)
+    q, k, v, c = fox_inputs(2, 8, 2, Tq, 5000, 128, dtype=torch.bfloat16, strength=0.05, **W1_ON_CUDA)
     for log_eps in (None, -10.0):
         o, lse, start, cfg = run_poisoned(q, k, v, c, 0.1, log_eps, None)
         check_rows(q, k, v, c, 0.1, o, lse, start, cfg, log_eps)
 
 
 def test_transposed_layout_and_output_strides():
-    q, k, v, c = gated_inputs(2, 8, 4, 3000, 3000, 128, dtype=torch.bfloat16, layout="bthd", local_decay=0.05)
+    q, k, v, c = fox_inputs(2, 8, 4, 3000, 3000, 128, dtype=torch.bfloat16, strength=0.05, layout="bthd", **W1_ON_CUDA)
     assert not q.is_contiguous()
     o, lse, start, cfg = run_poisoned(q, k, v, c, 0.09, -10.0, None)
     check_rows(q, k, v, c, 0.09, o, lse, start, cfg, -10.0)
@@ -87,14 +87,14 @@ def test_transposed_layout_and_output_strides():
 
 
 def test_fp32_inputs_run_in_tf32():
-    q, k, v, c = gated_inputs(1, 4, 4, 2000, 2000, 64, dtype=torch.float32, local_decay=0.05)
+    q, k, v, c = fox_inputs(1, 4, 4, 2000, 2000, 64, dtype=torch.float32, strength=0.05, **W1_ON_CUDA)
     o, lse, start, cfg = run_poisoned(q, k, v, c, 0.125, -10.0, None)
     check_rows(q, k, v, c, 0.125, o, lse, start, cfg, -10.0)
 
 
 @pytest.mark.parametrize("T", [4096, 32768])
 def test_device_plan_equals_torch_plan(T):
-    q, k, v, c = gated_inputs(1, 16, 16, T, T, 128, dtype=torch.bfloat16, n_global=4, seed=1)
+    q, k, v, c = fox_inputs(1, 16, 16, T, T, 128, dtype=torch.bfloat16, n_global=4, seed=1, **W1_ON_CUDA)
     cfg = forward_config(q)
     u = torch.full((16,), (-10.0 - math.log(T) + 30) / 2, device="cuda")         # delta = -30
     start, end = compute_plan(q, k, c, 128 ** -0.5, -10.0, u, cfg.block_m, cfg.block_n)
@@ -129,7 +129,7 @@ def test_more_than_2_31_elements_in_k_and_v():
                          ids=["tma128x128", "tma128x64", "plain64x64", "tma128x128-newest-first"])
 @pytest.mark.parametrize("Tq,Tk,D", [(1000, 1500, 128), (4096, 4096, 128), (777, 777, 80), (300, 2000, 64)])
 def test_configs_including_tensor_descriptors(cfg, Tq, Tk, D):
-    q, k, v, c = gated_inputs(2, 8, 4, Tq, Tk, D, dtype=torch.bfloat16, local_decay=0.05, seed=Tq + D)
+    q, k, v, c = fox_inputs(2, 8, 4, Tq, Tk, D, dtype=torch.bfloat16, strength=0.05, seed=Tq + D, **W1_ON_CUDA)
     for log_eps in (None, -10.0):
         o, lse, start, _ = run_poisoned(q, k, v, c, D ** -0.5, log_eps, None, cfg)
         check_rows(q, k, v, c, D ** -0.5, o, lse, start, cfg, log_eps)

@@ -9,12 +9,13 @@ import torch
 
 import acp_compile
 from acp_compile.kernels import blocked, dispatch
-from acp_compile.kernels.fox_triton.sampled_reference import eps_bound, gated_inputs, rows_reference, sample_rows
 from acp_compile.kernels.reference import fox_attention_reference
+from helpers import W1_ON_CUDA, fox_inputs
+from sampled_reference import eps_bound, rows_reference, sample_rows
 
 
 def test_cuda_bf16_routes_to_triton_forward_and_backward():
-    q, k, v, c = gated_inputs(1, 4, 2, 256, 256, 64)
+    q, k, v, c = fox_inputs(1, 4, 2, 256, 256, 64, dtype=torch.bfloat16, **W1_ON_CUDA)
     assert dispatch.forward_implementation(q, k, v, c) == "triton"
     assert dispatch.forward_implementation(q, k, v, c) in ("triton", "blocked")   # the backward follows the same rule
     q64, k64, v64, c64 = (t.double() for t in (q, k, v, c))
@@ -23,7 +24,7 @@ def test_cuda_bf16_routes_to_triton_forward_and_backward():
 
 def test_functional_api_bthd_long_sequence_inside_eps_bound():
     B, T, H, D = 1, 16384, 8, 128
-    q, k, v, c = gated_inputs(B, H, H, T, T, D, layout="bthd", n_global=2)
+    q, k, v, c = fox_inputs(B, H, H, T, T, D, dtype=torch.bfloat16, n_global=2, layout="bthd", **W1_ON_CUDA)
     log_f = torch.diff(c, dim=-1, prepend=torch.zeros_like(c[..., :1])).transpose(1, 2)   # (B, T, H)
     o = acp_compile.fox_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), log_f, layout="bthd")
     assert o.shape == (B, T, H, D)
@@ -37,7 +38,7 @@ def test_functional_api_bthd_long_sequence_inside_eps_bound():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("log_eps", [None, -10.0])
 def test_gradients_match_fp64_reference(dtype, log_eps):
-    q, k, v, c = gated_inputs(2, 4, 2, 700, 900, 64, dtype=dtype, local_decay=0.02, seed=5)
+    q, k, v, c = fox_inputs(2, 4, 2, 700, 900, 64, dtype=dtype, strength=0.02, seed=5, **W1_ON_CUDA)
     do = torch.randn_like(q)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, c)]
     o, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, log_eps, None)
@@ -54,7 +55,7 @@ def test_gradients_match_fp64_reference(dtype, log_eps):
 
 
 def test_forward_captures_in_a_cuda_graph_without_host_sync():
-    q, k, v, c = gated_inputs(2, 8, 8, 4096, 4096, 128)
+    q, k, v, c = fox_inputs(2, 8, 8, 4096, 4096, 128, dtype=torch.bfloat16, **W1_ON_CUDA)
     eager, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
@@ -71,7 +72,7 @@ def test_forward_captures_in_a_cuda_graph_without_host_sync():
 
 
 def test_backward_is_bitwise_reproducible():
-    q, k, v, c = gated_inputs(1, 8, 4, 3000, 3000, 128, seed=2)
+    q, k, v, c = fox_inputs(1, 8, 4, 3000, 3000, 128, dtype=torch.bfloat16, seed=2, **W1_ON_CUDA)
     do = torch.randn_like(q)
     o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
     g1 = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, None, -10.0, None)
@@ -81,7 +82,7 @@ def test_backward_is_bitwise_reproducible():
 
 
 def test_triton_forward_with_blocked_backward_stays_close():
-    q, k, v, c = gated_inputs(1, 4, 2, 1000, 1000, 64, local_decay=0.05, seed=3)
+    q, k, v, c = fox_inputs(1, 4, 2, 1000, 1000, 64, dtype=torch.bfloat16, strength=0.05, seed=3, **W1_ON_CUDA)
     do = torch.randn_like(q)
     scale = 64 ** -0.5
     o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, scale, -10.0, None)

@@ -1,9 +1,10 @@
-"""Helpers for checking the kernels at long T: gated inputs and an fp64 reference on sampled query rows.
+"""Helpers for checking the kernels at long T: an fp64 reference on sampled query rows.
 
 The full T x T reference does not fit at T = 32k; the attention of a few query rows does, and those
 rows (block edges, first and last, random) are where a wrong tile or mask shows. With the plan's
 start indices the reference computes exactly the pruned attention (tight check); without, the
-dense attention (check within the eps bound). Used by tests/gpu and examples/benchmarks.
+dense attention (check within the eps bound). Used by tests/gpu, whose W1-like gated inputs come from
+helpers.fox_inputs(gate="w1", draw_on="device"); not part of the installed package.
 """
 from __future__ import annotations
 
@@ -11,31 +12,6 @@ import math
 
 import torch
 from torch import Tensor
-
-
-def gated_inputs(B, Hq, Hkv, Tq, Tk, D, dtype=torch.bfloat16, local_decay=30.0 / 1024, n_global=None, seed=0,
-                 layout="bhtd", device="cuda"):
-    """q (B, Hq, Tq, D), k, v (B, Hkv, Tk, D) standard normal; c (B, Hq, Tk) fp32 W1-style gates.
-
-    Heads [0, Hq - n_global) decay by about local_decay nats per token, the rest by 1e-6 (global).
-    layout "bthd" returns transposed views of (B, T, H, D) memory.
-    """
-    g = torch.Generator(device=device).manual_seed(seed)
-    n_global = Hq // 4 if n_global is None else n_global
-    shape_q, shape_kv = (B, Tq, Hq, D), (B, Tk, Hkv, D)
-    if layout == "bhtd":
-        q = torch.randn(B, Hq, Tq, D, device=device, generator=g, dtype=dtype)
-        k = torch.randn(B, Hkv, Tk, D, device=device, generator=g, dtype=dtype)
-        v = torch.randn(B, Hkv, Tk, D, device=device, generator=g, dtype=dtype)
-    else:
-        q = torch.randn(shape_q, device=device, generator=g, dtype=dtype).transpose(1, 2)
-        k = torch.randn(shape_kv, device=device, generator=g, dtype=dtype).transpose(1, 2)
-        v = torch.randn(shape_kv, device=device, generator=g, dtype=dtype).transpose(1, 2)
-    u = 0.5 + torch.rand(B, Hq, Tk, device=device, generator=g)
-    rate = torch.full((Hq,), local_decay, device=device)
-    rate[Hq - n_global:] = 1e-6
-    c = torch.cumsum(-rate[None, :, None] * u, dim=-1)
-    return q, k, v, c
 
 
 def sample_rows(Tq, n=48, seed=0):
