@@ -425,25 +425,23 @@ def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasP
     # the sides are compared by value through views, transposes and concatenations.
     gen = torch.Generator().manual_seed(0)
     leaves: dict = {}
-    for t in query + key:
-        for base in value_sources(t.node):
+
+    def stand_ins(node: fx.Node, what: str, away_from_zero: bool) -> None:
+        for base in value_sources(node):
             if base in leaves:
                 continue
             bv = gu.fake(base)
             if not isinstance(bv, torch.Tensor) or not bv.dtype.is_floating_point:
-                raise NotProven(f"bias term {t.node.name} is not a floating-point view of a tensor")
+                raise NotProven(f"{what} is not a floating-point view of a tensor")
             shape = tuple(tp.concrete_int(s) for s in bv.shape)
-            leaves[base] = torch.randn(shape, generator=gen, dtype=torch.float64).to(bv.dtype).to(bv.device)
+            values = (0.5 + 1.5 * torch.rand(shape, generator=gen, dtype=torch.float64) if away_from_zero
+                      else torch.randn(shape, generator=gen, dtype=torch.float64))
+            leaves[base] = values.to(bv.dtype).to(bv.device)
+
+    for t in query + key:
+        stand_ins(t.node, f"bias term {t.node.name}", away_from_zero=False)
         for factor, _ in tensor_factors(t.coef):
-            for base in value_sources(factor):
-                if base in leaves:
-                    continue
-                bv = gu.fake(base)
-                if not isinstance(bv, torch.Tensor) or not bv.dtype.is_floating_point:
-                    raise NotProven(f"the factor {factor.name} is not a floating-point tensor")
-                shape = tuple(tp.concrete_int(s) for s in bv.shape)
-                values = 0.5 + 1.5 * torch.rand(shape, generator=gen, dtype=torch.float64)   # away from 0
-                leaves[base] = values.to(bv.dtype).to(bv.device)
+            stand_ins(factor, f"the factor {factor.name}", away_from_zero=True)   # divided by: keep it off 0
 
     def factor_product(t):
         total = 1.0
