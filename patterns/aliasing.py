@@ -116,10 +116,6 @@ def storage_of(node: Any) -> Any:
     return ("allocated by", cur)
 
 
-def is_write(node: fx.Node) -> bool:
-    return bool(written_args(node))
-
-
 class StorageMap:
     """Storage keys and writers of one graph (see the module notes)."""
 

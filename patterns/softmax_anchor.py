@@ -37,7 +37,7 @@ def _is_nan_test(node: Any, of: fx.Node) -> bool:
     """torch.isnan(x) or x != x."""
     if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
         return False
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    name = _target_name(node)
     if name == "isnan":
         return node.args[0] is of
     if name in ("ne", "__ne__") or node.target is operator.ne:
@@ -62,7 +62,7 @@ def _probability_step(cur: fx.Node, ctx: MatchContext):
     users = list(cur.users)
     if len(users) == 1:
         u = users[0]
-        name = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
+        name = _target_name(u)
         if u.args and u.args[0] is cur and (gu.is_op(u, "cast") or name in ("contiguous", "clone")):
             return u, []
         if gu.is_op(u, "dropout") and u.args and u.args[0] is cur:
@@ -92,22 +92,30 @@ def _probability_step(cur: fx.Node, ctx: MatchContext):
     return None
 
 
+def _first_within(start: fx.Node, neighbours, hops: int, hit):
+    """Breadth-first from `start` over neighbours(node) for at most `hops` steps: the first node for
+    which hit(node, seen) holds (seen: the nodes reached so far, itself included), else None."""
+    frontier, seen = [start], set()
+    for _ in range(hops):
+        nxt = []
+        for n in frontier:
+            for m in neighbours(n):
+                if m in seen:
+                    continue
+                seen.add(m)
+                if hit(m, seen):
+                    return m
+                nxt.append(m)
+        frontier = nxt
+    return None
+
+
 def _over_a_product(softmax: fx.Node) -> bool:
     """The softmax's input is built from a matrix product within a few steps (attention logits, not,
     say, a router's linear layer)."""
-    frontier, seen = [softmax], set()
-    for _ in range(8):
-        nxt = []
-        for n in frontier:
-            for a in n.all_input_nodes:
-                if a in seen:
-                    continue
-                seen.add(a)
-                if any(gu.is_op(a, m) for m in _MATMULS + ("baddbmm",)):
-                    return True
-                nxt.append(a)
-        frontier = nxt
-    return False
+    products = _MATMULS + ("baddbmm",)
+    return _first_within(softmax, lambda n: n.all_input_nodes, 8,
+                         lambda a, _: any(gu.is_op(a, m) for m in products)) is not None
 
 
 def _silent_miss(softmax: fx.Node, end: fx.Node, anchor: str):
@@ -116,30 +124,26 @@ def _silent_miss(softmax: fx.Node, end: fx.Node, anchor: str):
     another product within a few steps."""
     if not _over_a_product(softmax):
         return None
-    frontier, seen = [end], set()
-    for _ in range(4):
-        nxt = []
-        for n in frontier:
-            for u in n.users:
-                if u in seen:
-                    continue
-                seen.add(u)
-                if any(gu.is_op(u, m) for m in _MATMULS) and u.args and (u.args[0] in seen or u.args[0] is end
-                                                                          or gu.is_op(u, "einsum")):
-                    blockers = sorted({str(x.target if x.op == "call_method" else getattr(x.target, "__name__", x.target))
-                                       for x in end.users})
-                    return NearMiss(anchor, softmax.name, "the probabilities pass through "
-                                    f"{', '.join(blockers)} before the product with v; only casts, clones, dropout "
-                                    "that is off and NaN clean-ups are understood there")
-                nxt.append(u)
-        frontier = nxt
-    return None
+
+    def product_of_probabilities(u: fx.Node, seen: set) -> bool:
+        return any(gu.is_op(u, m) for m in _MATMULS) and bool(u.args) and (
+            u.args[0] in seen or u.args[0] is end or gu.is_op(u, "einsum"))
+
+    if _first_within(end, lambda n: n.users, 4, product_of_probabilities) is None:
+        return None
+    blockers = sorted({_target_name(x) for x in end.users})
+    return NearMiss(anchor, softmax.name, "the probabilities pass through "
+                    f"{', '.join(blockers)} before the product with v; only casts, clones, dropout "
+                    "that is off and NaN clean-ups are understood there")
+
+
+def _target_name(node: fx.Node) -> str:
+    """A call's name: the method name, or the function's __name__."""
+    return str(node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target))
 
 
 def _is_call(node: Any, name: str) -> bool:
-    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
-        return False
-    return (node.target if node.op == "call_method" else getattr(node.target, "__name__", "")) == name
+    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and _target_name(node) == name
 
 
 def _normalised_by_hand(node: fx.Node):
@@ -160,19 +164,15 @@ def _normalised_by_hand(node: fx.Node):
 
 def _log_normalised(node: fx.Node):
     """(s, s - lse, lse) when node is exp(s - logsumexp(s, dim, keepdim=True)): a softmax of s."""
-    if not (isinstance(node, fx.Node) and node.op in ("call_function", "call_method")):
-        return None
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    if name != "exp" or not node.args or not gu.is_op(node.args[0], "sub"):
+    if not _is_call(node, "exp") or not node.args or not gu.is_op(node.args[0], "sub"):
         return None
     sub = node.args[0]
     if len(sub.args) != 2 or sub.kwargs.get("alpha", 1) != 1 or len(sub.users) != 1:
         return None
     s, lse = sub.args
-    if not isinstance(lse, fx.Node) or lse.op not in ("call_function", "call_method") or len(lse.users) != 1:
+    if not _is_call(lse, "logsumexp") or len(lse.users) != 1:
         return None
-    lse_name = lse.target if lse.op == "call_method" else getattr(lse.target, "__name__", "")
-    if lse_name != "logsumexp" or not lse.args or lse.args[0] is not s or gu.arg(lse, 2, "keepdim", False) is not True:
+    if not lse.args or lse.args[0] is not s or gu.arg(lse, 2, "keepdim", False) is not True:
         return None
     return s, sub, lse
 
