@@ -3,6 +3,7 @@
 # as an ignored folder), gate-gradient accuracy against fp64 autograd, eager and the FoX authors' kernel
 # (their file in .fox_ref/, carried, never committed), and the GPU suite.
 #   bash examples/benchmarks/numerics_h200.sh bench acc tests
+#   bash examples/benchmarks/numerics_h200.sh dqsweep benchpick     (dq tile sweep, then before/after with the pick)
 set -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/numerics_out}
@@ -28,6 +29,9 @@ for step in "$@"; do
     case "$step" in
         bench) run_bench old; run_bench new; run_bench exact ACP_C_SPAN_LIMIT=-1; run_bench new2; run_bench old ;;
         bench2) run_bench old; run_bench new ;;
+        dqsweep) timeout 150 python3 examples/benchmarks/sweep_dq.py --T $BENCH_T --out "$OUT" 2>&1 | tee "$OUT/sweep_dq.log" | tail -12 ;;
+        benchpick) pick=$(cat "$OUT/bwd_pick.txt"); echo "pick $pick" | tee -a "$OUT/bench.log"
+                   run_bench old; run_bench new; run_bench pick ACP_BWD_CONFIG=$pick; run_bench old; run_bench pick2 ACP_BWD_CONFIG=$pick ;;
         diag) timeout 120 python3 - <<'PY' 2>&1 | tee "$OUT/diag.txt"
 import logging, torch, triton
 logging.basicConfig(level=logging.INFO)

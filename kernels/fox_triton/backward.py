@@ -99,11 +99,30 @@ INTERPRETER = BackwardConfig(32, 32, 32, 32, 4, 1, 4, 1, 32)
 FALLBACK = BackwardConfig(16, 32, 32, 16, 4, 1, 4, 1, 32)
 
 
+def parse_backward_override(text: str) -> BackwardConfig:
+    """"64,128,128,32,8,3,4,3" -> BackwardConfig in field order (kv_block_m, kv_block_n, q_block_m,
+    q_block_n, kv_warps, kv_stages, q_warps, q_stages[, pre_block_m])."""
+    try:
+        fields = [int(x) for x in text.split(",")]
+    except ValueError:
+        fields = []
+    if len(fields) not in (8, 9):
+        raise ValueError(f"ACP_BWD_CONFIG={text!r}: expected 8 or 9 comma-separated integers in the order of "
+                         "BackwardConfig's fields (kv_block_m, kv_block_n, q_block_m, q_block_n, kv_warps, "
+                         "kv_stages, q_warps, q_stages[, pre_block_m])")
+    return BackwardConfig(*fields)
+
+
 def default_config(q: torch.Tensor) -> BackwardConfig:
-    """Tile sizes by device, head dim and element size. Every entry satisfies shares_plan."""
+    """Tile sizes by device, head dim and element size. Every entry satisfies shares_plan. The
+    environment variable ACP_BWD_CONFIG (parse_backward_override) replaces the table for 16-bit CUDA
+    inputs: the benchmarks' tuning hook, as ACP_FWD_CONFIG for the forward."""
     D = q.shape[-1]
     if _interpreting() or q.device.type != "cuda":
         return INTERPRETER
+    override = os.environ.get("ACP_BWD_CONFIG")
+    if override and q.element_size() == 2:
+        return parse_backward_override(override)
     if q.element_size() >= 4 or D > 128:
         return SMALL_TILES
     major, _ = torch.cuda.get_device_capability(q.device)
