@@ -29,6 +29,9 @@ for step in "$@"; do
     case "$step" in
         bench) run_bench old; run_bench new; run_bench exact ACP_C_SPAN_LIMIT=-1; run_bench new2; run_bench old ;;
         bench2) run_bench old; run_bench new ;;
+        benchx) pick=${BWD_PICK:-64,128,128,64,8,3,8,3}; echo "pick $pick" | tee -a "$OUT/bench.log"
+                run_bench old; run_bench pick ACP_BWD_CONFIG=$pick; run_bench pickx ACP_BWD_CONFIG=$pick ACP_C_SPAN_LIMIT=-1
+                run_bench old; run_bench pickx2 ACP_BWD_CONFIG=$pick ACP_C_SPAN_LIMIT=-1; run_bench pick2 ACP_BWD_CONFIG=$pick ;;
         dqsweep) timeout 150 python3 examples/benchmarks/sweep_dq.py --T $BENCH_T --out "$OUT" 2>&1 | tee "$OUT/sweep_dq.log" | tail -12 ;;
         benchpick) pick=$(cat "$OUT/bwd_pick.txt"); echo "pick $pick" | tee -a "$OUT/bench.log"
                    run_bench old; run_bench new; run_bench pick ACP_BWD_CONFIG=$pick; run_bench old; run_bench pick2 ACP_BWD_CONFIG=$pick ;;

@@ -265,8 +265,11 @@ def _backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps, u_bound, cfg: Ba
             q_start, _ = plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.q_block_m, cfg.q_block_n)
     # Each kernel runs twice: the one-FMA launch for blocks whose c spreads by at most C_SPAN_LIMIT, the
     # exact launch for the rest (hard resets, steep decays); a program of the other mode stores nothing.
-    for exact in (False, True):
+    # A negative limit puts every program in the exact launch (NaN spreads included), so the one-FMA
+    # launch would be idle and is not made.
+    forms = (True,) if c_span_limit() < 0 else (False, True)
+    for exact in forms:
         launch_dkdv(q, k, v, c, do, row, delta, kv_start, kv_end, dk, dv, dc, sm_scale, cfg, exact)
-    for exact in (False, True):                           # after dk/dv: dq adds the row term to dc
+    for exact in forms:                                   # after dk/dv: dq adds the row term to dc
         launch_dq(q, k, v, c, do, row, delta, q_start, dq, dc, sm_scale, cfg, exact)
     return dq, dk, dv, dc if c.dtype == torch.float32 else dc.to(c.dtype)

@@ -129,7 +129,7 @@ def fox_bwd_dkdv_kernel(
 
     # This launch handles the programs of its mode only (configs.C_SPAN_LIMIT; exact when c spreads by
     # more than the limit over this key block in any head of the group): the other launch does the
-    # rest, so neither kernel carries a branch around its pipelined loops. NaN compares False.
+    # rest, so neither kernel carries a branch around its pipelined loops. A NaN spread is exact.
     span = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for g in range(GROUP):
         Cg = C + b * sc_b + (hk * GROUP + g) * sc_h
@@ -137,7 +137,7 @@ def fox_bwd_dkdv_kernel(
         c_g = c_g.to(tl.float32)
         span = tl.maximum(span, tl.max(c_g, axis=0) - tl.min(c_g, axis=0))
     span = tl.max(span, axis=0)
-    is_exact = (span > C_SPAN_LIMIT).to(tl.int32)
+    is_exact = 1 - (span <= C_SPAN_LIMIT).to(tl.int32)                # NaN: exact
     if EXACT_C:
         mine = is_exact == 1
     else:

@@ -110,8 +110,8 @@ def fox_bwd_dq_kernel(
         delta = tl.load(DELTA + bh64 * Tq + offs_m, mask=row_ok, other=0.0)
         c_q = tl.load(Cbh + pos_q * sc_t, mask=row_ok, other=c_ref).to(tl.float32)
     # This launch handles the programs of its mode only (configs.C_SPAN_LIMIT): the other launch does
-    # the rest, so neither kernel carries a branch around its pipelined loops. NaN compares False.
-    is_exact = ((tl.max(c_q, axis=0) - tl.min(c_q, axis=0)) > C_SPAN_LIMIT).to(tl.int32)
+    # the rest, so neither kernel carries a branch around its pipelined loops. A NaN spread is exact.
+    is_exact = 1 - ((tl.max(c_q, axis=0) - tl.min(c_q, axis=0)) <= C_SPAN_LIMIT).to(tl.int32)   # NaN: exact
     if EXACT_C:
         mine = is_exact == 1
     else:
