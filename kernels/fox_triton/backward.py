@@ -42,6 +42,7 @@ the switch that runs them on CPU tensors under the interpreter, is decided in su
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -89,7 +90,10 @@ def _interpreting() -> bool:
 # Measured on an H200 (torch 2.11, triton 3.6) by examples/benchmarks/tune_backward.py on W1-like
 # inputs (bf16, B * T = 32768, T = 4k and 16k): the best sum of dense and ACP times per kernel.
 HOPPER_D64 = BackwardConfig(32, 128, 128, 64, 4, 3, 4, 3)
-HOPPER_D128 = BackwardConfig(64, 128, 128, 32, 8, 3, 4, 3)
+# dq of the D = 128 row re-swept after the dc row term (examples/benchmarks/sweep_dq.py, W1 16k,
+# 2026-12-02): 128 x 32 with 4 warps spilled (255 registers, 66 spills) and took 6.43 ms dense;
+# 128 x 64 with 8 warps takes 5.59 ms (228 registers, no spill).
+HOPPER_D128 = BackwardConfig(64, 128, 128, 64, 8, 3, 8, 3)
 # Not tuned (correct on the H200; no Ampere GPU was available): small tiles that fit 164 KiB of
 # shared memory on Ampere and the 256-wide head dim / 4-byte elements on Hopper.
 SMALL_TILES = BackwardConfig(32, 64, 64, 32, 4, 2, 4, 2)
@@ -166,6 +170,19 @@ def fox_bwd_preprocess_kernel(
     tl.store(LSE2 + out, lse * LOG2E, mask=row_ok)
 
 
+def _persistent_grid(tiles: int, device: torch.device) -> tuple[int]:
+    """The exact launches walk their tiles with a few programs (kernels' PERSISTENT): two per SM on a
+    GPU, three under the interpreter (so its tests cover programs that walk several tiles)."""
+    if device.type != "cuda":
+        return (max(1, min(tiles, 3)),)
+    return (max(1, min(tiles, 2 * _sm_count(device.index))),)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).multi_processor_count
+
+
 def plan_indices(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n):
     """(start (B, Hq, Mq), end (B, Hq, Nk)) int32 contiguous: the device plan for this partition."""
     from acp_compile.kernels.fox_triton.plan import compute_plan
@@ -194,13 +211,15 @@ def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: fl
     bm, bn = cfg.kv_block_m, cfg.kv_block_n
     Mq, Nk = triton.cdiv(Tq, bm), triton.cdiv(Tk, bn)
     prune = start is not None
-    return fox_bwd_dkdv_kernel[(B * Hkv, Nk)](
+    grid = _persistent_grid(B * Hkv * Nk, q.device) if exact else (B * Hkv, Nk)
+    return fox_bwd_dkdv_kernel[grid](
         q, k, v, c, do, row, delta, start if prune else delta, end if prune else delta, dk, dv, dc,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dk.stride(), *dv.stride(), *dc.stride(),
-        Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, sm_scale * LOG2E.value,
+        Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, sm_scale * LOG2E.value, B * Hkv,
         GROUP=Hq // Hkv, PRUNE=prune, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
         EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, D_PAD=padded_head_dim(D),
-        C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+        C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact, PERSISTENT=exact,
+        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )
 
 
@@ -226,13 +245,15 @@ def launch_dq(q, k, v, c, do, row, delta, start, dq, dc, sm_scale: float, cfg: B
     bm, bn = cfg.q_block_m, cfg.q_block_n
     Mq = triton.cdiv(Tq, bm)
     prune = start is not None
-    return fox_bwd_dq_kernel[(B * Hq, Mq)](
+    grid = _persistent_grid(B * Hq * Mq, q.device) if exact else (B * Hq, Mq)
+    return fox_bwd_dq_kernel[grid](
         q, k, v, c, do, row, delta, start if prune else delta, dq, dc,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dq.stride(), *dc.stride(),
-        Hq, Tq, Tk, Mq, sm_scale, sm_scale * LOG2E.value,
+        Hq, Tq, Tk, Mq, sm_scale, sm_scale * LOG2E.value, B * Hq,
         GROUP=Hq // Hkv, PRUNE=prune, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
         EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, D_PAD=padded_head_dim(D),
-        C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact, num_warps=cfg.q_warps, num_stages=cfg.q_stages,
+        C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact, PERSISTENT=exact,
+        num_warps=cfg.q_warps, num_stages=cfg.q_stages,
     )
 
 

@@ -17,7 +17,8 @@ kernel writes the column sums; the dq kernel, which holds whole rows, adds the r
 (they vanish for the exact O but not for O rounded to bf16, see backward.py).
 
 Grid (B * Hkv, Nk): one program per (b, kv head, key block n); the batch-head axis varies fastest
-so that all the heavy programs (small n: the most query blocks) start first. A program holds k, v
+so that all the heavy programs (small n: the most query blocks) start first (the exact launch walks
+the same tiles in the same order with a few persistent programs, see fox_bwd_dkdv_kernel). A program holds k, v
 of its BLOCK_N keys and loops over the G query heads of its kv head (no atomics, no repeated
 k/v), and for each head over the query blocks m = m_lo .. end[n] - 1: m_lo is the first query
 block with a causal entry in key block n, end[n] comes from the ACP plan of this kernel's
@@ -90,7 +91,8 @@ def _dkdv_tiles(
 
 
 @triton.jit
-def fox_bwd_dkdv_kernel(
+def _dkdv_program(
+    bhk, n,
     Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
@@ -106,8 +108,7 @@ def fox_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
     EXACT_C: tl.constexpr,
 ):
-    bhk = tl.program_id(0)
-    n = tl.program_id(1)
+    """The work of one (batch * kv head bhk, key block n) tile."""
     b = (bhk // Hkv).to(tl.int64)
     hk = (bhk % Hkv).to(tl.int64)
     offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                            # (BN,) key positions
@@ -192,3 +193,43 @@ def fox_bwd_dkdv_kernel(
                dk.to(DK.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, D_PAD)
     store_rows(DV + b * sdv_b + hk * sdv_h + offs_n[:, None] * sdv_t + offs_d[None, :] * sdv_d,
                dv.to(DV.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, D_PAD)
+
+
+@triton.jit
+def fox_bwd_dkdv_kernel(
+    Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    sc_b, sc_h, sc_t,
+    sdo_b, sdo_h, sdo_t, sdo_d,
+    sdk_b, sdk_h, sdk_t, sdk_d,
+    sdv_b, sdv_h, sdv_t, sdv_d,
+    sdc_b, sdc_h, sdc_t,
+    Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, qk_scale, BHK,
+    GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
+    EXACT_C: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """Grid (BHK = B * Hkv, Nk): one program per tile. PERSISTENT (the exact launch): a 1-D grid of a few
+    programs that walk all BHK * Nk tiles, batch-head fastest (see backward_dq.fox_bwd_dq_kernel)."""
+    if PERSISTENT:
+        for t in range(tl.program_id(0), BHK * Nk, tl.num_programs(0)):
+            _dkdv_program(
+                t % BHK, t // BHK,
+                Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC,
+                sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t,
+                sdo_b, sdo_h, sdo_t, sdo_d, sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
+                sdc_b, sdc_h, sdc_t, Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION,
+                HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N, D_PAD, C_SPAN_LIMIT, EXACT_C,
+            )
+    else:
+        _dkdv_program(
+            tl.program_id(0), tl.program_id(1),
+            Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC,
+            sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t,
+            sdo_b, sdo_h, sdo_t, sdo_d, sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
+            sdc_b, sdc_h, sdc_t, Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION,
+            HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N, D_PAD, C_SPAN_LIMIT, EXACT_C,
+        )

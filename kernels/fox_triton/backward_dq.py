@@ -10,7 +10,8 @@ Notation (one batch element b, query head h, kv head hk = h // G):
   rs_i  = sum_j ds_ij, added to dc[p_i] (the row term of dc; the dk/dv kernel wrote the column term)
 
 Grid (B * Hq, Mq): one program per (b, query head, query block m), heaviest query blocks first
-(m runs from the last block down; the batch-head axis varies fastest). Like the forward, it visits
+(m runs from the last block down; the batch-head axis varies fastest); the exact launch instead walks
+the same tiles in the same order with a few persistent programs (see fox_bwd_dq_kernel). Like the forward, it visits
 the key blocks n = start[m] .. n_hi(m), start in units of BLOCK_N keys for blocks of BLOCK_M rows
 (the launcher derives it from the dk/dv kernel's plan, see backward.coarsen_start). First the key blocks that every row of the block sees in full (no mask, never past Tk),
 then those that straddle the diagonal (causal mask). start[m] <= n_hi(m) always, so the diagonal
@@ -68,7 +69,8 @@ def _dq_tiles(
 
 
 @triton.jit
-def fox_bwd_dq_kernel(
+def _dq_program(
+    bh, m_idx,
     Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
@@ -83,8 +85,8 @@ def fox_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
     EXACT_C: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    m = Mq - 1 - tl.program_id(1)                                           # heaviest query blocks first
+    """The work of one (batch * query head bh, query block) tile; m_idx 0 is the last (heaviest) block."""
+    m = Mq - 1 - m_idx
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
@@ -156,3 +158,43 @@ def fox_bwd_dq_kernel(
     # wrote the column terms; each position p_i belongs to this program alone (no atomics).
     dc_ptrs = DC + b * sdc_b + h * sdc_h + pos_q * sdc_t
     tl.store(dc_ptrs, tl.load(dc_ptrs, mask=store_ok, other=0.0) + rs, mask=store_ok)
+
+
+
+@triton.jit
+def fox_bwd_dq_kernel(
+    Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    sc_b, sc_h, sc_t,
+    sdo_b, sdo_h, sdo_t, sdo_d,
+    sdq_b, sdq_h, sdq_t, sdq_d,
+    sdc_b, sdc_h, sdc_t,
+    Hq, Tq, Tk, Mq, sm_scale, qk_scale, BH,
+    GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
+    EXACT_C: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """Grid (BH = B * Hq, Mq): one program per tile. PERSISTENT (the exact launch): a 1-D grid of a few
+    programs that walk all BH * Mq tiles, batch-head fastest. That launch is idle for almost every tile
+    (W1: all), and an idle tile of a per-tile grid still costs a CTA of this register-heavy kernel
+    (0.08-0.1 ms per launch at W1 16k on the H200); walking costs a load of c per idle tile."""
+    if PERSISTENT:
+        for t in range(tl.program_id(0), BH * Mq, tl.num_programs(0)):
+            _dq_program(
+                t % BH, t // BH, Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC,
+                sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t,
+                sdo_b, sdo_h, sdo_t, sdo_d, sdq_b, sdq_h, sdq_t, sdq_d, sdc_b, sdc_h, sdc_t,
+                Hq, Tq, Tk, Mq, sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N,
+                BLOCK_M, BLOCK_N, D_PAD, C_SPAN_LIMIT, EXACT_C,
+            )
+    else:
+        _dq_program(
+            tl.program_id(0), tl.program_id(1), Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC,
+            sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t,
+            sdo_b, sdo_h, sdo_t, sdo_d, sdq_b, sdq_h, sdq_t, sdq_d, sdc_b, sdc_h, sdc_t,
+            Hq, Tq, Tk, Mq, sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N,
+            BLOCK_M, BLOCK_N, D_PAD, C_SPAN_LIMIT, EXACT_C,
+        )
