@@ -3,12 +3,12 @@
   acp::fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound) -> (o, lse, u)
   acp::fox_attention_bwd(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound) -> (dq, dk, dv, dc)
 
-Shapes: q, o, do, dq (B, Hq, Tq, D); k, v, dk, dv (B, Hkv, Tk, D); c, dc (B, Hq, Tk) fp32 (or both
-fp64); lse (B, Hq, Tq) fp32 natural-log log-sum-exp. Every argument of both ops is checked
+Shapes: q, dq (B, Hq, Tq, D); k, dk (B, Hkv, Tk, D); v, dv (B, Hkv, Tk, Dv); o, do (B, Hq, Tq, Dv);
+c, dc (B, Hq, Tk) fp32 (or both fp64); the value head dim Dv may differ from D (MLA-style heads). lse (B, Hq, Tq) fp32 natural-log log-sum-exp. Every argument of both ops is checked
 (acp_compile/checks.py), with an error that names it. Empty inputs (B, Hq or Tq = 0, or Tq = Tk = 0)
 give empty outputs and zero gradients, as SDPA does. Outputs take the strides of the matching input
-(torch.empty_like), so a transposed (B, T, H, D) view stays copy-free. sm_scale None means
-1/sqrt(D), computed here so that a graph does not pin the head dim; log_eps None or -inf means
+(torch.empty_like; o takes q's dimension order, kernels/layout.py), so a transposed (B, T, H, D) view
+stays copy-free. sm_scale None means 1/sqrt(D) (D of q and k, never Dv), computed here so that a graph does not pin the head dim; log_eps None or -inf means
 dense. u_bound, optional, broadcasts to (B, Hq) and replaces the computed bound U. u (B, Hq) fp32
 is the bound the forward pruned with (u_bound, or U computed from q and k; zeros when pruning is
 off); autograd hands it to the backward as its u_bound, so the backward prunes with the same delta
@@ -33,6 +33,7 @@ from acp_compile.checks import (
     check_attention_inputs, check_backward_inputs, check_scale, check_u_bound_values, normalize_log_eps,
 )
 from acp_compile.kernels import dispatch
+from acp_compile.kernels.layout import empty_like_last
 
 DEFAULT_LOG_EPS = -10.0
 
@@ -66,7 +67,7 @@ def fox_attention_fwd(
 @fox_attention_fwd.register_fake
 def _fox_attention_fwd_fake(q, k, v, c, sm_scale=None, log_eps=DEFAULT_LOG_EPS, u_bound=None):
     _check(q, k, v, c, sm_scale, log_eps, u_bound)
-    return torch.empty_like(q), _lse_like(q), _u_like(q)
+    return empty_like_last(q, v.shape[-1]), _lse_like(q), _u_like(q)
 
 
 @torch.library.custom_op("acp::fox_attention_bwd", mutates_args=())
@@ -75,14 +76,14 @@ def fox_attention_bwd(
     sm_scale: Optional[float] = None, log_eps: Optional[float] = DEFAULT_LOG_EPS, u_bound: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     log_eps = _check(q, k, v, c, sm_scale, log_eps, u_bound)
-    check_backward_inputs(do, q, o, lse)
+    check_backward_inputs(do, q, o, lse, v)
     return dispatch.backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound)
 
 
 @fox_attention_bwd.register_fake
 def _fox_attention_bwd_fake(do, q, k, v, c, o, lse, sm_scale=None, log_eps=DEFAULT_LOG_EPS, u_bound=None):
     _check(q, k, v, c, sm_scale, log_eps, u_bound)
-    check_backward_inputs(do, q, o, lse)
+    check_backward_inputs(do, q, o, lse, v)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(c)
 
 

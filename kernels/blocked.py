@@ -3,7 +3,8 @@
 This is the CPU implementation and the fallback on CUDA for shapes the Triton kernels do not cover.
 
 Notation (one batch element b, query head h, kv head h // g with g = Hq // Hkv):
-  q (B, Hq, Tq, D)   k, v (B, Hkv, Tk, D)   c (B, Hq, Tk) cumulative log forget gate
+  q (B, Hq, Tq, D)   k (B, Hkv, Tk, D)   v (B, Hkv, Tk, Dv)   c (B, Hq, Tk) cumulative log forget gate
+  o, do (B, Hq, Tq, Dv): the value head dim Dv may differ from D
   off = Tk - Tq      query row i sits at key position p_i = off + i
   query block m: rows [r0, r1) = [m*BM, min((m+1)*BM, Tq))
   kept key range of (b, h, m): [k0, k1) = [start[b,h,m] * BN, off + r1)
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from acp_compile.kernels.layout import empty_like_last
 from acp_compile.kernels.plan import Plan
 
 BLOCK_M = 64
@@ -205,9 +207,9 @@ def _scores(blk: _Block, q: Tensor, k: Tensor, c: Tensor, sm_scale: float, dt: t
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, plan: Plan) -> tuple[Tensor, Tensor]:
-    """o (B, Hq, Tq, D) like q, lse (B, Hq, Tq) fp32; computes exactly the entries the plan keeps."""
+    """o (B, Hq, Tq, Dv) in q's layout, lse (B, Hq, Tq) fp32; computes exactly the entries the plan keeps."""
     dt = _compute_dtype(q)
-    o = torch.empty_like(q)
+    o = empty_like_last(q, v.shape[-1])
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     for blk in _blocks(q, k, plan):
         _, _, s = _scores(blk, q, k, c, sm_scale, dt)                     # (G, BMa, L)
@@ -216,7 +218,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, plan: P
         # At the row maximum p = exp(0) / sum, so lse = max + log(sum) = max - log(max_j p): two cheap
         # reductions instead of a second exp pass (torch.logsumexp costs twice the softmax on CPU).
         blk.heads.write_q_rows(lse, blk.r0, blk.r1, row_max - torch.log(p.amax(dim=-1)))
-        v_blk = blk.heads.kv_rows(v, blk.k0, blk.k1, dt)                  # (Gk, L, D)
+        v_blk = blk.heads.kv_rows(v, blk.k0, blk.k1, dt)                  # (Gk, L, Dv)
         blk.heads.write_q_rows(o, blk.r0, blk.r1, _matmul_heads(p, v_blk, transpose_b=False))
     return o, lse
 
@@ -242,7 +244,7 @@ def backward(
     off = Tk - Tq
     dq = torch.empty_like(q)
     dk_acc = torch.zeros(B * Hkv, Tk, D, dtype=dt, device=q.device)
-    dv_acc = torch.zeros(B * Hkv, Tk, D, dtype=dt, device=q.device)
+    dv_acc = torch.zeros(B * Hkv, Tk, v.shape[3], dtype=dt, device=q.device)
     dc_acc = torch.zeros(B * Hq, Tk, dtype=acc_dt, device=q.device)
     # 0, or NaN in a row whose output is NaN (a head poisoned by the forward, see dispatch._poison): the
     # Triton backward's Delta = dO . O carries that NaN into dS, and so does this one.
@@ -251,8 +253,8 @@ def backward(
         heads, r0, r1, k0, k1 = blk.heads, blk.r0, blk.r1, blk.k0, blk.k1
         q_blk, k_blk, s = _scores(blk, q, k, c, sm_scale, dt)
         p = torch.softmax(s, dim=-1)                                      # (G, BMa, L), the forward's P
-        do_blk = heads.q_rows(do, r0, r1, dt)                             # (G, BMa, D)
-        v_blk = heads.kv_rows(v, k0, k1, dt)                              # (Gk, L, D)
+        do_blk = heads.q_rows(do, r0, r1, dt)                             # (G, BMa, Dv)
+        v_blk = heads.kv_rows(v, k0, k1, dt)                              # (Gk, L, Dv)
         Gk = k_blk.shape[0]
         heads.add_kv_rows(dv_acc, k0, k1, _matmul_heads_t(p, do_blk, Gk))
         dp = _matmul_heads(do_blk, v_blk, transpose_b=True)               # (G, BMa, L)
@@ -265,7 +267,7 @@ def backward(
         heads.add_q_rows(dc_acc, off + r0, off + r1, ds.sum(dim=2).to(acc_dt))  # +row sums, (G, BMa)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dk.copy_(dk_acc.view(B, Hkv, Tk, D))
-    dv.copy_(dv_acc.view(B, Hkv, Tk, D))
+    dv.copy_(dv_acc.view(B, Hkv, Tk, v.shape[3]))
     dc = torch.empty_like(c)
     dc.copy_(dc_acc.view(B, Hq, Tk))
     return dq, dk, dv, dc

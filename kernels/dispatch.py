@@ -21,6 +21,7 @@ from torch import Tensor
 
 from acp_compile.kernels import blocked
 from acp_compile.kernels.fox_triton import support
+from acp_compile.kernels.layout import empty_like_last
 from acp_compile.kernels.plan import Plan, make_plan, nonfinite_flag, torch_qk_bound
 from acp_compile.kernels.threshold import default_scale, pruning_enabled
 
@@ -42,16 +43,17 @@ def forward_tile_sizes(q, k, v, c) -> tuple[int, int]:
     """(block_m, block_n) of the forward for these inputs: the Triton launch table or the blocked path's."""
     if forward_implementation(q, k, v, c) == "triton":
         from acp_compile.kernels.fox_triton.configs import forward_config
-        cfg = forward_config(q)
+        cfg = forward_config(q, v.shape[-1])
         return cfg.block_m, cfg.block_n
     return blocked.BLOCK_M, blocked.BLOCK_N
 
 
-def forward_plan(q, k, c, sm_scale, log_eps, u_bound=None) -> Plan:
+def forward_plan(q, k, c, sm_scale, log_eps, u_bound=None, v=None) -> Plan:
     """The plan the forward uses for these inputs, with its tile sizes, computed in torch (the report
     reads it; the Triton forward computes the same start indices on the device, kernels/fox_triton/plan.py).
-    An error here is raised, not hidden: a plan with another tile size than the kernel's would be wrong."""
-    bm, bn = forward_tile_sizes(q, k, k, c)
+    An error here is raised, not hidden: a plan with another tile size than the kernel's would be wrong.
+    v None: the tile sizes of a value head dim equal to D (the report, which does not see v)."""
+    bm, bn = forward_tile_sizes(q, k, k if v is None else v, c)
     return make_plan(q, k, c, _scale(q, sm_scale), log_eps, u_bound, bm, bn)
 
 
@@ -70,7 +72,7 @@ def pruning_bound(q, k, scale, log_eps, u_bound, triton: bool):
 
 
 def _poison(q, v, u_bound, triton: bool):
-    """bad (B, Hq, D) fp32, added to every output row: NaN where the output must be NaN on every path.
+    """bad (B, Hq, Dv) fp32, added to every output row: NaN where the output must be NaN on every path.
 
     - v[b, hk, :, d] holds a NaN or an infinity at any position: eager attention gives a non-finite
       o[..., d] in every row (0 x NaN = NaN for the masked and the negligible entries alike), so every
@@ -90,7 +92,7 @@ def forward(q, k, v, c, sm_scale, log_eps, u_bound):
     `_poison` marks, which turns pruning off for it in the backward (its gradients are NaN as in eager)."""
     if q.numel() == 0 or k.shape[2] == 0:                 # B, Hq or Tq = 0: empty outputs, as SDPA
         B, Hq, Tq, _ = q.shape
-        return torch.empty_like(q), q.new_zeros((B, Hq, Tq), dtype=torch.float32), q.new_zeros((B, Hq), dtype=torch.float32)
+        return empty_like_last(q, v.shape[-1]), q.new_zeros((B, Hq, Tq), dtype=torch.float32), q.new_zeros((B, Hq), dtype=torch.float32)
     scale = _scale(q, sm_scale)
     reason = support.unsupported_reason(q, k, v, c)
     u = pruning_bound(q, k, scale, log_eps, u_bound, triton=reason is None)
