@@ -73,6 +73,28 @@ def _check_kv_shapes(q: Tensor, k: Tensor, v: Tensor, names: str = "(B, Hkv, Tk,
         )
 
 
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_segment_inputs(key_mask: Tensor | None, doc_ids: Tensor | None, q: Tensor, k: Tensor) -> None:
+    """key_mask (B, Tk) bool or integer (nonzero = attend, as Hugging Face's attention_mask) and doc_ids
+    (B, Tk) integer document ids, each optional, on q's device."""
+    B, Tk = q.shape[0], k.shape[2]
+    for name, t, what in (("key_mask", key_mask, "bool or integer (True/1 = attend)"),
+                          ("doc_ids", doc_ids, "integer document ids")):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"fox_attention: {name} must be a (B, Tk) tensor or None, got {type(t).__name__}")
+        if t.dim() != 2 or tuple(t.shape) != (B, Tk):
+            raise ValueError(f"fox_attention: {name} must have shape (B, Tk) = {(B, Tk)}, got {tuple(t.shape)}")
+        allowed = (torch.bool, *INT_DTYPES) if name == "key_mask" else INT_DTYPES
+        if t.dtype not in allowed:
+            raise TypeError(f"fox_attention: {name} must be {what}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"fox_attention: {name} is on {t.device} but q is on {q.device}")
+
+
 U_BOUND_POLICY = (
     "u_bound bounds |sm_scale * q.k| per (batch, head) and must be >= 0 (+inf: never prune that head) and "
     "not NaN"
