@@ -1,20 +1,28 @@
 """The torch.library custom ops that the compiler pass and the functional API call.
 
-  acp::fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound) -> (o, lse, u)
-  acp::fox_attention_bwd(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound) -> (dq, dk, dv, dc)
+  acp::fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound, key_mask=None, doc_ids=None) -> (o, lse, u)
+  acp::fox_attention_bwd(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, key_mask=None, doc_ids=None)
+      -> (dq, dk, dv, dc)
 
-Shapes: q, o, do, dq (B, Hq, Tq, D); k, v, dk, dv (B, Hkv, Tk, D); c, dc (B, Hq, Tk) fp32 (or both
-fp64); lse (B, Hq, Tq) fp32 natural-log log-sum-exp. Every argument of both ops is checked
+Shapes: q, dq (B, Hq, Tq, D); k, dk (B, Hkv, Tk, D); v, dv (B, Hkv, Tk, Dv); o, do (B, Hq, Tq, Dv);
+c, dc (B, Hq, Tk) fp32 (or both fp64); the value head dim Dv may differ from D (MLA-style heads). lse (B, Hq, Tq) fp32 natural-log log-sum-exp. Every argument of both ops is checked
 (acp_compile/checks.py), with an error that names it. Empty inputs (B, Hq or Tq = 0, or Tq = Tk = 0)
 give empty outputs and zero gradients, as SDPA does. Outputs take the strides of the matching input
-(torch.empty_like), so a transposed (B, T, H, D) view stays copy-free. sm_scale None means
-1/sqrt(D), computed here so that a graph does not pin the head dim; log_eps None or -inf means
+(torch.empty_like; o takes q's dimension order, kernels/layout.py), so a transposed (B, T, H, D) view
+stays copy-free. sm_scale None means 1/sqrt(D) (D of q and k, never Dv), computed here so that a graph does not pin the head dim; log_eps None or -inf means
 dense. u_bound, optional, broadcasts to (B, Hq) and replaces the computed bound U. u (B, Hq) fp32
 is the bound the forward pruned with (u_bound, or U computed from q and k; zeros when pruning is
 off); autograd hands it to the backward as its u_bound, so the backward prunes with the same delta
 and does not read q and k a second time to recompute U. lse and u carry no gradient (they are
 marked non-differentiable). The ops are opaque to torch.compile: the real
 implementation picks a Triton kernel or the blocked PyTorch path in kernels/dispatch.py.
+Padded and packed batches (kernels/segments.py): key_mask (B, Tk) bool or integer, True/nonzero = the
+key may be attended (Hugging Face's attention_mask), and doc_ids (B, Tk) integer document ids (packed
+documents: a query sees the keys of its own run of equal ids); both combine with the causal mask. A
+query row with no visible key (left padding before the first token) returns o = 0 and lse = -inf, and
+gets zero gradients (eager's softmax over an all -inf row gives NaN: the pass must not rewrite a graph
+whose result differs there unless those rows are never read). The eps bound holds per row: decays are
+measured from each row's newest visible key, never from a masked diagonal.
 u_bound values: >= 0, +inf meaning "never prune that head"; NaN or negative is an error, raised
 for CPU tensors and, for CUDA tensors (whose values are not read, to keep the op free of host syncs),
 turned into NaN output rows for that head. NaN semantics of v: a NaN or infinity anywhere in v[b, hk]
@@ -30,9 +38,11 @@ import torch
 from torch import Tensor
 
 from acp_compile.checks import (
-    check_attention_inputs, check_backward_inputs, check_scale, check_u_bound_values, normalize_log_eps,
+    check_attention_inputs, check_backward_inputs, check_scale, check_segment_inputs, check_u_bound_values,
+    normalize_log_eps,
 )
 from acp_compile.kernels import dispatch
+from acp_compile.kernels.layout import empty_like_last
 
 DEFAULT_LOG_EPS = -10.0
 
@@ -46,9 +56,10 @@ def _u_like(q: Tensor) -> Tensor:
     return q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
-def _check(q, k, v, c, sm_scale, log_eps, u_bound) -> float | None:
+def _check(q, k, v, c, sm_scale, log_eps, u_bound, key_mask=None, doc_ids=None) -> float | None:
     """Validates the arguments; returns log_eps normalised (None: dense), the one form below the op."""
     check_attention_inputs(q, k, v, c, u_bound)
+    check_segment_inputs(key_mask, doc_ids, q, k)
     check_scale(sm_scale)
     return normalize_log_eps(log_eps)
 
@@ -57,48 +68,53 @@ def _check(q, k, v, c, sm_scale, log_eps, u_bound) -> float | None:
 def fox_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, c: Tensor,
     sm_scale: Optional[float] = None, log_eps: Optional[float] = DEFAULT_LOG_EPS, u_bound: Optional[Tensor] = None,
+    key_mask: Optional[Tensor] = None, doc_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    log_eps = _check(q, k, v, c, sm_scale, log_eps, u_bound)
+    log_eps = _check(q, k, v, c, sm_scale, log_eps, u_bound, key_mask, doc_ids)
     check_u_bound_values(u_bound)
-    return dispatch.forward(q, k, v, c, sm_scale, log_eps, u_bound)
+    return dispatch.forward(q, k, v, c, sm_scale, log_eps, u_bound, key_mask, doc_ids)
 
 
 @fox_attention_fwd.register_fake
-def _fox_attention_fwd_fake(q, k, v, c, sm_scale=None, log_eps=DEFAULT_LOG_EPS, u_bound=None):
-    _check(q, k, v, c, sm_scale, log_eps, u_bound)
-    return torch.empty_like(q), _lse_like(q), _u_like(q)
+def _fox_attention_fwd_fake(q, k, v, c, sm_scale=None, log_eps=DEFAULT_LOG_EPS, u_bound=None, key_mask=None,
+                            doc_ids=None):
+    _check(q, k, v, c, sm_scale, log_eps, u_bound, key_mask, doc_ids)
+    return empty_like_last(q, v.shape[-1]), _lse_like(q), _u_like(q)
 
 
 @torch.library.custom_op("acp::fox_attention_bwd", mutates_args=())
 def fox_attention_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, o: Tensor, lse: Tensor,
     sm_scale: Optional[float] = None, log_eps: Optional[float] = DEFAULT_LOG_EPS, u_bound: Optional[Tensor] = None,
+    key_mask: Optional[Tensor] = None, doc_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    log_eps = _check(q, k, v, c, sm_scale, log_eps, u_bound)
-    check_backward_inputs(do, q, o, lse)
-    return dispatch.backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound)
+    log_eps = _check(q, k, v, c, sm_scale, log_eps, u_bound, key_mask, doc_ids)
+    check_backward_inputs(do, q, o, lse, v)
+    return dispatch.backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, key_mask, doc_ids)
 
 
 @fox_attention_bwd.register_fake
-def _fox_attention_bwd_fake(do, q, k, v, c, o, lse, sm_scale=None, log_eps=DEFAULT_LOG_EPS, u_bound=None):
-    _check(q, k, v, c, sm_scale, log_eps, u_bound)
-    check_backward_inputs(do, q, o, lse)
+def _fox_attention_bwd_fake(do, q, k, v, c, o, lse, sm_scale=None, log_eps=DEFAULT_LOG_EPS, u_bound=None,
+                            key_mask=None, doc_ids=None):
+    _check(q, k, v, c, sm_scale, log_eps, u_bound, key_mask, doc_ids)
+    check_backward_inputs(do, q, o, lse, v)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(c)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, c, sm_scale, log_eps, _u_bound = inputs
+    q, k, v, c, sm_scale, log_eps, _u_bound, key_mask, doc_ids = inputs
     o, lse, u = output
-    ctx.save_for_backward(q, k, v, c, o, lse, u)
+    ctx.save_for_backward(q, k, v, c, o, lse, u, key_mask, doc_ids)
     ctx.sm_scale, ctx.log_eps = sm_scale, log_eps
     ctx.c_dtype = c.dtype
     ctx.mark_non_differentiable(lse, u)
 
 
 def _backward(ctx, do, _dlse, _du):
-    q, k, v, c, o, lse, u = ctx.saved_tensors
-    dq, dk, dv, dc = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, ctx.sm_scale, ctx.log_eps, u)
-    return dq, dk, dv, dc.to(ctx.c_dtype), None, None, None
+    q, k, v, c, o, lse, u, key_mask, doc_ids = ctx.saved_tensors
+    dq, dk, dv, dc = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, ctx.sm_scale, ctx.log_eps, u,
+                                                     key_mask, doc_ids)
+    return dq, dk, dv, dc.to(ctx.c_dtype), None, None, None, None, None
 
 
 fox_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -21,16 +21,21 @@ from torch import Tensor
 
 from acp_compile.kernels import blocked
 from acp_compile.kernels.fox_triton import support
+from acp_compile.kernels.layout import empty_like_last
 from acp_compile.kernels.plan import Plan, make_plan, nonfinite_flag, torch_qk_bound
+from acp_compile.kernels.segments import make_segments
 from acp_compile.kernels.threshold import default_scale, pruning_enabled
+
+
+SEGMENTS_NOT_IN_TRITON = "a key mask or document ids (the Triton kernels do not take them yet)"
 
 
 def _scale(q: Tensor, sm_scale: float | None) -> float:
     return default_scale(q.shape[-1]) if sm_scale is None else sm_scale
 
 
-def blocked_plan(q, k, c, sm_scale, log_eps, u_bound):
-    return make_plan(q, k, c, sm_scale, log_eps, u_bound, blocked.BLOCK_M, blocked.BLOCK_N)
+def blocked_plan(q, k, c, sm_scale, log_eps, u_bound, seg=None):
+    return make_plan(q, k, c, sm_scale, log_eps, u_bound, blocked.BLOCK_M, blocked.BLOCK_N, seg)
 
 
 def forward_implementation(q, k, v, c) -> str:
@@ -42,17 +47,19 @@ def forward_tile_sizes(q, k, v, c) -> tuple[int, int]:
     """(block_m, block_n) of the forward for these inputs: the Triton launch table or the blocked path's."""
     if forward_implementation(q, k, v, c) == "triton":
         from acp_compile.kernels.fox_triton.configs import forward_config
-        cfg = forward_config(q)
+        cfg = forward_config(q, v.shape[-1])
         return cfg.block_m, cfg.block_n
     return blocked.BLOCK_M, blocked.BLOCK_N
 
 
-def forward_plan(q, k, c, sm_scale, log_eps, u_bound=None) -> Plan:
+def forward_plan(q, k, c, sm_scale, log_eps, u_bound=None, v=None, key_mask=None, doc_ids=None) -> Plan:
     """The plan the forward uses for these inputs, with its tile sizes, computed in torch (the report
     reads it; the Triton forward computes the same start indices on the device, kernels/fox_triton/plan.py).
-    An error here is raised, not hidden: a plan with another tile size than the kernel's would be wrong."""
-    bm, bn = forward_tile_sizes(q, k, k, c)
-    return make_plan(q, k, c, _scale(q, sm_scale), log_eps, u_bound, bm, bn)
+    An error here is raised, not hidden: a plan with another tile size than the kernel's would be wrong.
+    v None: the tile sizes of a value head dim equal to D (the report, which does not see v)."""
+    bm, bn = forward_tile_sizes(q, k, k if v is None else v, c)
+    seg = make_segments(key_mask, doc_ids, q.shape[2], k.shape[2])
+    return make_plan(q, k, c, _scale(q, sm_scale), log_eps, u_bound, bm, bn, seg)
 
 
 def pruning_bound(q, k, scale, log_eps, u_bound, triton: bool):
@@ -70,7 +77,7 @@ def pruning_bound(q, k, scale, log_eps, u_bound, triton: bool):
 
 
 def _poison(q, v, u_bound, triton: bool):
-    """bad (B, Hq, D) fp32, added to every output row: NaN where the output must be NaN on every path.
+    """bad (B, Hq, Dv) fp32, added to every output row: NaN where the output must be NaN on every path.
 
     - v[b, hk, :, d] holds a NaN or an infinity at any position: eager attention gives a non-finite
       o[..., d] in every row (0 x NaN = NaN for the masked and the negligible entries alike), so every
@@ -85,35 +92,42 @@ def _poison(q, v, u_bound, triton: bool):
     return bad
 
 
-def forward(q, k, v, c, sm_scale, log_eps, u_bound):
+def forward(q, k, v, c, sm_scale, log_eps, u_bound, key_mask=None, doc_ids=None):
     """(o, lse, u): u is the bound the plan used, for the backward (see ops.py); NaN for a head that
-    `_poison` marks, which turns pruning off for it in the backward (its gradients are NaN as in eager)."""
+    `_poison` marks, which turns pruning off for it in the backward (its gradients are NaN as in eager).
+    key_mask / doc_ids (B, Tk): padded and packed batches (kernels/segments.py)."""
     if q.numel() == 0 or k.shape[2] == 0:                 # B, Hq or Tq = 0: empty outputs, as SDPA
         B, Hq, Tq, _ = q.shape
-        return torch.empty_like(q), q.new_zeros((B, Hq, Tq), dtype=torch.float32), q.new_zeros((B, Hq), dtype=torch.float32)
+        return empty_like_last(q, v.shape[-1]), q.new_zeros((B, Hq, Tq), dtype=torch.float32), q.new_zeros((B, Hq), dtype=torch.float32)
     scale = _scale(q, sm_scale)
     reason = support.unsupported_reason(q, k, v, c)
+    seg = make_segments(key_mask, doc_ids, q.shape[2], k.shape[2])
+    if seg is not None and reason is None:
+        reason = SEGMENTS_NOT_IN_TRITON
     u = pruning_bound(q, k, scale, log_eps, u_bound, triton=reason is None)
     bad = _poison(q, v, u_bound, triton=reason is None)
     u = u + bad.sum(dim=-1)                       # NaN for a poisoned head: its backward prunes nothing
     if reason is None:
         from acp_compile.kernels.fox_triton import forward as triton_forward
-        return (*triton_forward.forward(q, k, v, c, scale, log_eps, u, bad=bad), u)
+        return (*triton_forward.forward(q, k, v, c, scale, log_eps, u, bad=bad, seg=seg), u)
     support.log_fallback_once("forward", reason)
-    plan = blocked_plan(q, k, c, scale, log_eps, u)
-    o, lse = blocked.forward(q, k, v, c, scale, plan)
+    plan = blocked_plan(q, k, c, scale, log_eps, u, seg)
+    o, lse = blocked.forward(q, k, v, c, scale, plan, seg)
     o.add_(bad[:, :, None, :].to(o.dtype))
     return o, lse, u
 
 
-def backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound):
+def backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, key_mask=None, doc_ids=None):
     if q.numel() == 0 or k.numel() == 0:                  # empty: zero gradients (no query reads a key)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(c)
     scale = _scale(q, sm_scale)
     reason = support.unsupported_reason(q, k, v, c)
+    seg = make_segments(key_mask, doc_ids, q.shape[2], k.shape[2])
+    if seg is not None and reason is None:
+        reason = SEGMENTS_NOT_IN_TRITON
     if reason is None:
         from acp_compile.kernels.fox_triton import backward as triton_backward
-        return triton_backward.backward(do, q, k, v, c, o, lse, scale, log_eps, u_bound)
+        return triton_backward.backward(do, q, k, v, c, o, lse, scale, log_eps, u_bound, seg=seg)
     support.log_fallback_once("backward", reason)
-    plan = blocked_plan(q, k, c, scale, log_eps, u_bound)
-    return blocked.backward(do, q, k, v, c, o, lse, scale, plan)
+    plan = blocked_plan(q, k, c, scale, log_eps, u_bound, seg)
+    return blocked.backward(do, q, k, v, c, o, lse, scale, plan, seg)

@@ -182,3 +182,29 @@ def test_user_bound_that_holds_keeps_the_guarantee():
     o, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, scale, -6.0, u)
     o_pruned, _ = fox_attention_reference(q, k, v, c, scale, keep=kept_entries(plan, 200, 200))
     assert (o.double() - o_pruned).abs().max() < 3e-5 * max_v_norm_per_head(v, 2).max()
+
+
+@settings(max_examples=30)
+@given(problems(max_t=120), st.floats(-12.0, -0.5), st.sampled_from([4, 16, 64]), st.sampled_from([4, 16, 64]),
+       st.sampled_from(["left", "right", "holes", "docs", "docs_left"]), st.integers(0, 2**16))
+def test_f_padded_and_packed_rows_keep_the_eps_bound(prob, log_eps, bm, bn, kind, seg_seed):
+    """(a) and (b) with a key mask and packed documents (kernels/segments.py): the skipped mass of every
+    row of the masked attention is at most eps, and the blocked output is within 2 eps max ||v|| of it."""
+    from acp_compile.kernels.reference import logits
+    from acp_compile.kernels.segments import make_segments
+    from segment_cases import segment_inputs
+
+    q, k, v, c = fox_inputs(**prob)
+    Tq, Tk = prob["Tq"], prob["Tk"]
+    key_mask, doc = segment_inputs(kind, prob["B"], Tk, seed=seg_seed)
+    seg = make_segments(key_mask, doc, Tq, Tk)
+    scale = 1 / math.sqrt(prob["D"])
+    plan = make_plan(q, k, c, scale, log_eps, None, bm, bn, seg)
+    s = logits(q, k, c, scale, key_mask, doc)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)                              # rows with no visible key: 0
+    mass = (p * ~kept_entries(plan, Tq, Tk)).sum(-1)
+    assert mass.max() <= math.exp(log_eps) * (1 + 1e-5)
+    o, _ = blocked.forward(q, k, v, c, scale, plan, seg)
+    ro, _ = fox_attention_reference(q, k, v, c, scale, key_mask=key_mask, doc=doc)
+    bound = 2 * math.exp(log_eps) * max_v_norm_per_head(v, prob["Hq"]) + ROUNDING[torch.float32] * (1 + ro.abs().amax())
+    assert ((o.double() - ro).abs() <= bound).all()
