@@ -10,7 +10,9 @@ one device sync per site and call, and cannot run under CUDA graphs).
     acp_compile.report.draw_pruning_map("layers.0.attn", head=0, batch=0, path="map.png")
 
 Site names are the module path of the attention ("layers.3.attn", "#2" appended when one module
-holds several), or the graph node's name outside modules. Numbers come from the same plan the
+holds several), or the graph node's name outside modules. The path is resolved when the graph runs
+(module_names.py), so it stays the module path from the root when one compiled graph serves every
+block (FSDP2, per-block compile) and leaves out wrappers (DDP's `module`, `_orig_mod`). Numbers come from the same plan the
 kernels use (kernels/dispatch.py forward_plan: the forward's tile sizes), computed for the forward call.
 
 Mechanism: the pass adds `o = o + acp::report_site(q, k, c, site, ...)` (acp_compile/report_op.py),
@@ -25,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from acp_compile import report_op
+from acp_compile import module_names, report_op
 from acp_compile.kernels import dispatch
 from acp_compile.kernels.plan import kept_tiles, skipped_fraction
 
@@ -73,8 +75,11 @@ def draw_pruning_map(site_name: str, head: int = 0, batch: int = 0, path: str = 
     return path
 
 
-def record(q: Tensor, k: Tensor, c: Tensor, site_name: str, sm_scale: Optional[float], log_eps: Optional[float]) -> None:
-    """Computes the plan of one call and stores it under `site_name` (syncs with the device)."""
+def record(q: Tensor, k: Tensor, c: Tensor, site_name: str, sm_scale: Optional[float], log_eps: Optional[float],
+           anchor: Optional[Tensor] = None, anchor_path: str = "") -> None:
+    """Computes the plan of one call and stores it under the site's name (syncs with the device): the
+    path of the module that runs it when `anchor` (one of its parameters) can be found, else `site_name`."""
+    site_name = module_names.site_name_at_run_time(site_name, anchor, anchor_path)
     with torch.no_grad():
         plan = dispatch.forward_plan(q, k, c, sm_scale, log_eps)
         bm, bn = plan.block_m, plan.block_n

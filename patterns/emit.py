@@ -4,7 +4,8 @@ Nodes inserted just before `match.replace`:
   q, k, v, c          operands (builders run here)
   out = acp.fox_attention_fwd(q, k, v, c, sm_scale, log_eps, None)     (o, lse, u)
   o   = out[0]  (B, Hq, Tq, D)
-  o   = o + acp.report_site(...)  when reporting is on (a zero scalar with a recording side effect)
+  o   = o + acp.report_site(...)  when reporting is on (a zero scalar with a recording side effect;
+        it also gets a parameter of the site's module, to name the site when it runs: site_anchor.py)
   val = match.finish(o)           the replaced node's value
 The dead nodes of the matched region are erased afterwards (in-place writers included).
 """
@@ -20,6 +21,7 @@ import acp_compile.report_op  # noqa: F401  (registers torch.ops.acp.report_site
 from acp_compile.config import ACPConfig
 from acp_compile.patterns.aliasing import storage_of, written_args
 from acp_compile.patterns.match import FoxMatch, Operand
+from acp_compile.patterns.site_anchor import find_anchor
 
 
 def _operand(graph: fx.Graph, x: Operand) -> fx.Node:
@@ -47,8 +49,11 @@ def emit_fox_attention(gm: fx.GraphModule, match: FoxMatch, config: ACPConfig, s
         )
         o = graph.call_function(operator.getitem, (out, 0))
         if config.report:
+            anchor = find_anchor(gm, match.replace)
             zero = graph.call_function(
-                torch.ops.acp.report_site.default, (q, k, c, site, sm_scale, config.op_log_eps)
+                torch.ops.acp.report_site.default,
+                (q, k, c, site, sm_scale, config.op_log_eps,
+                 anchor.placeholder if anchor else None, anchor.encoded() if anchor else ""),
             )
             o = graph.call_function(operator.add, (o, zero))
         value = match.finish(graph, o) if match.finish is not None else o

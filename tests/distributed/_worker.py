@@ -26,10 +26,10 @@ SCENARIOS = {
     "compile_ddp_buffer": dict(wrap="compile(ddp)", model=dict(mask="buffer")),
     "ddp_compile_passed": dict(wrap="ddp(compile)", model=dict(mask="passed")),
     "ddp_split_site": dict(wrap="compile(ddp)", model=dict(mask="buffer", gate="between", n_layer=1)),
-    "fsdp2": dict(wrap="fsdp2", model=dict(mask="buffer")),
+    "fsdp2": dict(wrap="fsdp2", model=dict(mask="buffer"), report=True),
     # compiled autograd applies to backward() called inside a compiled function: the whole step is
     # compiled, with DDP's Python reducer (what torch asks for with compiled autograd)
-    "compiled_autograd": dict(wrap="compile(step)", model=dict(mask="buffer"), compiled_autograd=True),
+    "compiled_autograd": dict(wrap="compile(step)", model=dict(mask="buffer"), compiled_autograd=True, report=True),
 }
 OPTIONS = {"inner_backend": "aot_eager"}
 
@@ -72,6 +72,8 @@ def run_scenario(name, rank):
     torch._dynamo.utils.counters.clear()
     m = make_model(spec)
     wrap = spec["wrap"]
+    OPTIONS = dict(globals()["OPTIONS"], report=bool(spec.get("report")))
+    acp_compile.report.reset()
     old_ca, old_ddp = torch._dynamo.config.compiled_autograd, torch._dynamo.config.optimize_ddp
     if wrap == "compile(ddp)":
         model = torch.compile(DDP(m, bucket_cap_mb=1), backend="acp", options=OPTIONS)
@@ -123,6 +125,7 @@ def run_scenario(name, rank):
     recs = acp_compile.compilations()
     return dict(
         sites=[list(r.sites) for r in recs],
+        report_sites=sorted(s.site for s in acp_compile.report.sites()),
         near_misses=[[str(x) for x in r.near_misses] for r in recs],
         fell_back=[r.fell_back for r in recs],
         layers=[_module_layers(r.graph) for r in recs],

@@ -80,11 +80,15 @@ def test_every_site_is_rewritten_on_every_rank(results, name):
         assert not [m for piece in res["near_misses"] for m in piece], (r, res["near_misses"])
         assert not any(res["fell_back"]), (r, res["fell_back"])
         if name == "fsdp2":
-            # fully_shard makes Dynamo compile Block.forward once, and that graph serves every block.
+            # fully_shard makes Dynamo compile Block.forward once, and that graph serves every block:
+            # one compile-time site, which the report names after the block that runs it.
             assert sites == ["attn"], (r, res["sites"])
+            assert res["report_sites"] == [f"layers.{i}.attn" for i in range(n_layer)], (r, res["report_sites"])
         elif name == "compiled_autograd":
-            # the compiled step reaches the model through a closure variable and DDP's `module`
+            # the compiled step reaches the model through a closure variable and DDP's `module`; the
+            # report names leave both out
             assert sorted(sites) == [f"ddp_model.module.layers.{i}.attn" for i in range(n_layer)], (r, res["sites"])
+            assert res["report_sites"] == [f"layers.{i}.attn" for i in range(n_layer)], (r, res["report_sites"])
         else:
             assert sorted(sites) == [f"layers.{i}.attn" for i in range(n_layer)], (r, res["sites"])
         assert res["counts"] == {"fwd": n_layer, "bwd": n_layer}, (r, res["counts"])
