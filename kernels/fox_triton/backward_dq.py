@@ -16,6 +16,8 @@ the key blocks n = start[m] .. n_hi(m), start in units of BLOCK_N keys for block
 then those that straddle the diagonal (causal mask). start[m] <= n_hi(m) always, so the diagonal
 is always visited. Rows past Tq load lse2 = +inf (p = 0) and are not stored; keys past Tk only occur in masked
 tiles (their position exceeds every query's), so the causal mask removes them.
+HAS_SEG (padded and packed batches, kernels/segments.py): KV (B, Tk) uint8 key_valid, LO (B, Tk) int32
+first key of each position's document; every tile also masks entries with KV[j] = 0 or j < LO[p_i].
 Shapes: q, k, dq (., D) with HEAD_DIM = D padded to D_PAD; v, do (., Dv) with HEAD_DIM_V = Dv padded to
 DV_PAD (Dv may differ from D). Offsets: batch and head offsets are int64.
 """
@@ -34,7 +36,7 @@ def _dq_tiles(
     n_lo, n_hi, Tk, qk_scale,
     MASKED: tl.constexpr, KEYS_EVEN: tl.constexpr, EXACT_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, KVb, lo_q, HAS_SEG: tl.constexpr,
 ):
     """Accumulates the tiles (m, n) for n in [n_lo, n_hi) into dq (BLOCK_M, D_PAD) and the row sums of
     dS into rs (BLOCK_M,). KEYS_EVEN: no key of these tiles lies past Tk (always for unmasked tiles).
@@ -62,6 +64,9 @@ def _dq_tiles(
             s = qk * qk_scale + (r[:, None] - c2_k[None, :])
         if MASKED:
             s = tl.where(pos_q[:, None] >= offs_n[None, :], s, float("-inf"))
+        if HAS_SEG:                                                          # padding, other documents
+            kv_ok = tl.load(KVb + offs_n, mask=col_ok, other=0) != 0         # (BN,)
+            s = tl.where(kv_ok[None, :] & (offs_n[None, :] >= lo_q[:, None]), s, float("-inf"))
         p = tl.math.exp2(s)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)       # (BM, BN)
         ds = p * (dp - delta[:, None])
@@ -72,7 +77,7 @@ def _dq_tiles(
 
 @triton.jit
 def fox_bwd_dq_kernel(
-    Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC,
+    Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -84,7 +89,7 @@ def fox_bwd_dq_kernel(
     GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
-    EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, HAS_SEG: tl.constexpr,
 ):
     bh = tl.program_id(0)
     m = Mq - 1 - tl.program_id(1)                                           # heaviest query blocks first
@@ -137,6 +142,12 @@ def fox_bwd_dq_kernel(
     else:
         n_start = 0
     n_start = tl.where(mine, n_start, n_end)                                # not mine: no tile
+    if HAS_SEG:
+        KVb = KV + b * Tk
+        lo_q = tl.load(LO + b * Tk + pos_q, mask=row_ok, other=0)           # (BM,)
+    else:
+        KVb = KV
+        lo_q = 0
     Kb = K + b * sk_b + hk * sk_h
     Vb = V + b * sv_b + hk * sv_h
     dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
@@ -148,11 +159,13 @@ def fox_bwd_dq_kernel(
     dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, sk_t, sk_d,
                        sv_t, sv_d, sc_t, n_start, n_full, Tk, qk_scale, MASKED=False,
                        KEYS_EVEN=True, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
-                       BLOCK_N=BLOCK_N, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD)
+                       BLOCK_N=BLOCK_N, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
+                       KVb=KVb, lo_q=lo_q, HAS_SEG=HAS_SEG)
     dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, sk_t, sk_d,
                        sv_t, sv_d, sc_t, tl.maximum(n_start, n_full), n_end, Tk, qk_scale, MASKED=True,
                        KEYS_EVEN=EVEN_N, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
-                       BLOCK_N=BLOCK_N, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD)
+                       BLOCK_N=BLOCK_N, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
+                       KVb=KVb, lo_q=lo_q, HAS_SEG=HAS_SEG)
     dq = dq * sm_scale
     store_rows(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :] * sdq_d,
                dq.to(DQ.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, D_PAD)
