@@ -87,8 +87,8 @@ def fox_attention(
 def cu_seqlens_to_document_ids(cu_seqlens: Tensor, batch: int, Tk: int) -> Tensor:
     """(1, Tk) int32 document ids from cu_seqlens (N + 1,): position t is in document n when
     cu_seqlens[n] <= t < cu_seqlens[n + 1]. B must be 1 (varlen packs every document into one row).
-    The values are checked on CPU tensors (cu_seqlens[0] == 0, non-decreasing, cu_seqlens[-1] == Tk);
-    on CUDA they are not read (no host sync)."""
+    The values are checked on CPU tensors in eager (cu_seqlens[0] == 0, non-decreasing, cu_seqlens[-1] ==
+    Tk); on CUDA and while torch.compile traces they are not read (no host sync, no graph break)."""
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("fox_attention: cu_seqlens must be a 1-d integer tensor (N + 1,) of document offsets, "
                          f"got {cu_seqlens if not isinstance(cu_seqlens, Tensor) else tuple(cu_seqlens.shape)}")
@@ -96,7 +96,7 @@ def cu_seqlens_to_document_ids(cu_seqlens: Tensor, batch: int, Tk: int) -> Tenso
         raise TypeError(f"fox_attention: cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
     if batch != 1:
         raise ValueError(f"fox_attention: cu_seqlens packs documents into one row, so the batch must be 1; got B = {batch}")
-    if cu_seqlens.device.type == "cpu":
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         cs = cu_seqlens.tolist()
         if cs[0] != 0 or cs[-1] != Tk or any(a > b for a, b in zip(cs, cs[1:])):
             raise ValueError(f"fox_attention: cu_seqlens must start at 0, never decrease and end at Tk = {Tk}; got {cs}")

@@ -27,9 +27,6 @@ from acp_compile.kernels.segments import make_segments
 from acp_compile.kernels.threshold import default_scale, pruning_enabled
 
 
-SEGMENTS_NOT_IN_TRITON = "a key mask or document ids (the Triton kernels do not take them yet)"
-
-
 def _scale(q: Tensor, sm_scale: float | None) -> float:
     return default_scale(q.shape[-1]) if sm_scale is None else sm_scale
 
@@ -102,8 +99,6 @@ def forward(q, k, v, c, sm_scale, log_eps, u_bound, key_mask=None, doc_ids=None)
     scale = _scale(q, sm_scale)
     reason = support.unsupported_reason(q, k, v, c)
     seg = make_segments(key_mask, doc_ids, q.shape[2], k.shape[2])
-    if seg is not None and reason is None:
-        reason = SEGMENTS_NOT_IN_TRITON
     u = pruning_bound(q, k, scale, log_eps, u_bound, triton=reason is None)
     bad = _poison(q, v, u_bound, triton=reason is None)
     u = u + bad.sum(dim=-1)                       # NaN for a poisoned head: its backward prunes nothing
@@ -123,8 +118,6 @@ def backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, key_mask=None, 
     scale = _scale(q, sm_scale)
     reason = support.unsupported_reason(q, k, v, c)
     seg = make_segments(key_mask, doc_ids, q.shape[2], k.shape[2])
-    if seg is not None and reason is None:
-        reason = SEGMENTS_NOT_IN_TRITON
     if reason is None:
         from acp_compile.kernels.fox_triton import backward as triton_backward
         return triton_backward.backward(do, q, k, v, c, o, lse, scale, log_eps, u_bound, seg=seg)

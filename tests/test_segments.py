@@ -159,14 +159,15 @@ def test_opcheck_with_segments(with_doc):
 
 def test_gradcheck_fp64_padded_and_packed():
     q, k, v, log_f = fox_inputs(2, 2, 1, 9, 12, 3, dtype=torch.float64, strength=0.3, log_f=True,
-                                gate_dtype=torch.float64, seed=2)
+                                gate_dtype=torch.float64, seed=2, Dv=2)
     key_mask = torch.ones(2, 12, dtype=torch.bool)
     key_mask[0, :4] = False
     key_mask[1, 10:] = False
     doc = torch.tensor([[0] * 7 + [1] * 5, [0] * 3 + [1] * 9])
     args = [t.requires_grad_() for t in (q, k, v, log_f)]
     assert torch.autograd.gradcheck(
-        lambda *a: acp_compile.fox_attention(*a, log_eps=-10.0, key_padding_mask=key_mask, document_ids=doc), args)
+        lambda *a: acp_compile.fox_attention(*a, log_eps=-10.0, key_padding_mask=key_mask, document_ids=doc), args,
+        fast_mode=True)
 
 
 def test_compiles_with_aot_eager():
@@ -175,9 +176,22 @@ def test_compiles_with_aot_eager():
 
     def f(q, k, v, log_f, m, d):
         return acp_compile.fox_attention(q, k, v, log_f, key_padding_mask=m, document_ids=d)
+
+    def g(q, k, v, log_f, cu):
+        return acp_compile.fox_attention(q, k, v, log_f, cu_seqlens=cu)
     torch.compiler.reset()
     got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, log_f, key_mask, doc)
     torch.testing.assert_close(got, f(q, k, v, log_f, key_mask, doc))
+    cu = cu_seqlens_of([7, 20, 3])
+    got = torch.compile(g, backend="aot_eager", fullgraph=True)(q[:1], k[:1], v[:1], log_f[:1], cu)
+    torch.testing.assert_close(got, g(q[:1], k[:1], v[:1], log_f[:1], cu))
+
+
+def test_value_head_dim_with_padding_and_documents(poison):
+    """Dv != D together with a key mask and packed documents (blocked path)."""
+    q, k, v, c, do = fox_inputs(2, 4, 2, 40, 60, 24, Dv=9, strength=1.5, qk_scale=0.5, seed=12, grad="after_gate")
+    key_mask, doc = segment_inputs("docs_left", 2, 60, seed=12)
+    _blocked_vs_reference(q, k, v, c, do, key_mask, doc, -10.0, None, torch.float32)
 
 
 BAD = [

@@ -94,7 +94,7 @@ def test_gradcheck_fp64_with_pruning():
     q, k, v, log_f = fox_inputs(1, 2, 1, 9, 12, 3, Dv=5, dtype=torch.float64, strength=0.3, log_f=True,
                                 gate_dtype=torch.float64, seed=2)
     args = [t.requires_grad_() for t in (q, k, v, log_f)]
-    assert torch.autograd.gradcheck(lambda *a: acp_compile.fox_attention(*a, log_eps=-10.0), args)
+    assert torch.autograd.gradcheck(lambda *a: acp_compile.fox_attention(*a, log_eps=-10.0), args, fast_mode=True)
 
 
 def test_empty_batch_gives_dv_output():

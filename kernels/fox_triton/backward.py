@@ -151,8 +151,8 @@ def fox_bwd_preprocess_kernel(
     Hq, Tq,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    """Delta_i = sum_d o_id do_id (d < Dv = HEAD_DIM here) and lse2_i = lse_i log2(e): (B, Hq, Tq) fp32
-    contiguous.
+    """Delta_i = sum_d o_id do_id (d < Dv = HEAD_DIM here) and lse2_i = lse_i log2(e) (+inf where lse is
+    -inf: no visible key): (B, Hq, Tq) fp32 contiguous.
     Grid (ceil(Tq / BLOCK_M), B * Hq)."""
     m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -169,7 +169,8 @@ def fox_bwd_preprocess_kernel(
     lse = tl.load(LSE + b * sl_b + h * sl_h + offs_m * sl_t, mask=row_ok, other=0.0)
     out = bh.to(tl.int64) * Tq + offs_m
     tl.store(DELTA + out, tl.sum(o * do, axis=1), mask=row_ok)
-    tl.store(LSE2 + out, lse * LOG2E, mask=row_ok)
+    # lse = -inf: a row with no visible key (padded batches); lse2 = +inf makes its p exactly 0
+    tl.store(LSE2 + out, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=row_ok)
 
 
 def _persistent_grid(tiles: int, device: torch.device) -> tuple[int]:
@@ -185,10 +186,10 @@ def _sm_count(index: int | None) -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).multi_processor_count
 
 
-def plan_indices(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n):
+def plan_indices(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n, seg=None):
     """(start (B, Hq, Mq), end (B, Hq, Nk)) int32 contiguous: the device plan for this partition."""
     from acp_compile.kernels.fox_triton.plan import compute_plan
-    start, end = compute_plan(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n)
+    start, end = compute_plan(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n, seg=seg)
     return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
@@ -205,7 +206,7 @@ def preprocess(do, o, lse, block_m: int = 64):
 
 
 def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: float, cfg: BackwardConfig,
-                exact: bool = False):
+                exact: bool = False, seg=None):
     """dk (B, Hkv, Tk, D), dv (B, Hkv, Tk, Dv) and dc (B, Hq, Tk) fp32, written in place. start/end None: dense.
     Returns Triton's launch handle (its n_regs / n_spills are read by the tuning script)."""
     B, Hq, Tq, D = q.shape
@@ -213,15 +214,16 @@ def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: fl
     bm, bn = cfg.kv_block_m, cfg.kv_block_n
     Mq, Nk = triton.cdiv(Tq, bm), triton.cdiv(Tk, bn)
     prune = start is not None
+    kv_arg, lo_arg = (seg.key_valid.view(torch.uint8), seg.lo) if seg is not None else (delta, delta)
     grid = _persistent_grid(B * Hkv * Nk, q.device) if exact else (B * Hkv, Nk)
     return fox_bwd_dkdv_kernel[grid](
-        q, k, v, c, do, row, delta, start if prune else delta, end if prune else delta, dk, dv, dc,
+        q, k, v, c, do, row, delta, start if prune else delta, end if prune else delta, dk, dv, dc, kv_arg, lo_arg,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dk.stride(), *dv.stride(), *dc.stride(),
         Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, sm_scale * LOG2E.value, B * Hkv,
         GROUP=Hq // Hkv, PRUNE=prune, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
         EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, D_PAD=padded_head_dim(D),
         HEAD_DIM_V=v.shape[3], DV_PAD=padded_head_dim(v.shape[3]), C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact,
-        PERSISTENT=exact, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+        HAS_SEG=seg is not None, PERSISTENT=exact, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )
 
 
@@ -239,7 +241,8 @@ def coarsen_start(start: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return (start.view(B, H, -1, rows).amin(dim=-1) * cols).contiguous()
 
 
-def launch_dq(q, k, v, c, do, row, delta, start, dq, dc, sm_scale: float, cfg: BackwardConfig, exact: bool = False):
+def launch_dq(q, k, v, c, do, row, delta, start, dq, dc, sm_scale: float, cfg: BackwardConfig, exact: bool = False,
+              seg=None):
     """dq (B, Hq, Tq, D) written and the row term added to dc (B, Hq, Tk), in place; run after
     launch_dkdv. start (B, Hq, ceil(Tq / q_block_m)) in q_block_n units, or None: dense."""
     B, Hq, Tq, D = q.shape
@@ -247,19 +250,21 @@ def launch_dq(q, k, v, c, do, row, delta, start, dq, dc, sm_scale: float, cfg: B
     bm, bn = cfg.q_block_m, cfg.q_block_n
     Mq = triton.cdiv(Tq, bm)
     prune = start is not None
+    kv_arg, lo_arg = (seg.key_valid.view(torch.uint8), seg.lo) if seg is not None else (delta, delta)
     grid = _persistent_grid(B * Hq * Mq, q.device) if exact else (B * Hq, Mq)
     return fox_bwd_dq_kernel[grid](
-        q, k, v, c, do, row, delta, start if prune else delta, dq, dc,
+        q, k, v, c, do, row, delta, start if prune else delta, dq, dc, kv_arg, lo_arg,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dq.stride(), *dc.stride(),
         Hq, Tq, Tk, Mq, sm_scale, sm_scale * LOG2E.value, B * Hq,
         GROUP=Hq // Hkv, PRUNE=prune, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
         EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, D_PAD=padded_head_dim(D),
         HEAD_DIM_V=v.shape[3], DV_PAD=padded_head_dim(v.shape[3]), C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact,
-        PERSISTENT=exact, num_warps=cfg.q_warps, num_stages=cfg.q_stages,
+        HAS_SEG=seg is not None, PERSISTENT=exact, num_warps=cfg.q_warps, num_stages=cfg.q_stages,
     )
 
 
-def backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps=None, u_bound=None, config: BackwardConfig | None = None):
+def backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps=None, u_bound=None, config: BackwardConfig | None = None,
+             seg=None):
     """Gradients (dq, dk, dv, dc) of FoX attention with ACP; see the module docstring."""
     D = q.shape[-1]
     if max(D, v.shape[-1]) > MAX_HEAD_DIM:
@@ -268,32 +273,32 @@ def backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps=None, u_bound=None
     sm_scale = float(1.0 / math.sqrt(D) if sm_scale is None else sm_scale)
     cfg = config or default_config(q, v.shape[-1])
     try:
-        return _backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, cfg)
+        return _backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, cfg, seg)
     except OutOfResources as e:
         if cfg == FALLBACK:
             raise
         logger.info("acp_compile: backward tiles %s do not fit this GPU (%s); using %s", cfg, e, FALLBACK)
-        return _backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, FALLBACK)
+        return _backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, FALLBACK, seg)
 
 
-def _backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps, u_bound, cfg: BackwardConfig):
+def _backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps, u_bound, cfg: BackwardConfig, seg=None):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dc = torch.empty_like(c, dtype=torch.float32)
     delta, row = preprocess(do, o, lse, cfg.pre_block_m)
     kv_start = kv_end = q_start = None
-    if pruning_enabled(log_eps):
-        kv_start, kv_end = plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.kv_block_m, cfg.kv_block_n)
+    if pruning_enabled(log_eps) or seg is not None:       # segments: skip other documents' tiles even dense
+        kv_start, kv_end = plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.kv_block_m, cfg.kv_block_n, seg)
         if cfg.shares_plan:
             q_start = coarsen_start(kv_start, cfg.q_block_m // cfg.kv_block_m, cfg.kv_block_n // cfg.q_block_n)
         else:
-            q_start, _ = plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.q_block_m, cfg.q_block_n)
+            q_start, _ = plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.q_block_m, cfg.q_block_n, seg)
     # Each kernel runs twice: the one-FMA launch for blocks whose c spreads by at most C_SPAN_LIMIT, the
     # exact launch for the rest (hard resets, steep decays); a program of the other mode stores nothing.
     # A negative limit puts every program in the exact launch (NaN spreads included), so the one-FMA
     # launch would be idle and is not made.
     forms = (True,) if c_span_limit() < 0 else (False, True)
     for exact in forms:
-        launch_dkdv(q, k, v, c, do, row, delta, kv_start, kv_end, dk, dv, dc, sm_scale, cfg, exact)
+        launch_dkdv(q, k, v, c, do, row, delta, kv_start, kv_end, dk, dv, dc, sm_scale, cfg, exact, seg)
     for exact in forms:                                   # after dk/dv: dq adds the row term to dc
-        launch_dq(q, k, v, c, do, row, delta, q_start, dq, dc, sm_scale, cfg, exact)
+        launch_dq(q, k, v, c, do, row, delta, q_start, dq, dc, sm_scale, cfg, exact, seg)
     return dq, dk, dv, dc if c.dtype == torch.float32 else dc.to(c.dtype)

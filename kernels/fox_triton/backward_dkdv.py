@@ -29,6 +29,9 @@ the diagonal use the causal mask; the rest run unmasked. Keys that no query bloc
 dk = dv = dc = 0 (written). Rows past Tq load lse2 = +inf and are masked, so their probabilities are exactly 0.
 Shapes: q, dk, k (., D) with HEAD_DIM = D padded to D_PAD; v, dv, do (., Dv) with HEAD_DIM_V = Dv padded
 to DV_PAD (Dv may differ from D).
+HAS_SEG (padded and packed batches, kernels/segments.py): KV (B, Tk) uint8 key_valid, LO (B, Tk) int32
+first key of each position's document; every tile also masks entries with KV[j] = 0 or j < LO[p_i]
+(a row with no visible key has lse2 = +inf from the preprocess kernel, so its p is 0).
 Compile-time specialisation: head dims (HEAD_DIM, HEAD_DIM_V, padded to D_PAD, DV_PAD; masks on d only when not a power of two),
 Tq % BLOCK_M == 0 and Tk % BLOCK_N == 0 (no row masks), GQA group, pruning on or off (PRUNE), dot precision.
 Offsets: batch and head offsets are int64, so B * H * T * D above 2**31 works.
@@ -49,7 +52,7 @@ def _dkdv_tiles(
     m_lo, m_hi, Tq, q_shift, qk_scale,
     PRUNE: tl.constexpr, MASKED: tl.constexpr, EVEN_M: tl.constexpr, EXACT_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, kv_ok, LO, HAS_SEG: tl.constexpr,
 ):
     """Accumulates the tiles (m, n) for m in [m_lo, m_hi) into dk (BLOCK_N, D_PAD), dv (BLOCK_N, DV_PAD)
     and dc (BLOCK_N,).
@@ -86,6 +89,9 @@ def _dkdv_tiles(
         if MASKED:
             causal = (offs_m + q_shift)[None, :] >= offs_n[:, None]
             sT = tl.where(causal, sT, float("-inf"))
+        if HAS_SEG:                                                          # padding, other documents
+            lo_q = tl.load(LO + offs_m + q_shift, mask=row_ok, other=0)       # (BM,)
+            sT = tl.where(kv_ok[:, None] & (offs_n[:, None] >= lo_q[None, :]), sT, float("-inf"))
         pT = tl.math.exp2(sT)                                                # (BN, BM)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)        # (BN, BM)
@@ -98,7 +104,7 @@ def _dkdv_tiles(
 @triton.jit
 def _dkdv_program(
     bhk, n,
-    Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC,
+    Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -111,7 +117,7 @@ def _dkdv_program(
     GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
-    EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, HAS_SEG: tl.constexpr,
 ):
     """The work of one (batch * kv head bhk, key block n) tile."""
     b = (bhk // Hkv).to(tl.int64)
@@ -127,6 +133,12 @@ def _dkdv_program(
                       col_ok, offs_dv, EVEN_N, HEAD_DIM_V, DV_PAD)       # (BN, DV_PAD)
     dk = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, DV_PAD), dtype=tl.float32)
+    if HAS_SEG:
+        kv_ok = tl.load(KV + b * Tk + offs_n, mask=col_ok, other=0) != 0     # (BN,) key not padding
+        lo_b = LO + b * Tk
+    else:
+        kv_ok = col_ok
+        lo_b = LO
 
     q_shift = Tk - Tq
     # First query block with a causal entry in key block n, and first whose rows all see the whole block.
@@ -184,13 +196,13 @@ def _dkdv_program(
             dk, dv, dc, k, v, c_k, c_ref, offs_n, n, Qbh, DObh, Cbh, LSE2 + bh * Tq, DELTA + bh * Tq,
             START + bh * Mq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_lo, m_mid, Tq, q_shift,
             qk_scale, PRUNE=PRUNE, MASKED=True, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
-            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
+            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD, kv_ok=kv_ok, LO=lo_b, HAS_SEG=HAS_SEG,
         )
         dk, dv, dc = _dkdv_tiles(
             dk, dv, dc, k, v, c_k, c_ref, offs_n, n, Qbh, DObh, Cbh, LSE2 + bh * Tq, DELTA + bh * Tq,
             START + bh * Mq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_mid, m_end, Tq, q_shift,
             qk_scale, PRUNE=PRUNE, MASKED=False, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
-            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
+            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD, kv_ok=kv_ok, LO=lo_b, HAS_SEG=HAS_SEG,
         )
         tl.store(DC + b * sdc_b + h * sdc_h + offs_n * sdc_t, dc, mask=store_ok)
 
@@ -203,7 +215,7 @@ def _dkdv_program(
 
 @triton.jit
 def fox_bwd_dkdv_kernel(
-    Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC,
+    Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -216,7 +228,8 @@ def fox_bwd_dkdv_kernel(
     GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
-    EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, PERSISTENT: tl.constexpr,
+    EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, HAS_SEG: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """Grid (BHK = B * Hkv, Nk): one program per tile. PERSISTENT (the exact launch): a 1-D grid of a few
     programs that walk all BHK * Nk tiles, batch-head fastest (see backward_dq.fox_bwd_dq_kernel)."""
@@ -224,18 +237,18 @@ def fox_bwd_dkdv_kernel(
         for t in range(tl.program_id(0), BHK * Nk, tl.num_programs(0)):
             _dkdv_program(
                 t % BHK, t // BHK,
-                Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC,
-                sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t,
-                sdo_b, sdo_h, sdo_t, sdo_d, sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
-                sdc_b, sdc_h, sdc_t, Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION,
-                HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N, D_PAD, C_SPAN_LIMIT, EXACT_C, HEAD_DIM_V, DV_PAD,
+                Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
+                sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t, sdo_b, sdo_h, sdo_t, sdo_d, sdk_b,
+                sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d, sdc_b, sdc_h, sdc_t, Hq, Hkv, Tq, Tk, Mq, Nk,
+                sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N,
+                D_PAD, C_SPAN_LIMIT, EXACT_C, HEAD_DIM_V, DV_PAD, HAS_SEG,
             )
     else:
         _dkdv_program(
             tl.program_id(0), tl.program_id(1),
-            Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC,
-            sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t,
-            sdo_b, sdo_h, sdo_t, sdo_d, sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
-            sdc_b, sdc_h, sdc_t, Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION,
-            HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N, D_PAD, C_SPAN_LIMIT, EXACT_C, HEAD_DIM_V, DV_PAD,
+            Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
+            sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t, sdo_b, sdo_h, sdo_t, sdo_d, sdk_b,
+            sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d, sdc_b, sdc_h, sdc_t, Hq, Hkv, Tq, Tk, Mq, Nk,
+            sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N,
+            D_PAD, C_SPAN_LIMIT, EXACT_C, HEAD_DIM_V, DV_PAD, HAS_SEG,
         )

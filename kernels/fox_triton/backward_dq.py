@@ -17,6 +17,8 @@ the key blocks n = start[m] .. n_hi(m), start in units of BLOCK_N keys for block
 then those that straddle the diagonal (causal mask). start[m] <= n_hi(m) always, so the diagonal
 is always visited. Rows past Tq load lse2 = +inf (p = 0) and are not stored; keys past Tk only occur in masked
 tiles (their position exceeds every query's), so the causal mask removes them.
+HAS_SEG (padded and packed batches, kernels/segments.py): KV (B, Tk) uint8 key_valid, LO (B, Tk) int32
+first key of each position's document; every tile also masks entries with KV[j] = 0 or j < LO[p_i].
 Shapes: q, k, dq (., D) with HEAD_DIM = D padded to D_PAD; v, do (., Dv) with HEAD_DIM_V = Dv padded to
 DV_PAD (Dv may differ from D). Offsets: batch and head offsets are int64.
 """
@@ -35,7 +37,7 @@ def _dq_tiles(
     n_lo, n_hi, Tk, qk_scale,
     MASKED: tl.constexpr, KEYS_EVEN: tl.constexpr, EXACT_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, KVb, lo_q, HAS_SEG: tl.constexpr,
 ):
     """Accumulates the tiles (m, n) for n in [n_lo, n_hi) into dq (BLOCK_M, D_PAD) and the row sums of
     dS into rs (BLOCK_M,). KEYS_EVEN: no key of these tiles lies past Tk (always for unmasked tiles).
@@ -63,6 +65,9 @@ def _dq_tiles(
             s = qk * qk_scale + (r[:, None] - c2_k[None, :])
         if MASKED:
             s = tl.where(pos_q[:, None] >= offs_n[None, :], s, float("-inf"))
+        if HAS_SEG:                                                          # padding, other documents
+            kv_ok = tl.load(KVb + offs_n, mask=col_ok, other=0) != 0         # (BN,)
+            s = tl.where(kv_ok[None, :] & (offs_n[None, :] >= lo_q[:, None]), s, float("-inf"))
         p = tl.math.exp2(s)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)       # (BM, BN)
         ds = p * (dp - delta[:, None])
@@ -74,7 +79,7 @@ def _dq_tiles(
 @triton.jit
 def _dq_program(
     bh, m_idx,
-    Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC,
+    Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -86,7 +91,7 @@ def _dq_program(
     GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
-    EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, HAS_SEG: tl.constexpr,
 ):
     """The work of one (batch * query head bh, query block) tile; m_idx 0 is the last (heaviest) block."""
     m = Mq - 1 - m_idx
@@ -139,6 +144,12 @@ def _dq_program(
     else:
         n_start = 0
     n_start = tl.where(mine, n_start, n_end)                                # not mine: no tile
+    if HAS_SEG:
+        KVb = KV + b * Tk
+        lo_q = tl.load(LO + b * Tk + pos_q, mask=row_ok, other=0)           # (BM,)
+    else:
+        KVb = KV
+        lo_q = 0
     Kb = K + b * sk_b + hk * sk_h
     Vb = V + b * sv_b + hk * sv_h
     dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
@@ -150,11 +161,13 @@ def _dq_program(
     dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, sk_t, sk_d,
                        sv_t, sv_d, sc_t, n_start, n_full, Tk, qk_scale, MASKED=False,
                        KEYS_EVEN=True, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
-                       BLOCK_N=BLOCK_N, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD)
+                       BLOCK_N=BLOCK_N, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
+                       KVb=KVb, lo_q=lo_q, HAS_SEG=HAS_SEG)
     dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, sk_t, sk_d,
                        sv_t, sv_d, sc_t, tl.maximum(n_start, n_full), n_end, Tk, qk_scale, MASKED=True,
                        KEYS_EVEN=EVEN_N, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
-                       BLOCK_N=BLOCK_N, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD)
+                       BLOCK_N=BLOCK_N, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
+                       KVb=KVb, lo_q=lo_q, HAS_SEG=HAS_SEG)
     dq = dq * sm_scale
     store_rows(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :] * sdq_d,
                dq.to(DQ.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, D_PAD)
@@ -164,10 +177,9 @@ def _dq_program(
     tl.store(dc_ptrs, tl.load(dc_ptrs, mask=store_ok, other=0.0) + rs, mask=store_ok)
 
 
-
 @triton.jit
 def fox_bwd_dq_kernel(
-    Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC,
+    Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -179,7 +191,8 @@ def fox_bwd_dq_kernel(
     GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
-    EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, PERSISTENT: tl.constexpr,
+    EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, HAS_SEG: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """Grid (BH = B * Hq, Mq): one program per tile. PERSISTENT (the exact launch): a 1-D grid of a few
     programs that walk all BH * Mq tiles, batch-head fastest. That launch is idle for almost every tile
@@ -188,17 +201,19 @@ def fox_bwd_dq_kernel(
     if PERSISTENT:
         for t in range(tl.program_id(0), BH * Mq, tl.num_programs(0)):
             _dq_program(
-                t % BH, t // BH, Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC,
-                sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t,
-                sdo_b, sdo_h, sdo_t, sdo_d, sdq_b, sdq_h, sdq_t, sdq_d, sdc_b, sdc_h, sdc_t,
-                Hq, Tq, Tk, Mq, sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N,
-                BLOCK_M, BLOCK_N, D_PAD, C_SPAN_LIMIT, EXACT_C, HEAD_DIM_V, DV_PAD,
+                t % BH, t // BH,
+                Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t,
+                sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t, sdo_b, sdo_h, sdo_t, sdo_d, sdq_b, sdq_h,
+                sdq_t, sdq_d, sdc_b, sdc_h, sdc_t, Hq, Tq, Tk, Mq, sm_scale, qk_scale, GROUP, PRUNE,
+                DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N, D_PAD, C_SPAN_LIMIT, EXACT_C,
+                HEAD_DIM_V, DV_PAD, HAS_SEG,
             )
     else:
         _dq_program(
-            tl.program_id(0), tl.program_id(1), Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC,
-            sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t,
-            sdo_b, sdo_h, sdo_t, sdo_d, sdq_b, sdq_h, sdq_t, sdq_d, sdc_b, sdc_h, sdc_t,
-            Hq, Tq, Tk, Mq, sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N,
-            BLOCK_M, BLOCK_N, D_PAD, C_SPAN_LIMIT, EXACT_C, HEAD_DIM_V, DV_PAD,
+            tl.program_id(0), tl.program_id(1),
+            Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t,
+            sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t, sdo_b, sdo_h, sdo_t, sdo_d, sdq_b, sdq_h,
+            sdq_t, sdq_d, sdc_b, sdc_h, sdc_t, Hq, Tq, Tk, Mq, sm_scale, qk_scale, GROUP, PRUNE,
+            DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N, D_PAD, C_SPAN_LIMIT, EXACT_C,
+            HEAD_DIM_V, DV_PAD, HAS_SEG,
         )

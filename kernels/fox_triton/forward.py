@@ -16,6 +16,10 @@ Notation (one program = one query block m of one (batch b, query head h)):
   the spread exceeds C_SPAN_LIMIT (configs.py: a hard reset, a steep decay) the program takes the
   exact form instead, t_ij = log2(e) * scale q_i.k_j + log2(e) * (c[p_i] - c[j]) per entry, and
   lse_i = ln2 * (m_i + log2 l_i) (an `if` on a per-program scalar around the two key loops).
+  HAS_SEG (padded and packed batches, kernels/segments.py): KV (B, Tk) uint8 key_valid and LO (B, Tk)
+  int32 first key of each position's document; every visited tile also masks keys with KV = 0 or
+  j < LO[p_i], and a row left with no visible key (l_i = 0) stores o = 0 and lse = -inf. The plan's
+  start then already skips the key blocks of earlier documents.
   BAD (B, Hq, Dv) fp32 (0, or NaN in the columns where v of the kv head is non-finite somewhere) is
   added to o, for eager's NaN semantics (kernels/dispatch.py).
 
@@ -55,6 +59,7 @@ def _attend_block(
     sk_t, sk_d, sv_t, sv_d, sc_t,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, EXACT_C: tl.constexpr,
+    kv_base, lo_q, HAS_SEG: tl.constexpr,
 ):
     """One key block n for the BM queries of this program; returns the updated (acc, l_i, m_i).
 
@@ -95,6 +100,10 @@ def _attend_block(
     if MASKED:
         visible = (cols[None, :] <= pos[:, None]) & (cols[None, :] < Tk)
         t = tl.where(visible, t, float("-inf"))
+    if HAS_SEG:
+        # padded keys and keys of earlier documents (kernels/segments.py); rows past Tq have lo_q = 0
+        kv_ok = tl.load(kv_base + cols, mask=cols < Tk, other=0) != 0
+        t = tl.where(kv_ok[None, :] & (cols[None, :] >= lo_q[:, None]), t, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(t, axis=1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(t - m_new[:, None])
@@ -116,32 +125,33 @@ def _attend_all(
     sk_t, sk_d, sv_t, sv_d, sc_t,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, NEWEST_FIRST: tl.constexpr, EXACT_C: tl.constexpr,
+    kv_base, lo_q, HAS_SEG: tl.constexpr,
 ):
     """Every kept key block of this program: full tiles [lo, n_full), diagonal tiles [n_diag, n_hi]."""
     if NEWEST_FIRST:
         for i in range(0, n_hi + 1 - n_diag):
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n_hi - i, pos, c_ref,
                                           qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N,
-                                          True, USE_TMA, EXACT_C)
+                                          True, USE_TMA, EXACT_C, kv_base, lo_q, HAS_SEG)
         for i in range(0, n_full - lo):
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n_full - 1 - i, pos, c_ref,
                                           qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N,
-                                          False, USE_TMA, EXACT_C)
+                                          False, USE_TMA, EXACT_C, kv_base, lo_q, HAS_SEG)
     else:
         for n in range(lo, n_full):
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n, pos, c_ref, qk_scale2,
                                           Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N, False, USE_TMA,
-                                          EXACT_C)
+                                          EXACT_C, kv_base, lo_q, HAS_SEG)
         for n in range(n_diag, n_hi + 1):
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n, pos, c_ref, qk_scale2,
                                           Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N, True, USE_TMA,
-                                          EXACT_C)
+                                          EXACT_C, kv_base, lo_q, HAS_SEG)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _fox_fwd_kernel(
-    Q, K, V, C, START, BAD, O, LSE,
+    Q, K, V, C, START, BAD, O, LSE, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -151,6 +161,7 @@ def _fox_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRUNE: tl.constexpr, EVEN_M: tl.constexpr, TQ_LT_TK: tl.constexpr,
     USE_TMA: tl.constexpr, HEADS_FASTEST: tl.constexpr, NEWEST_FIRST: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
+    HAS_SEG: tl.constexpr,
 ):
     if HEADS_FASTEST:                             # grid (B * Hq, Mq): every head's heaviest block first
         bh = tl.program_id(0)
@@ -208,6 +219,12 @@ def _fox_fwd_kernel(
     else:
         lo = 0
 
+    if HAS_SEG:
+        kv_base = KV + b64 * Tk                                          # (Tk,) key_valid of batch b
+        lo_q = tl.load(LO + b64 * Tk + pos, mask=row_ok, other=0)       # (BM,) first key of each row's document
+    else:
+        kv_base = KV
+        lo_q = 0
     # A finite start for the running max: a row whose first visited tile is all masked (the diagonal
     # tile in newest-first order) then gets p = 2^-inf = 0 instead of 2^(-inf + inf) = NaN.
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
@@ -217,14 +234,18 @@ def _fox_fwd_kernel(
     if exact:
         acc, l_i, m_i = _attend_all(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, lo, n_full, n_diag, n_hi, pos, cq,
                                     qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N, USE_TMA,
-                                    NEWEST_FIRST, True)
+                                    NEWEST_FIRST, True, kv_base, lo_q, HAS_SEG)
         row_c = tl.zeros((BLOCK_M,), tl.float32)        # t already holds c[p_i] - c[j]
     else:
         acc, l_i, m_i = _attend_all(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, lo, n_full, n_diag, n_hi, pos,
                                     c_first, qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N,
-                                    USE_TMA, NEWEST_FIRST, False)
+                                    USE_TMA, NEWEST_FIRST, False, kv_base, lo_q, HAS_SEG)
         row_c = cq - c_first
     lse = (m_i + tl.math.log2(l_i)) * LN2 + row_c
+    if HAS_SEG:                                   # a row with no visible key: o = 0, lse = -inf
+        empty = l_i == 0.0
+        lse = tl.where(empty, float("-inf"), lse)
+        l_i = tl.where(empty, 1.0, l_i)
     # BAD (B, Hq, Dv): 0, or NaN in the columns where v of this head's kv head holds a non-finite value
     # anywhere (eager's 0 x NaN; see dispatch._poison)
     dv = tl.arange(0, DV_PAD)
@@ -260,7 +281,7 @@ def _descriptor(t: Tensor, rows: int, d_pad: int):
 
 def launch_forward(
     q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, start: Tensor | None, config: FwdConfig,
-    o: Tensor | None = None, lse: Tensor | None = None, bad: Tensor | None = None,
+    o: Tensor | None = None, lse: Tensor | None = None, bad: Tensor | None = None, seg=None,
 ) -> tuple[Tensor, Tensor]:
     """Runs the kernel with a given plan (start None = dense). o (B, Hq, Tq, Dv) and lse may be passed
     (tests poison them).
@@ -286,13 +307,14 @@ def launch_forward(
     else:
         qa, ka, va, oa = q, k, v, o
     grid = (B * Hq, Mq) if config.heads_fastest else (Mq, Hq, B)
+    kv_arg, lo_arg = (seg.key_valid.view(torch.uint8), seg.lo) if seg is not None else (lse, lse)
     _fox_fwd_kernel[grid](
-        qa, ka, va, c, start if prune else lse, bad, oa, lse,
+        qa, ka, va, c, start if prune else lse, bad, oa, lse, kv_arg, lo_arg,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *o.stride(),
         Hq, Tq, Tk, Mq, float(sm_scale) * LOG2E.value,
         GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=d_pad, HEAD_DIM_V=Dv, DV_PAD=dv_pad, BLOCK_M=bm, BLOCK_N=bn,
         PRUNE=prune, EVEN_M=(Tq % bm == 0), TQ_LT_TK=(Tq < Tk), USE_TMA=use_tma, HEADS_FASTEST=config.heads_fastest, NEWEST_FIRST=config.newest_first,
-        C_SPAN_LIMIT=c_span_limit(),
+        C_SPAN_LIMIT=c_span_limit(), HAS_SEG=seg is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return o, lse
@@ -306,13 +328,14 @@ def tma_available(device: torch.device) -> bool:
 
 def forward(
     q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, log_eps: float | None,
-    u_bound: Tensor | None, config: FwdConfig | None = None, bad: Tensor | None = None,
+    u_bound: Tensor | None, config: FwdConfig | None = None, bad: Tensor | None = None, seg=None,
 ) -> tuple[Tensor, Tensor]:
     """(o, lse): o (B, Hq, Tq, Dv) in q's layout, lse (B, Hq, Tq) fp32 natural log. Plan and kernel on
     device. bad (B, Hq, Dv) fp32, 0 or NaN: added to every output row of the head (see dispatch._poison)."""
     config = forward_config(q, v.shape[-1]) if config is None else config
     start = None
-    if pruning_enabled(log_eps):
-        start, _ = compute_plan(q, k, c, sm_scale, log_eps, u_bound, config.block_m, config.block_n, with_end=False)
-    return launch_forward(q, k, v, c, sm_scale, start, config, bad=bad)
+    if pruning_enabled(log_eps) or (seg is not None):     # segments: the plan also skips other documents
+        start, _ = compute_plan(q, k, c, sm_scale, log_eps, u_bound, config.block_m, config.block_n, with_end=False,
+                                seg=seg)
+    return launch_forward(q, k, v, c, sm_scale, start, config, bad=bad, seg=seg)
 

@@ -7,8 +7,11 @@ Same semantics as kernels/plan.py's make_plan (read its header for the math); no
   delta    threshold_offset - 2U with threshold_offset = log_eps - log Tk (kernels/threshold.py; fp32,
            the same expression as the torch plan); -inf (no pruning for that head) when U is
            negative or NaN
-  skip(m,n)  (max_{i in m} c[p_i]) - (min_{j in n} c[j]) < delta
-  start[m] = min(n_hi(m) + 1, first n with not skip(m, n))        (B, Hq, Mq) int32
+  skip(m,n)  (max_{i in m} c[a_i]) - (min_{j in n} c[j]) < delta,  a_i = p_i, or with segments
+             (padded / packed batches, kernels/segments.py) the row's anchor ANCHOR[b, i], its newest
+             visible key (-1: no visible key, the row then keeps nothing on its own)
+  start[m] = min(n_hi(m) + 1, first n with not skip(m, n)), and with segments at least
+             LO[b, p_first(m)] // BN (key blocks of earlier documents)    (B, Hq, Mq) int32
   end[n]   = 1 + max{m : start[m] <= n <= n_hi(m)}, 0 if none      (B, Hq, Nk) int32
 
 Launches (static grids, no host synchronisation, CUDA-graph safe):
@@ -18,7 +21,8 @@ Launches (static grids, no host synchronisation, CUDA-graph safe):
      the backward.
   2. _plan_kernel        grid (Hq, B): reads U, then writes start for every query block and, after
      a barrier, end for every key block (reading start back).
-Pruning off (log_eps None or -inf): no launch at all; start = 0 and end = Mq (every tile kept).
+Pruning off (log_eps None or -inf): no launch at all; start = 0 and end = Mq (every tile kept); with
+segments the plan kernel still runs, with delta = -inf, for the document starts.
 
 The norms are summed in a different order than torch.linalg.vector_norm, so U (and delta) may differ
 from the torch plan in the last bit; with the same u_bound the two plans are identical.
@@ -72,12 +76,12 @@ def _row_norm_partials(
 
 @triton.jit
 def _plan_kernel(
-    C, U, START, END,
+    C, U, START, END, ANCHOR, LO,
     sc_b, sc_h, sc_t, su_b, su_h,
     Hq, Tq, Tk, Mq, Nk,
     threshold_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_END: tl.constexpr,
-    CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr,
+    CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr, HAS_SEG: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
@@ -94,7 +98,11 @@ def _plan_kernel(
     for m0 in range(0, Mq, CHUNK_M):
         ms = m0 + tl.arange(0, CHUNK_M)                                    # (CM,)
         qi = ms[:, None] * BLOCK_M + rm[None, :]                           # (CM, BM) query index
-        cq = tl.load(c_base + (offset + qi) * sc_t, mask=qi < Tq, other=float("-inf")).to(tl.float32)
+        if HAS_SEG:                                                        # c at each row's anchor
+            a = tl.load(ANCHOR + b.to(tl.int64) * Tq + qi, mask=qi < Tq, other=-1)
+            cq = tl.load(c_base + a * sc_t, mask=(qi < Tq) & (a >= 0), other=float("-inf")).to(tl.float32)
+        else:
+            cq = tl.load(c_base + (offset + qi) * sc_t, mask=qi < Tq, other=float("-inf")).to(tl.float32)
         c_max_q = tl.max(cq, axis=1)                                        # (CM,)
         last_row = tl.minimum((ms + 1) * BLOCK_M, Tq) - 1
         n_hi = (offset + last_row) // BLOCK_N                               # (CM,)
@@ -107,6 +115,9 @@ def _plan_kernel(
             skip = (c_max_q[:, None] - c_min_k[None, :]) < delta            # (CM, CN)
             cand = tl.where(skip | (ns[None, :] >= Nk), 2147483647, ns[None, :])
             first_kept = tl.minimum(first_kept, tl.min(cand, axis=1))
+        if HAS_SEG:                        # key blocks before the first row's document: no row sees them
+            lo_first = tl.load(LO + b.to(tl.int64) * Tk + offset + ms * BLOCK_M, mask=ms < Mq, other=0)
+            first_kept = tl.maximum(first_kept, lo_first // BLOCK_N)
         tl.store(START + bh * Mq + ms, first_kept.to(tl.int32), mask=ms < Mq)
     if WRITE_END:
         tl.debug_barrier()   # start written by all threads of this program before they read it back
@@ -188,27 +199,32 @@ def triton_qk_bound(q: Tensor, k: Tensor, sm_scale: float) -> Tensor:
 
 def compute_plan(
     q: Tensor, k: Tensor, c: Tensor, sm_scale: float, log_eps: float | None, u_bound: Tensor | None,
-    block_m: int, block_n: int, with_end: bool = True,
+    block_m: int, block_n: int, with_end: bool = True, seg=None,
 ) -> tuple[Tensor, Tensor | None]:
     """start (B, Hq, Mq) and end (B, Hq, Nk), int32 on q's device; see the module header.
-    with_end=False (the forward needs only start) skips the end pass and returns end None."""
+    with_end=False (the forward needs only start) skips the end pass and returns end None.
+    seg: kernels/segments.py's Segments of a padded or packed batch, or None."""
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
     Mq, Nk = num_blocks(Tq, block_m), num_blocks(Tk, block_n)
-    if not pruning_enabled(log_eps):
+    if not pruning_enabled(log_eps) and seg is None:
         start = torch.zeros((B, Hq, Mq), dtype=torch.int32, device=q.device)
         end = torch.full((B, Hq, Nk), Mq, dtype=torch.int32, device=q.device) if with_end else None
         return start, end
     start = torch.empty((B, Hq, Mq), dtype=torch.int32, device=q.device)
     end = torch.empty((B, Hq, Nk), dtype=torch.int32, device=q.device) if with_end else None
-    if u_bound is None:
-        u_bound = triton_qk_bound(q, k, sm_scale)
-    u = u_bound.to(device=q.device, dtype=torch.float32).expand(B, Hq)
+    if not pruning_enabled(log_eps):                   # segments only: U = -1 gives delta = -inf
+        u, offset = torch.full((B, Hq), -1.0, dtype=torch.float32, device=q.device), 0.0
+    else:
+        if u_bound is None:
+            u_bound = triton_qk_bound(q, k, sm_scale)
+        u, offset = u_bound.to(device=q.device, dtype=torch.float32).expand(B, Hq), threshold_offset(log_eps, Tk)
+    anchor, lo = (seg.anchor, seg.lo) if seg is not None else (start, start)
     _plan_kernel[(Hq, B)](
-        c, u, start, end if with_end else start,
+        c, u, start, end if with_end else start, anchor, lo,
         *c.stride(), *u.stride(),
-        Hq, Tq, Tk, Mq, Nk, threshold_offset(log_eps, Tk),
+        Hq, Tq, Tk, Mq, Nk, offset,
         BLOCK_M=block_m, BLOCK_N=block_n, WRITE_END=with_end,
-        CHUNK_M=PLAN_CHUNK_M, CHUNK_N=PLAN_CHUNK_N, num_warps=4,
+        CHUNK_M=PLAN_CHUNK_M, CHUNK_N=PLAN_CHUNK_N, HAS_SEG=seg is not None, num_warps=4,
     )
     return start, end
