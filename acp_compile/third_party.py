@@ -12,8 +12,11 @@ Functions (when their module is already imported; a missing package is skipped s
 Both compute o = softmax(scale q.k + c_i - c_j, causal) v with c = cumsum(log f) in fp32, which is
 acp_compile.fox_attention(q, k, v, log_f, sm_scale=scale, layout="bthd"|"bhtd").
 
-Substituted only when the call is one the op computes exactly: no window_size, cu_seqlens (varlen)
-or seq_start (left padding); k and v of one shape; Tq == Tk for fla. The authors' own ACP threshold
+Substituted only when the call is one the op computes exactly: no window_size; k and v of one shape;
+Tq == Tk for fla. The authors' seq_start (a (B,) count of left-padding keys, as their model passes for
+batched generation) becomes the op's key_padding_mask (key j visible when j >= seq_start[b]; a query
+row with no visible key returns 0); fla's cu_seqlens (varlen, B = 1) is the op's cu_seqlens (the gate
+needs no restart per sequence: c_i - c_j within a sequence is the same for a global cumulative sum). The authors' own ACP threshold
 (adaptive_threshold, which their model computes from its log_pruning_tolerance as
 tolerance - log(Tk) - 2U) is the op's: a tile is skipped when its decay is below it, so it is passed on
 as log_eps = 0 and u_bound = -(threshold + log(Tk)) / 2 ("auto" is their tolerance -10 with the op's own
@@ -54,13 +57,15 @@ class KnownFox:
     unsupported: tuple          # parameters that must be None (or absent) for the op to be exact
     same_length: bool           # True: the function needs Tq == Tk
     threshold: str | None = None    # name of the function's own ACP threshold parameter, if any
+    left_padding: str | None = None  # name of a (B,) count of left-padding keys (the op's key_padding_mask)
+    varlen: str | None = None       # name of a flash-attn style cu_seqlens (the op's cu_seqlens, B = 1)
 
 
 KNOWN_FOX_FUNCTIONS = (
     KnownFox("fla.ops.forgetting_attn", "parallel_forgetting_attn", gate="g", scale="scale",
-             unsupported=("window_size", "cu_seqlens"), same_length=True),
+             unsupported=("window_size",), same_length=True, varlen="cu_seqlens"),
     KnownFox("forgetting_transformer", "forgetting_attention", gate="log_fgate", scale="sm_scale",
-             unsupported=("seq_start",), same_length=False, threshold="adaptive_threshold"),
+             unsupported=(), same_length=False, threshold="adaptive_threshold", left_padding="seq_start"),
 )
 
 _registered: dict[int, Callable] = {}     # id(original function) -> the polyfill Dynamo inlines
@@ -130,7 +135,7 @@ def _make_polyfill(fn: types.FunctionType, known: KnownFox, signature: inspect.S
     label = f"{known.module}.{known.attr}"
     # Plain constants only in the closure: Dynamo inlines this function and cannot wrap a dataclass.
     gate_name, scale_name, unsupported, same_length = known.gate, known.scale, known.unsupported, known.same_length
-    threshold_name = known.threshold
+    threshold_name, left_padding_name, varlen_name = known.threshold, known.left_padding, known.varlen
 
     @functools.wraps(fn)
     def polyfill(*args, **kwargs):
@@ -152,8 +157,17 @@ def _make_polyfill(fn: types.FunctionType, known: KnownFox, signature: inspect.S
         u_bound = None
         if threshold is not None and log_eps is not None:
             log_eps, u_bound = _threshold_as_bound(threshold, k.shape[2 if head_first else 1], q)
+        key_padding_mask = cu_seqlens = None
+        if left_padding_name is not None and params.get(left_padding_name) is not None:
+            # seq_start[b] left-padding keys: key j of row b is visible when j >= seq_start[b]
+            Tk = k.shape[2 if head_first else 1]
+            start = params[left_padding_name]
+            key_padding_mask = torch.arange(Tk, device=k.device)[None, :] >= start.to(k.device)[:, None]
+        if varlen_name is not None:
+            cu_seqlens = params.get(varlen_name)
         return fox_attention(q, k, v, gate, sm_scale=params.get(scale_name), log_eps=log_eps, u_bound=u_bound,
-                             layout="bhtd" if head_first else "bthd")
+                             layout="bhtd" if head_first else "bthd", key_padding_mask=key_padding_mask,
+                             cu_seqlens=cu_seqlens)
 
     return polyfill
 
@@ -189,7 +203,7 @@ def _acp_log_eps(label: str, exact: bool):
     if not exact:
         acp_counters()["near_miss"] += 1
         log.info("acp near-miss: %s called with options or shapes the op does not cover (window_size, "
-                 "cu_seqlens, seq_start or Tq > Tk); left as it is", label)
+                 "a head or batch mismatch, or Tq > Tk); left as it is", label)
         return "original"
     acp_counters()["fox_attention"] += 1
     acp_counters()["fox_substituted"] += 1

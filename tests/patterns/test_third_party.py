@@ -38,9 +38,11 @@ def stand_in_authors(q, k, v, log_fgate, *, head_first=False, seq_start=None, sm
 
 
 assert register_fox_function(stand_in_fox, KnownFox(
-    "tests", "stand_in_fox", gate="g", scale="scale", unsupported=("window_size", "cu_seqlens"), same_length=True))
+    "tests", "stand_in_fox", gate="g", scale="scale", unsupported=("window_size",), same_length=True,
+    varlen="cu_seqlens"))
 assert register_fox_function(stand_in_authors, KnownFox(
-    "tests", "stand_in_authors", gate="log_fgate", scale="sm_scale", unsupported=("seq_start",), same_length=False))
+    "tests", "stand_in_authors", gate="log_fgate", scale="sm_scale", unsupported=(), same_length=False,
+    left_padding="seq_start"))
 
 
 def bthd_inputs(B=1, Tq=29, Tk=None, Hq=2, Hkv=None, D=16, seed=0, requires_grad=False):
@@ -79,10 +81,9 @@ def test_eager_calls_are_untouched():
     torch.testing.assert_close(stand_in_fox(q, k, v, g), reference_bthd(q, k, v, g) + MARK)
 
 
-@pytest.mark.parametrize("kwargs", [dict(window_size=8), dict(cu_seqlens=torch.tensor([0, 10, 29]))])
-def test_unsupported_arguments_keep_the_original(kwargs):
+def test_unsupported_arguments_keep_the_original():
     q, k, v, g = bthd_inputs(seed=4)
-    out = compiled(lambda q, k, v, g: stand_in_fox(q, k, v, g, **kwargs))(q, k, v, g)
+    out = compiled(lambda q, k, v, g: stand_in_fox(q, k, v, g, window_size=8))(q, k, v, g)
     assert counters["acp"]["fox_substituted"] == 0 and counters["acp"]["near_miss"] == 1
     torch.testing.assert_close(out, reference_bthd(q, k, v, g) + MARK, atol=1e-5, rtol=1e-5)
 
@@ -107,12 +108,31 @@ def test_authors_signature_gqa_cache_and_head_first(head_first):
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
-def test_seq_start_keeps_the_original():
-    q, k, v, g = bthd_inputs(seed=7)
-    out = compiled(lambda q, k, v, g: stand_in_authors(q, k, v, g, seq_start=torch.zeros(1, dtype=torch.long)))(
-        q, k, v, g)
-    assert counters["acp"]["fox_substituted"] == 0
-    torch.testing.assert_close(out, reference_bthd(q, k, v, g) + MARK, atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("Tq", [29, 5])
+def test_seq_start_left_padding_is_the_op_with_a_key_padding_mask(Tq):
+    """The authors' seq_start (left-padding keys per row, batched generation) is the op's key padding
+    mask: every query row that sees a key equals the reference of its own unpadded sequence; rows before
+    the first token return 0."""
+    q, k, v, g = bthd_inputs(B=3, Tq=Tq, Tk=29, seed=7)
+    start = torch.tensor([0, 4, 11])
+    out = compiled(lambda q, k, v, g, s: stand_in_authors(q, k, v, g, seq_start=s, sm_scale=0.25))(q, k, v, g, start)
+    assert counters["acp"]["fox_substituted"] == 1
+    off = 29 - Tq
+    for b, s0 in enumerate(start.tolist()):
+        want = reference_bthd(q[b:b + 1, max(s0 - off, 0):], k[b:b + 1, s0:], v[b:b + 1, s0:], g[b:b + 1, s0:], 0.25)
+        got = out[b:b + 1, max(s0 - off, 0):]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert bool((out[b, :max(s0 - off, 0)] == 0).all())
+
+
+def test_fla_varlen_cu_seqlens_is_the_op_on_packed_sequences():
+    q, k, v, g = bthd_inputs(B=1, Tq=29, seed=9)
+    cu = torch.tensor([0, 10, 17, 29])
+    out = compiled(lambda q, k, v, g, cu: stand_in_fox(q, k, v, g, scale=0.3, cu_seqlens=cu))(q, k, v, g, cu)
+    assert counters["acp"]["fox_substituted"] == 1
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        want = reference_bthd(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], 0.3)
+        torch.testing.assert_close(out[:, a:b], want, atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_flow_through_the_substituted_op_with_pruning():
