@@ -41,7 +41,6 @@ def main():
                 rate[12:] = 1e-6
                 c = torch.cumsum(-rate[None, :, None] * (0.5 + torch.rand(a.B, H, T, device="cuda", generator=g)), -1)
                 kmax = torch.linalg.vector_norm(k.float(), dim=-1).amax(-1)
-                kk, vv = (k, v) if Hkv == H else (k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1))
                 t = {}
                 t["sdpa"] = triton.testing.do_bench(
                     lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=Hkv != H), warmup=10, rep=50)
@@ -51,7 +50,7 @@ def main():
                     lambda: acp_compile.fox_decode(q, k, v, c, log_eps=-10.0, k_norm_max=kmax), warmup=10, rep=50)
                 row = {"Hkv": Hkv, "T": T, **{f"{n}_ms": x for n, x in t.items()},
                        **{f"{n}_over_sdpa": x / t["sdpa"] for n, x in t.items() if n != "sdpa"}}
-                del q, k, v, c, kk, vv
+                del q, k, v, c
             except Exception as e:  # one case must not lose the others (OOM at 128k, ...)
                 row = {"Hkv": Hkv, "T": T, "error": f"{type(e).__name__}: {str(e)[:200]}"}
             torch.cuda.empty_cache()

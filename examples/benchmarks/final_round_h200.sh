@@ -36,6 +36,9 @@ bench old 16384 ours_dense ours_acp30 ours_auto sdpa_cudnn --
 bench new "4096 16384" ours_dense ours_acp30 ours_auto ours_online ours_online_norms sdpa_cudnn --
 bench old2 16384 ours_dense ours_acp30 ours_auto sdpa_cudnn --
 
+step decode
+timeout 60 python3 examples/benchmarks/bench_decode.py --out "$OUT" > "$OUT/decode.log" 2>&1; tail -7 "$OUT/decode.log"
+
 step alibi
 [ -f examples/benchmarks/bench_alibi.py ] && timeout 110 python3 examples/benchmarks/bench_alibi.py --out "$OUT" > "$OUT/alibi.log" 2>&1
 tail -5 "$OUT/alibi.log"
