@@ -12,8 +12,11 @@ Functions (when their module is already imported; a missing package is skipped s
 Both compute o = softmax(scale q.k + c_i - c_j, causal) v with c = cumsum(log f) in fp32, which is
 acp_compile.fox_attention(q, k, v, log_f, sm_scale=scale, layout="bthd"|"bhtd").
 
-Substituted only when the call is one the op computes exactly: no window_size, cu_seqlens (varlen)
-or seq_start (left padding); k and v of one shape; Tq == Tk for fla. The authors' own ACP threshold
+Substituted only when the call is one the op computes exactly: no window_size or seq_start (left
+padding, whose padded rows the op may define differently); k and v alike but for the value head dim;
+Tq == Tk for fla. fla's cu_seqlens (varlen: B = 1, documents packed into one row, the gate's cumsum
+restarting per document) is the op's cu_seqlens: c_i - c_j inside a document does not depend on where
+the cumsum restarts. The authors' own ACP threshold
 (adaptive_threshold, which their model computes from its log_pruning_tolerance as
 tolerance - log(Tk) - 2U) is the op's: a tile is skipped when its decay is below it, so it is passed on
 as log_eps = 0 and u_bound = -(threshold + log(Tk)) / 2 ("auto" is their tolerance -10 with the op's own
@@ -54,11 +57,12 @@ class KnownFox:
     unsupported: tuple          # parameters that must be None (or absent) for the op to be exact
     same_length: bool           # True: the function needs Tq == Tk
     threshold: str | None = None    # name of the function's own ACP threshold parameter, if any
+    varlen: str | None = None       # name of a cu_seqlens parameter (packed documents, B = 1), if any
 
 
 KNOWN_FOX_FUNCTIONS = (
     KnownFox("fla.ops.forgetting_attn", "parallel_forgetting_attn", gate="g", scale="scale",
-             unsupported=("window_size", "cu_seqlens"), same_length=True),
+             unsupported=("window_size",), same_length=True, varlen="cu_seqlens"),
     KnownFox("forgetting_transformer", "forgetting_attention", gate="log_fgate", scale="sm_scale",
              unsupported=("seq_start",), same_length=False, threshold="adaptive_threshold"),
 )
@@ -130,7 +134,7 @@ def _make_polyfill(fn: types.FunctionType, known: KnownFox, signature: inspect.S
     label = f"{known.module}.{known.attr}"
     # Plain constants only in the closure: Dynamo inlines this function and cannot wrap a dataclass.
     gate_name, scale_name, unsupported, same_length = known.gate, known.scale, known.unsupported, known.same_length
-    threshold_name = known.threshold
+    threshold_name, varlen_name = known.threshold, known.varlen
 
     @functools.wraps(fn)
     def polyfill(*args, **kwargs):
@@ -141,9 +145,11 @@ def _make_polyfill(fn: types.FunctionType, known: KnownFox, signature: inspect.S
         head_first = bool(params.get("head_first", False))
         # A branch, not bool(): under dynamic shapes the test is a SymBool, which a branch turns into
         # a guard and a constant (assume_constant_result takes constants only).
+        cu_seqlens = params.get(varlen_name) if varlen_name is not None else None
         exact = (True if len(args) <= len(positional) and all(name in accepted for name in kwargs)
                  and all(params.get(name) is None for name in unsupported)
-                 and _shapes_supported(q, k, v, gate, head_first, same_length) else False)
+                 and _shapes_supported(q, k, v, gate, head_first, same_length)
+                 and _varlen_supported(cu_seqlens, q) else False)
         log_eps = _acp_log_eps(label, exact)
         if log_eps == "original":
             return original(*args, **kwargs)
@@ -153,7 +159,7 @@ def _make_polyfill(fn: types.FunctionType, known: KnownFox, signature: inspect.S
         if threshold is not None and log_eps is not None:
             log_eps, u_bound = _threshold_as_bound(threshold, k.shape[2 if head_first else 1], q)
         return fox_attention(q, k, v, gate, sm_scale=params.get(scale_name), log_eps=log_eps, u_bound=u_bound,
-                             layout="bhtd" if head_first else "bthd")
+                             layout="bhtd" if head_first else "bthd", cu_seqlens=cu_seqlens)
 
     return polyfill
 
@@ -179,6 +185,15 @@ def _shapes_supported(q, k, v, gate, head_first: bool, same_length: bool) -> boo
             and Hq % Hkv == 0 and (Tq == Tk if same_length else Tq <= Tk))
 
 
+def _varlen_supported(cu_seqlens, q) -> bool:
+    """No cu_seqlens, or a 1-d integer tensor on q's device with a batch of 1 (the varlen layout)."""
+    if cu_seqlens is None:
+        return True
+    return (isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2
+            and not cu_seqlens.dtype.is_floating_point and cu_seqlens.dtype != torch.bool
+            and cu_seqlens.device == q.device and q.shape[0] == 1)
+
+
 @torch.compiler.assume_constant_result
 def _acp_log_eps(label: str, exact: bool):
     """At trace time: "original" unless backend "acp" is tracing and the call is exact; else the op's
@@ -189,7 +204,7 @@ def _acp_log_eps(label: str, exact: bool):
     if not exact:
         acp_counters()["near_miss"] += 1
         log.info("acp near-miss: %s called with options or shapes the op does not cover (window_size, "
-                 "cu_seqlens, seq_start or Tq > Tk); left as it is", label)
+                 "seq_start, cu_seqlens with a batch above 1, or Tq > Tk); left as it is", label)
         return "original"
     acp_counters()["fox_attention"] += 1
     acp_counters()["fox_substituted"] += 1

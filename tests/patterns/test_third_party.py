@@ -24,8 +24,18 @@ def reference_bthd(q, k, v, g, scale=None):
     return o.transpose(1, 2).to(q.dtype)
 
 
+def varlen_reference_bthd(q, k, v, g, cu_seqlens, scale=None):
+    """fla's varlen semantics (B = 1): each document q[:, a:b] attends only within itself, its gate's
+    cumsum restarting at a."""
+    cs = cu_seqlens.tolist()
+    return torch.cat([reference_bthd(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], scale) for a, b in zip(cs, cs[1:])],
+                     dim=1)
+
+
 def stand_in_fox(q, k, v, g, scale=None, window_size=None, cu_seqlens=None):
     """Mimics fla.ops.forgetting_attn.parallel_forgetting_attn's signature; its own code adds MARK."""
+    if cu_seqlens is not None:
+        return varlen_reference_bthd(q, k, v, g, cu_seqlens, scale) + MARK
     return reference_bthd(q, k, v, g, scale) + MARK
 
 
@@ -38,7 +48,8 @@ def stand_in_authors(q, k, v, log_fgate, *, head_first=False, seq_start=None, sm
 
 
 assert register_fox_function(stand_in_fox, KnownFox(
-    "tests", "stand_in_fox", gate="g", scale="scale", unsupported=("window_size", "cu_seqlens"), same_length=True))
+    "tests", "stand_in_fox", gate="g", scale="scale", unsupported=("window_size",), same_length=True,
+    varlen="cu_seqlens"))
 assert register_fox_function(stand_in_authors, KnownFox(
     "tests", "stand_in_authors", gate="log_fgate", scale="sm_scale", unsupported=("seq_start",), same_length=False))
 
@@ -79,12 +90,26 @@ def test_eager_calls_are_untouched():
     torch.testing.assert_close(stand_in_fox(q, k, v, g), reference_bthd(q, k, v, g) + MARK)
 
 
-@pytest.mark.parametrize("kwargs", [dict(window_size=8), dict(cu_seqlens=torch.tensor([0, 10, 29]))])
-def test_unsupported_arguments_keep_the_original(kwargs):
-    q, k, v, g = bthd_inputs(seed=4)
+@pytest.mark.parametrize("batch,kwargs", [(1, dict(window_size=8)), (2, dict(cu_seqlens=torch.tensor([0, 10, 29])))])
+def test_unsupported_arguments_keep_the_original(batch, kwargs):
+    q, k, v, g = bthd_inputs(B=batch, seed=4)
     out = compiled(lambda q, k, v, g: stand_in_fox(q, k, v, g, **kwargs))(q, k, v, g)
     assert counters["acp"]["fox_substituted"] == 0 and counters["acp"]["near_miss"] == 1
-    torch.testing.assert_close(out, reference_bthd(q, k, v, g) + MARK, atol=1e-5, rtol=1e-5)
+    want = stand_in_fox(q, k, v, g, **kwargs)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fla_varlen_cu_seqlens_is_the_op_with_documents():
+    """fla's cu_seqlens (B = 1, documents packed in one row): substituted by the op's cu_seqlens."""
+    q, k, v, g = bthd_inputs(seed=4, requires_grad=True)
+    cu = torch.tensor([0, 10, 10, 23, 29])
+    out = compiled(lambda q, k, v, g: stand_in_fox(q, k, v, g, scale=0.3, cu_seqlens=cu))(q, k, v, g)
+    assert counters["acp"]["fox_substituted"] == 1
+    want = varlen_reference_bthd(q, k, v, g, cu, 0.3)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    do = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v, g), do), torch.autograd.grad(want, (q, k, v, g), do)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_longer_keys_than_queries_keep_the_original_for_fla_conventions():
