@@ -5,12 +5,13 @@
       -> (dq, dk, dv, dc)
 
 Shapes: q, dq (B, Hq, Tq, D); k, dk (B, Hkv, Tk, D); v, dv (B, Hkv, Tk, Dv); o, do (B, Hq, Tq, Dv);
-c, dc (B, Hq, Tk) fp32 (or both fp64); the value head dim Dv may differ from D (MLA-style heads). lse (B, Hq, Tq) fp32 natural-log log-sum-exp. Every argument of both ops is checked
+c, dc (B, Hq, Tk) fp32 (or both fp64); the value head dim Dv may differ from D (MLA-style heads);
+lse (B, Hq, Tq) fp32 natural-log log-sum-exp. Every argument of both ops is checked
 (acp_compile/checks.py), with an error that names it. Empty inputs (B, Hq or Tq = 0, or Tq = Tk = 0)
 give empty outputs and zero gradients, as SDPA does. Outputs take the strides of the matching input
 (torch.empty_like; o takes q's dimension order, kernels/layout.py), so a transposed (B, T, H, D) view
-stays copy-free. sm_scale None means 1/sqrt(D) (D of q and k, never Dv), computed here so that a graph does not pin the head dim; log_eps None or -inf means
-dense. u_bound, optional, broadcasts to (B, Hq) and replaces the computed bound U. u (B, Hq) fp32
+stays copy-free. sm_scale None means 1/sqrt(D) (D of q and k, never Dv), computed here so that a graph
+does not pin the head dim; log_eps None or -inf means dense. u_bound, optional, broadcasts to (B, Hq) and replaces the computed bound U. u (B, Hq) fp32
 is the bound the forward pruned with (u_bound, or U computed from q and k; zeros when pruning is
 off); autograd hands it to the backward as its u_bound, so the backward prunes with the same delta
 and does not read q and k a second time to recompute U. lse and u carry no gradient (they are

@@ -12,11 +12,13 @@ Functions (when their module is already imported; a missing package is skipped s
 Both compute o = softmax(scale q.k + c_i - c_j, causal) v with c = cumsum(log f) in fp32, which is
 acp_compile.fox_attention(q, k, v, log_f, sm_scale=scale, layout="bthd"|"bhtd").
 
-Substituted only when the call is one the op computes exactly: no window_size; k and v of one shape;
-Tq == Tk for fla. The authors' seq_start (a (B,) count of left-padding keys, as their model passes for
-batched generation) becomes the op's key_padding_mask (key j visible when j >= seq_start[b]; a query
-row with no visible key returns 0); fla's cu_seqlens (varlen, B = 1) is the op's cu_seqlens (the gate
-needs no restart per sequence: c_i - c_j within a sequence is the same for a global cumulative sum). The authors' own ACP threshold
+Substituted only when the call is one the op computes exactly: no window_size; k and v alike but for
+the value head dim; Tq == Tk for fla. The authors' seq_start (a (B,) count of left-padding keys, as
+their model passes for batched generation) becomes the op's key_padding_mask (key j visible when
+j >= seq_start[b]); their kernel, like the op, returns 0 (and lse -inf) for a row with no visible key.
+fla's cu_seqlens (varlen: B = 1, documents packed into one row, the gate's cumsum restarting per
+document) is the op's cu_seqlens: c_i - c_j inside a document does not depend on where the cumsum
+restarts. The authors' own ACP threshold
 (adaptive_threshold, which their model computes from its log_pruning_tolerance as
 tolerance - log(Tk) - 2U) is the op's: a tile is skipped when its decay is below it, so it is passed on
 as log_eps = 0 and u_bound = -(threshold + log(Tk)) / 2 ("auto" is their tolerance -10 with the op's own
@@ -146,9 +148,11 @@ def _make_polyfill(fn: types.FunctionType, known: KnownFox, signature: inspect.S
         head_first = bool(params.get("head_first", False))
         # A branch, not bool(): under dynamic shapes the test is a SymBool, which a branch turns into
         # a guard and a constant (assume_constant_result takes constants only).
+        cu_seqlens = params.get(varlen_name) if varlen_name is not None else None
         exact = (True if len(args) <= len(positional) and all(name in accepted for name in kwargs)
                  and all(params.get(name) is None for name in unsupported)
-                 and _shapes_supported(q, k, v, gate, head_first, same_length) else False)
+                 and _shapes_supported(q, k, v, gate, head_first, same_length)
+                 and _varlen_supported(cu_seqlens, q) else False)
         log_eps = _acp_log_eps(label, exact)
         if log_eps == "original":
             return original(*args, **kwargs)
@@ -193,6 +197,15 @@ def _shapes_supported(q, k, v, gate, head_first: bool, same_length: bool) -> boo
             and Hq % Hkv == 0 and (Tq == Tk if same_length else Tq <= Tk))
 
 
+def _varlen_supported(cu_seqlens, q) -> bool:
+    """No cu_seqlens, or a 1-d integer tensor on q's device with a batch of 1 (the varlen layout)."""
+    if cu_seqlens is None:
+        return True
+    return (isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2
+            and not cu_seqlens.dtype.is_floating_point and cu_seqlens.dtype != torch.bool
+            and cu_seqlens.device == q.device and q.shape[0] == 1)
+
+
 @torch.compiler.assume_constant_result
 def _acp_log_eps(label: str, exact: bool):
     """At trace time: "original" unless backend "acp" is tracing and the call is exact; else the op's
@@ -203,7 +216,7 @@ def _acp_log_eps(label: str, exact: bool):
     if not exact:
         acp_counters()["near_miss"] += 1
         log.info("acp near-miss: %s called with options or shapes the op does not cover (window_size, "
-                 "a head or batch mismatch, or Tq > Tk); left as it is", label)
+                 "cu_seqlens with a batch above 1, a head or batch mismatch, or Tq > Tk); left as it is", label)
         return "original"
     acp_counters()["fox_attention"] += 1
     acp_counters()["fox_substituted"] += 1

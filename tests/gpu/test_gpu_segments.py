@@ -21,7 +21,7 @@ from acp_compile.kernels.segments import make_segments
 from helpers import W1_ON_CUDA, fox_inputs
 from segment_cases import cu_seqlens_of, segment_inputs
 
-TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 5e-3}   # fp32 runs its dots in TF32
+TOL = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-2}   # fp32 runs its dots in TF32
 KINDS = ["left", "right", "holes", "docs", "docs_left"]
 
 

@@ -18,7 +18,7 @@ from acp_compile.kernels.plan import make_plan, skipped_fraction
 from acp_compile.kernels.reference import fox_attention_reference
 from helpers import W1_ON_CUDA, fox_inputs
 
-TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 5e-3}   # fp32 runs its dots in TF32
+TOL = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-2}   # fp32 runs its dots in TF32
 CASES = [(192, 128), (64, 128), (128, 64), (100, 40)]
 
 

@@ -24,8 +24,18 @@ def reference_bthd(q, k, v, g, scale=None):
     return o.transpose(1, 2).to(q.dtype)
 
 
+def varlen_reference_bthd(q, k, v, g, cu_seqlens, scale=None):
+    """fla's varlen semantics (B = 1): each document q[:, a:b] attends only within itself, its gate's
+    cumsum restarting at a."""
+    cs = cu_seqlens.tolist()
+    return torch.cat([reference_bthd(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], scale) for a, b in zip(cs, cs[1:])],
+                     dim=1)
+
+
 def stand_in_fox(q, k, v, g, scale=None, window_size=None, cu_seqlens=None):
     """Mimics fla.ops.forgetting_attn.parallel_forgetting_attn's signature; its own code adds MARK."""
+    if cu_seqlens is not None:
+        return varlen_reference_bthd(q, k, v, g, cu_seqlens, scale) + MARK
     return reference_bthd(q, k, v, g, scale) + MARK
 
 
@@ -81,11 +91,26 @@ def test_eager_calls_are_untouched():
     torch.testing.assert_close(stand_in_fox(q, k, v, g), reference_bthd(q, k, v, g) + MARK)
 
 
-def test_unsupported_arguments_keep_the_original():
-    q, k, v, g = bthd_inputs(seed=4)
-    out = compiled(lambda q, k, v, g: stand_in_fox(q, k, v, g, window_size=8))(q, k, v, g)
+@pytest.mark.parametrize("batch,kwargs", [(1, dict(window_size=8)), (2, dict(cu_seqlens=torch.tensor([0, 10, 29])))])
+def test_unsupported_arguments_keep_the_original(batch, kwargs):
+    q, k, v, g = bthd_inputs(B=batch, seed=4)
+    out = compiled(lambda q, k, v, g: stand_in_fox(q, k, v, g, **kwargs))(q, k, v, g)
     assert counters["acp"]["fox_substituted"] == 0 and counters["acp"]["near_miss"] == 1
-    torch.testing.assert_close(out, reference_bthd(q, k, v, g) + MARK, atol=1e-5, rtol=1e-5)
+    want = stand_in_fox(q, k, v, g, **kwargs)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fla_varlen_cu_seqlens_is_the_op_with_documents():
+    """fla's cu_seqlens (B = 1, documents packed in one row): substituted by the op's cu_seqlens."""
+    q, k, v, g = bthd_inputs(seed=4, requires_grad=True)
+    cu = torch.tensor([0, 10, 10, 23, 29])
+    out = compiled(lambda q, k, v, g: stand_in_fox(q, k, v, g, scale=0.3, cu_seqlens=cu))(q, k, v, g)
+    assert counters["acp"]["fox_substituted"] == 1
+    want = varlen_reference_bthd(q, k, v, g, cu, 0.3)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    do = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v, g), do), torch.autograd.grad(want, (q, k, v, g), do)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_longer_keys_than_queries_keep_the_original_for_fla_conventions():
@@ -123,16 +148,6 @@ def test_seq_start_left_padding_is_the_op_with_a_key_padding_mask(Tq):
         got = out[b:b + 1, max(s0 - off, 0):]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert bool((out[b, :max(s0 - off, 0)] == 0).all())
-
-
-def test_fla_varlen_cu_seqlens_is_the_op_on_packed_sequences():
-    q, k, v, g = bthd_inputs(B=1, Tq=29, seed=9)
-    cu = torch.tensor([0, 10, 17, 29])
-    out = compiled(lambda q, k, v, g, cu: stand_in_fox(q, k, v, g, scale=0.3, cu_seqlens=cu))(q, k, v, g, cu)
-    assert counters["acp"]["fox_substituted"] == 1
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        want = reference_bthd(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], 0.3)
-        torch.testing.assert_close(out[:, a:b], want, atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_flow_through_the_substituted_op_with_pruning():
