@@ -1,7 +1,16 @@
 """The torch.library custom ops that the compiler pass and the functional API call.
 
-  acp::fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound) -> (o, lse, u)
-  acp::fox_attention_bwd(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound) -> (dq, dk, dv, dc)
+  acp::fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound, certificate, q_norm, k_norm)
+      -> (o, lse, u, keep_from)
+  acp::fox_attention_bwd(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, keep_from) -> (dq, dk, dv, dc)
+
+certificate: "online" (default: the tight per-row rule of DESIGN.md 1.1) or "paper" (the paper's 2U
+threshold). q_norm (B, Hq, Tq) and k_norm (B, Hkv, Tk), optional, fp32: the row norms ||q_i|| and
+||k_j|| that the online certificate reads (computed by the op when None; the compiled graph computes
+them next to the producers of q and k); they must not be smaller than the true norms. keep_from
+(B, Hq, Tq) int32: the first key each row kept (0: nothing skipped); autograd hands it to the
+backward, which computes exactly that kept set with the forward's lse (kernels/dispatch.py). A
+backward called with keep_from None recomputes the paper rule's plan.
 
 Shapes: q, o, do, dq (B, Hq, Tq, D); k, v, dk, dv (B, Hkv, Tk, D); c, dc (B, Hq, Tk) fp32 (or both
 fp64); lse (B, Hq, Tq) fp32 natural-log log-sum-exp. Every argument of both ops is checked
@@ -11,11 +20,10 @@ give empty outputs and zero gradients, as SDPA does. Outputs take the strides of
 1/sqrt(D), computed here so that a graph does not pin the head dim; log_eps None or -inf means
 dense. u_bound, optional, broadcasts to (B, Hq) and replaces the computed bound U. u (B, Hq) fp32
 is the bound the forward pruned with (u_bound, or U computed from q and k; zeros when pruning is
-off); autograd hands it to the backward as its u_bound, so the backward prunes with the same delta
-and does not read q and k a second time to recompute U. lse and u carry no gradient (they are
-marked non-differentiable). The ops are opaque to torch.compile: the real
+off; zeros under the online certificate). lse, u, keep_from, q_norm and k_norm carry no gradient. The ops are opaque to torch.compile: the real
 implementation picks a Triton kernel or the blocked PyTorch path in kernels/dispatch.py.
-u_bound values: >= 0, +inf meaning "never prune that head"; NaN or negative is an error, raised
+u_bound values: >= 0, +inf meaning "never prune that head" (the only u_bound value the online
+certificate reads; a finite one only changes the paper rule); NaN or negative is an error, raised
 for CPU tensors and, for CUDA tensors (whose values are not read, to keep the op free of host syncs),
 turned into NaN output rows for that head. NaN semantics of v: a NaN or infinity anywhere in v[b, hk]
 makes every output row of the query heads that read it NaN (as eager attention does: 0 x NaN = NaN),
@@ -30,11 +38,13 @@ import torch
 from torch import Tensor
 
 from acp_compile.checks import (
-    check_attention_inputs, check_backward_inputs, check_scale, check_u_bound_values, normalize_log_eps,
+    check_attention_inputs, check_backward_inputs, check_certificate, check_keep_from, check_norm_stats, check_scale,
+    check_u_bound_values, normalize_log_eps,
 )
 from acp_compile.kernels import dispatch
 
 DEFAULT_LOG_EPS = -10.0
+DEFAULT_CERTIFICATE = "online"
 
 
 def _lse_like(q: Tensor) -> Tensor:
@@ -44,6 +54,10 @@ def _lse_like(q: Tensor) -> Tensor:
 
 def _u_like(q: Tensor) -> Tensor:
     return q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def _keep_from_like(q: Tensor) -> Tensor:
+    return q.new_empty(q.shape[:3], dtype=torch.int32)
 
 
 def _check(q, k, v, c, sm_scale, log_eps, u_bound) -> float | None:
@@ -57,48 +71,58 @@ def _check(q, k, v, c, sm_scale, log_eps, u_bound) -> float | None:
 def fox_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, c: Tensor,
     sm_scale: Optional[float] = None, log_eps: Optional[float] = DEFAULT_LOG_EPS, u_bound: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    certificate: str = DEFAULT_CERTIFICATE, q_norm: Optional[Tensor] = None, k_norm: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     log_eps = _check(q, k, v, c, sm_scale, log_eps, u_bound)
+    check_certificate(certificate)
+    check_norm_stats(q, k, q_norm, k_norm)
     check_u_bound_values(u_bound)
-    return dispatch.forward(q, k, v, c, sm_scale, log_eps, u_bound)
+    return dispatch.forward(q, k, v, c, sm_scale, log_eps, u_bound, certificate, q_norm, k_norm)
 
 
 @fox_attention_fwd.register_fake
-def _fox_attention_fwd_fake(q, k, v, c, sm_scale=None, log_eps=DEFAULT_LOG_EPS, u_bound=None):
+def _fox_attention_fwd_fake(q, k, v, c, sm_scale=None, log_eps=DEFAULT_LOG_EPS, u_bound=None,
+                            certificate=DEFAULT_CERTIFICATE, q_norm=None, k_norm=None):
     _check(q, k, v, c, sm_scale, log_eps, u_bound)
-    return torch.empty_like(q), _lse_like(q), _u_like(q)
+    check_certificate(certificate)
+    check_norm_stats(q, k, q_norm, k_norm)
+    return torch.empty_like(q), _lse_like(q), _u_like(q), _keep_from_like(q)
 
 
 @torch.library.custom_op("acp::fox_attention_bwd", mutates_args=())
 def fox_attention_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, o: Tensor, lse: Tensor,
     sm_scale: Optional[float] = None, log_eps: Optional[float] = DEFAULT_LOG_EPS, u_bound: Optional[Tensor] = None,
+    keep_from: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     log_eps = _check(q, k, v, c, sm_scale, log_eps, u_bound)
     check_backward_inputs(do, q, o, lse)
-    return dispatch.backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound)
+    check_keep_from(q, keep_from)
+    return dispatch.backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, keep_from)
 
 
 @fox_attention_bwd.register_fake
-def _fox_attention_bwd_fake(do, q, k, v, c, o, lse, sm_scale=None, log_eps=DEFAULT_LOG_EPS, u_bound=None):
+def _fox_attention_bwd_fake(do, q, k, v, c, o, lse, sm_scale=None, log_eps=DEFAULT_LOG_EPS, u_bound=None,
+                            keep_from=None):
     _check(q, k, v, c, sm_scale, log_eps, u_bound)
     check_backward_inputs(do, q, o, lse)
+    check_keep_from(q, keep_from)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(c)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, c, sm_scale, log_eps, _u_bound = inputs
-    o, lse, u = output
-    ctx.save_for_backward(q, k, v, c, o, lse, u)
+    q, k, v, c, sm_scale, log_eps = inputs[:6]
+    o, lse, u, keep_from = output
+    ctx.save_for_backward(q, k, v, c, o, lse, u, keep_from)
     ctx.sm_scale, ctx.log_eps = sm_scale, log_eps
     ctx.c_dtype = c.dtype
-    ctx.mark_non_differentiable(lse, u)
+    ctx.mark_non_differentiable(lse, u, keep_from)
 
 
-def _backward(ctx, do, _dlse, _du):
-    q, k, v, c, o, lse, u = ctx.saved_tensors
-    dq, dk, dv, dc = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, ctx.sm_scale, ctx.log_eps, u)
-    return dq, dk, dv, dc.to(ctx.c_dtype), None, None, None
+def _backward(ctx, do, _dlse, _du, _dkeep):
+    q, k, v, c, o, lse, u, keep_from = ctx.saved_tensors
+    dq, dk, dv, dc = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, ctx.sm_scale, ctx.log_eps, u, keep_from)
+    return dq, dk, dv, dc.to(ctx.c_dtype), None, None, None, None, None, None
 
 
 fox_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -10,18 +10,23 @@ backward: the Triton backward (kernels/fox_triton/backward*.py) under the same c
           the blocked path otherwise.
 Every fallback is logged once per reason on the "acp_compile" logger, never raised.
 
-Mixing is safe: the forward may run in Triton and the backward in the blocked path (or the other
-way round) with different tile sizes, because every plan skips only entries with c_i - c_j < delta
-for the same delta, so both stay within the eps bound of the dense result.
+certificate: "online" (default; DESIGN.md 1.1, kernels/certificate.py) decides per query block while
+          the forward runs; "paper" skips tiles below the threshold delta of the paper's rule.
+keep_from: (B, Hq, Tq) int32, the first kept key of each row, recorded by every forward (both
+          certificates; 0 without pruning) and handed to the backward, which computes exactly that
+          kept set (masking the entries j < keep_from[i] inside the tiles it visits) with the
+          forward's lse: forward and backward agree on what was skipped whatever their tile sizes.
+          A backward called without keep_from recomputes the paper plan (older callers).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from acp_compile.kernels import blocked
+from acp_compile.kernels import blocked, blocked_certified
+from acp_compile.kernels.certificate import cert_stats, keep_from_rows
 from acp_compile.kernels.fox_triton import support
-from acp_compile.kernels.plan import Plan, make_plan, nonfinite_flag, torch_qk_bound
+from acp_compile.kernels.plan import Plan, make_plan, nonfinite_flag, recorded_plan, torch_qk_bound
 from acp_compile.kernels.threshold import default_scale, pruning_enabled
 
 
@@ -85,35 +90,73 @@ def _poison(q, v, u_bound, triton: bool):
     return bad
 
 
-def forward(q, k, v, c, sm_scale, log_eps, u_bound):
-    """(o, lse, u): u is the bound the plan used, for the backward (see ops.py); NaN for a head that
-    `_poison` marks, which turns pruning off for it in the backward (its gradients are NaN as in eager)."""
+def _dense_keep_from(q) -> Tensor:
+    return torch.zeros(q.shape[:3], dtype=torch.int32, device=q.device)
+
+
+def forward(q, k, v, c, sm_scale, log_eps, u_bound, certificate="online", q_norm=None, k_norm=None):
+    """(o, lse, u, keep_from). u: the paper's bound U the plan used ("paper"), zeros ("online"); NaN for
+    a head that `_poison` marks. keep_from (B, Hq, Tq) int32: the recorded kept set (module header); 0
+    for a poisoned head, so its backward prunes nothing (its gradients are NaN as in eager).
+    Under "online", u_bound = +inf turns pruning off for that head; other u_bound values are not read
+    by the certificate (it reads the norms q_norm (B, Hq, Tq) and k_norm (B, Hkv, Tk), computed here
+    when None)."""
     if q.numel() == 0 or k.shape[2] == 0:                 # B, Hq or Tq = 0: empty outputs, as SDPA
         B, Hq, Tq, _ = q.shape
-        return torch.empty_like(q), q.new_zeros((B, Hq, Tq), dtype=torch.float32), q.new_zeros((B, Hq), dtype=torch.float32)
+        return (torch.empty_like(q), q.new_zeros((B, Hq, Tq), dtype=torch.float32),
+                q.new_zeros((B, Hq), dtype=torch.float32), _dense_keep_from(q))
     scale = _scale(q, sm_scale)
     reason = support.unsupported_reason(q, k, v, c)
-    u = pruning_bound(q, k, scale, log_eps, u_bound, triton=reason is None)
+    online = certificate == "online" and pruning_enabled(log_eps)
+    if online:
+        u = q.new_zeros(q.shape[:2], dtype=torch.float32)
+    else:
+        u = pruning_bound(q, k, scale, log_eps, u_bound, triton=reason is None)
     bad = _poison(q, v, u_bound, triton=reason is None)
-    u = u + bad.sum(dim=-1)                       # NaN for a poisoned head: its backward prunes nothing
+    poisoned = torch.isnan(bad.sum(dim=-1))                              # (B, Hq)
+    u = u + bad.sum(dim=-1)                       # NaN for a poisoned head
     if reason is None:
         from acp_compile.kernels.fox_triton import forward as triton_forward
-        return (*triton_forward.forward(q, k, v, c, scale, log_eps, u, bad=bad), u)
-    support.log_fallback_once("forward", reason)
-    plan = blocked_plan(q, k, c, scale, log_eps, u)
-    o, lse = blocked.forward(q, k, v, c, scale, plan)
-    o.add_(bad[:, :, None, :].to(o.dtype))
-    return o, lse, u
+        o, lse, keep_from = triton_forward.forward(
+            q, k, v, c, scale, log_eps, u, bad=bad, certificate=certificate, q_norm=q_norm, k_norm=k_norm,
+            never_prune=_never_prune(q, u_bound) if online else None)
+    else:
+        support.log_fallback_once("forward", reason)
+        if online:
+            stats = cert_stats(q, k, c, scale, blocked.BLOCK_N, q_norm, k_norm)
+            never = _never_prune(q, u_bound)
+            if never is not None:                 # NaN rows never satisfy the certificate
+                stats = stats.__class__(stats.a + torch.where(never, float("nan"), 0.0)[..., None].to(stats.a.dtype),
+                                        stats.a_hi, stats.cmin, stats.phi, stats.block_n)
+            o, lse, start = blocked_certified.forward(q, k, v, c, scale, log_eps, stats, blocked.BLOCK_M)
+            keep_from = keep_from_rows(start, q.shape[2], blocked.BLOCK_M, blocked.BLOCK_N)
+        else:
+            plan = blocked_plan(q, k, c, scale, log_eps, u)
+            o, lse = blocked.forward(q, k, v, c, scale, plan)
+            keep_from = keep_from_rows(plan.start, q.shape[2], plan.block_m, plan.block_n)
+        o.add_(bad[:, :, None, :].to(o.dtype))
+    keep_from = keep_from.masked_fill(poisoned[..., None], 0)
+    return o, lse, u, keep_from
 
 
-def backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound):
+def _never_prune(q, u_bound) -> Tensor | None:
+    """(B, Hq) bool: heads whose u_bound is +inf ("never prune that head"), or None without u_bound."""
+    if u_bound is None:
+        return None
+    return torch.isinf(u_bound.to(device=q.device, dtype=torch.float32).expand(q.shape[:2]))
+
+
+def backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, keep_from=None):
     if q.numel() == 0 or k.numel() == 0:                  # empty: zero gradients (no query reads a key)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(c)
     scale = _scale(q, sm_scale)
     reason = support.unsupported_reason(q, k, v, c)
     if reason is None:
         from acp_compile.kernels.fox_triton import backward as triton_backward
-        return triton_backward.backward(do, q, k, v, c, o, lse, scale, log_eps, u_bound)
+        return triton_backward.backward(do, q, k, v, c, o, lse, scale, log_eps, u_bound, keep_from=keep_from)
     support.log_fallback_once("backward", reason)
+    if keep_from is not None:
+        plan = recorded_plan(keep_from, k.shape[2], blocked.BLOCK_M, blocked.BLOCK_N)
+        return blocked.backward(do, q, k, v, c, o, lse, scale, plan, keep_from=keep_from)
     plan = blocked_plan(q, k, c, scale, log_eps, u_bound)
     return blocked.backward(do, q, k, v, c, o, lse, scale, plan)

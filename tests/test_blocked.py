@@ -238,7 +238,7 @@ def test_any_gate_layout_through_the_op(layout, B, Hq, Hkv, Tq, Tk):
     q, k, v, c = fox_inputs(B, Hq, Hkv, Tq, Tk, 16, strength=0.5, qk_scale=0.5, seed=Tk)
     c = _gate_layouts(c)[layout]
     leaves = [t.clone().requires_grad_() for t in (q, k, v)] + [c.detach().requires_grad_()]
-    o, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None)
+    o, _, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None)
     do = torch.randn_like(o)
     o.backward(do)
     plan = make_plan(q, k, c, 1 / 4, -10.0, None, blocked.BLOCK_M, blocked.BLOCK_N)

@@ -135,7 +135,7 @@ def test_given_bound_prunes_more_and_stays_inside_eps():
 def test_op_routes_to_triton_under_the_switch(dtype):
     q, k, v, c = fox_inputs(1, 4, 2, 45, 60, 32, dtype=dtype, strength=1.0)
     assert dispatch.forward_implementation(q, k, v, c) == "triton"
-    o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -8.0, None)
+    o, lse, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -8.0, None)
     ro, _ = fox_attention_reference(q, k, v, c)
     bound = 2 * math.exp(-8.0) * v.double().norm(dim=-1).amax().item() + TOL[dtype]["o"] * 4
     assert (o.double() - ro).abs().max().item() <= bound
@@ -145,7 +145,7 @@ def test_op_routes_to_triton_under_the_switch(dtype):
 def test_bfloat16_falls_back_to_blocked_under_the_interpreter():
     q, k, v, c = fox_inputs(1, 2, 2, 20, 20, 16, dtype=torch.bfloat16)
     assert dispatch.forward_implementation(q, k, v, c) == "blocked"
-    o, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
+    o, _, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
     ro, _ = fox_attention_reference(q, k, v, c)
     assert (o.double() - ro).abs().max().item() < 3e-2
 
