@@ -42,6 +42,7 @@ from acp_compile.checks import (
     check_u_bound_values, normalize_log_eps,
 )
 from acp_compile.kernels import dispatch
+from acp_compile.kernels.certificate import row_norms  # noqa: F401  (the pass emits it: patterns/norm_stats.py)
 
 DEFAULT_LOG_EPS = -10.0
 DEFAULT_CERTIFICATE = "online"
