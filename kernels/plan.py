@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from acp_compile.kernels.recorded import causal_last_key_block, covering_indices
 from acp_compile.kernels.threshold import pruning_enabled, threshold_delta
 
 
@@ -76,13 +77,6 @@ def head_delta(q: Tensor, k: Tensor, sm_scale: float, log_eps: float | None, u_b
         return torch.full((B, Hq), float("-inf"), device=q.device, dtype=torch.float32)
     u = torch_qk_bound(q, k, sm_scale) if u_bound is None else u_bound.to(q.device, torch.float32).expand(B, Hq)
     return threshold_delta(log_eps, Tk, u)
-
-
-def causal_last_key_block(Tq: int, Tk: int, block_m: int, block_n: int, device=None) -> Tensor:
-    """n_hi (Mq,) int32: the key block of the last position of each query block."""
-    Mq = -(-Tq // block_m)
-    last_row = torch.clamp((torch.arange(Mq, device=device) + 1) * block_m, max=Tq) - 1
-    return ((Tk - Tq + last_row) // block_n).to(torch.int32)
 
 
 def _block_reduce(x: Tensor, block: int, pad_value: float, reduce: str) -> Tensor:
@@ -152,27 +146,10 @@ def skipped_fraction(plan: Plan) -> Tensor:
     return skipped / causal_tiles
 
 
-def recorded_plan(keep_from: Tensor, Tk: int, block_m: int, block_n: int) -> Plan:
-    """The plan of a tile partition (block_m, block_n) that covers a kept set recorded by a forward:
-    keep_from (B, Hq, Tq) int32, the first kept key of each row (kept(i, j) <=> keep_from[i] <= j <= p_i).
 
-    start[m] = min_{i in m} keep_from[i] // block_n: every tile holding a kept entry is visited (a
-    superset when the forward's partition differs; the kernels mask the entries j < keep_from[i] so
-    the computed set is exactly the recorded one). end[n] = 1 + max{m : start[m] <= n} (0 if none):
-    when some m' keeps tile (m', n), that max m >= m' also keeps it (n_hi grows with m), so end[n]
-    is the plan's end; when none does, end[n] <= the first causal query block of n and the dk/dv
-    loop over [m_lo(n), end[n]) is empty. Query blocks below end[n] that do not keep block n are
-    skipped per tile (start[m] <= n is tested per tile, as for a threshold plan).
-    delta is NaN: this plan comes from no threshold. No host sync."""
-    B, Hq, Tq = keep_from.shape
-    Mq, Nk = -(-Tq // block_m), -(-Tk // block_n)
-    kf = torch.nn.functional.pad(keep_from.to(torch.int64), (0, Mq * block_m - Tq), value=2 ** 40)
-    start = (kf.view(B, Hq, Mq, block_m).amin(dim=-1) // block_n).clamp(max=2 ** 30)   # (B, Hq, Mq)
-    n_hi = causal_last_key_block(Tq, Tk, block_m, block_n, keep_from.device)
-    start = torch.minimum(start, n_hi.to(torch.int64))                    # the diagonal is always kept
-    m_idx = torch.arange(1, Mq + 1, device=keep_from.device, dtype=torch.int64).expand(B, Hq, Mq)
-    end = torch.zeros((B, Hq, Nk + 1), dtype=torch.int64, device=keep_from.device)
-    end.scatter_reduce_(-1, start.clamp(max=Nk), m_idx, reduce="amax")
-    end = torch.cummax(end[..., :Nk], dim=-1).values                      # 1 + max{m : start[m] <= n}
-    delta = torch.full((B, Hq), float("nan"), device=keep_from.device)
-    return Plan(block_m, block_n, delta, start.to(torch.int32), end.to(torch.int32), n_hi)
+def recorded_plan(keep_from: Tensor, Tk: int, block_m: int, block_n: int) -> Plan:
+    """The plan of a (block_m, block_n) partition that covers the kept set a forward recorded
+    (kernels/recorded.py); delta is NaN: this plan comes from no threshold."""
+    start, end, n_hi = covering_indices(keep_from, Tk, block_m, block_n)
+    delta = torch.full(keep_from.shape[:2], float("nan"), device=keep_from.device)
+    return Plan(block_m, block_n, delta, start, end, n_hi)
