@@ -20,6 +20,7 @@ def fox_attention(
     q: Tensor, k: Tensor, v: Tensor, log_fgate: Tensor, *,
     sm_scale: float | None = None, log_eps: float | None = DEFAULT_LOG_EPS,
     u_bound: Tensor | float | None = None, layout: str = "bhtd", check_u_bound: bool = False,
+    key_padding_mask: Tensor | None = None, document_ids: Tensor | None = None, cu_seqlens: Tensor | None = None,
     certificate: str = DEFAULT_CERTIFICATE,
 ) -> Tensor:
     """Causal FoX attention, o_i = sum_j softmax_j(scale q_i.k_j + c_i - c_j) v_j with c = cumsum(log_fgate).
@@ -47,6 +48,18 @@ def fox_attention(
     sm_scale * max |q_i.k_j| over the causal pairs (a dense pass, with one host sync: for debugging and
     tests, not training) and raises ValueError naming the heads where u_bound is below it.
 
+    Padded and packed batches (combined with the causal mask; any layout):
+      key_padding_mask (B, Tk) bool or integer, True/1 = attend (Hugging Face's attention_mask): left
+        padding (batched generation) and right padding alike. A query row with no visible key (a
+        left-padded position before the first token) returns 0 and gets zero gradients (eager's softmax
+        over an all -inf row gives NaN there; mask or drop those rows).
+      document_ids (B, Tk) integer: packed documents; a query sees only keys of its own run of equal ids.
+      cu_seqlens (N + 1,) integer, flash-attn/fla varlen style with B = 1: document n holds positions
+        cu_seqlens[n] .. cu_seqlens[n+1] - 1, cu_seqlens[0] = 0, cu_seqlens[N] = Tk (converted to
+        document_ids; give one of the two). The gate needs no restart per document: c_i - c_j within a
+        document is the same for a global cumulative sum.
+      The eps bound holds per row: decays are measured from the row's newest visible key.
+
     NaN semantics: NaN in q, k or log_fgate spreads as in the eager formula (a NaN bound turns pruning
     off for that head). A NaN or infinity anywhere in v[b, hk], even at a position no query sees, makes
     every output row of the heads reading it NaN, as in eager attention (0 x NaN = NaN), on every device
@@ -68,10 +81,35 @@ def fox_attention(
         u_bound = torch.tensor(float(u_bound), device=q.device)
     if check_u_bound and u_bound is not None:
         verify_u_bound(q, k, u_bound, sm_scale)
+    if cu_seqlens is not None:
+        if document_ids is not None:
+            raise ValueError("fox_attention: give document_ids or cu_seqlens, not both")
+        document_ids = cu_seqlens_to_document_ids(cu_seqlens, q.shape[0], k.shape[2])
     c_dtype = torch.float64 if log_fgate.dtype == torch.float64 else torch.float32
     c = torch.cumsum(log_fgate, dim=-1, dtype=c_dtype)                                # (B, Hq, Tk)
-    o, _, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound, certificate)
+    o, _, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound, key_padding_mask,
+                                                 document_ids, certificate)
     return o.transpose(1, 2) if layout == "bthd" else o
+
+
+def cu_seqlens_to_document_ids(cu_seqlens: Tensor, batch: int, Tk: int) -> Tensor:
+    """(1, Tk) int32 document ids from cu_seqlens (N + 1,): position t is in document n when
+    cu_seqlens[n] <= t < cu_seqlens[n + 1]. B must be 1 (varlen packs every document into one row).
+    The values are checked on CPU tensors (cu_seqlens[0] == 0, non-decreasing, cu_seqlens[-1] == Tk);
+    on CUDA they are not read (no host sync)."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("fox_attention: cu_seqlens must be a 1-d integer tensor (N + 1,) of document offsets, "
+                         f"got {cu_seqlens if not isinstance(cu_seqlens, Tensor) else tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+        raise TypeError(f"fox_attention: cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+    if batch != 1:
+        raise ValueError(f"fox_attention: cu_seqlens packs documents into one row, so the batch must be 1; got B = {batch}")
+    if cu_seqlens.device.type == "cpu":
+        cs = cu_seqlens.tolist()
+        if cs[0] != 0 or cs[-1] != Tk or any(a > b for a, b in zip(cs, cs[1:])):
+            raise ValueError(f"fox_attention: cu_seqlens must start at 0, never decrease and end at Tk = {Tk}; got {cs}")
+    pos = torch.arange(Tk, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), pos, right=True).to(torch.int32)[None]
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, c: Tensor, u_bound: Tensor | None = None) -> None:
-    """Shapes: q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D), c (B, Hq, Tk)."""
+    """Shapes: q (B, Hq, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv) (Dv may differ from D), c (B, Hq, Tk)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("c", c)):
         if not isinstance(t, Tensor):
             raise TypeError(f"fox_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -23,19 +23,16 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, c: Tensor, u_bound: 
     if len(devices) != 1:
         raise ValueError(f"fox_attention: q, k, v and the gate must be on one device, got {sorted(map(str, devices))}")
     B, Hq, Tq, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"fox_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    _check_kv_shapes(q, k, v)
     Bk, Hkv, Tk, Dk = k.shape
-    if Bk != B:
-        raise ValueError(f"fox_attention: k has batch {Bk} but q has batch {B}")
-    if Dk != D:
-        raise ValueError(f"fox_attention: k and v have head dim {Dk} but q has {D}")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(
             f"fox_attention: the number of query heads ({Hq}) must be a multiple of the number of kv heads ({Hkv})"
         )
     if D == 0:
-        raise ValueError(f"fox_attention: q, k and v have head dim 0 (q {tuple(q.shape)}); the head dim must be >= 1")
+        raise ValueError(f"fox_attention: q and k have head dim 0 (q {tuple(q.shape)}); the head dim must be >= 1")
+    if v.shape[3] == 0:
+        raise ValueError(f"fox_attention: v has head dim 0 (v {tuple(v.shape)}); the value head dim Dv must be >= 1")
     if Tq > Tk:
         raise ValueError(
             f"fox_attention: q has {Tq} positions but k only {Tk}; queries are the last Tq of Tk positions, so Tq <= Tk"
@@ -59,6 +56,43 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, c: Tensor, u_bound: 
             ) from None
         if u_bound.device != q.device:
             raise ValueError(f"fox_attention: u_bound is on {u_bound.device} but q is on {q.device}")
+
+
+def _check_kv_shapes(q: Tensor, k: Tensor, v: Tensor, names: str = "(B, Hkv, Tk, D)") -> None:
+    """k against q (batch and head dim D); v against k: every dim but the last (Dv may differ from D).
+    names spells k's dims in the caller's layout, for the error."""
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"fox_attention: k has batch {k.shape[0]} but q has batch {q.shape[0]}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"fox_attention: k has head dim {k.shape[3]} but q has {q.shape[3]} (q and k share D)")
+    if k.shape[:3] != v.shape[:3]:
+        expected = "(" + ", ".join(str(x) for x in k.shape[:3]) + ", Dv)"
+        raise ValueError(
+            f"fox_attention: v must have shape {names[:-2]}Dv) = {expected} like k except the value head dim "
+            f"Dv, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+
+
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_segment_inputs(key_mask: Tensor | None, doc_ids: Tensor | None, q: Tensor, k: Tensor) -> None:
+    """key_mask (B, Tk) bool or integer (nonzero = attend, as Hugging Face's attention_mask) and doc_ids
+    (B, Tk) integer document ids, each optional, on q's device."""
+    B, Tk = q.shape[0], k.shape[2]
+    for name, t, what in (("key_mask", key_mask, "bool or integer (True/1 = attend)"),
+                          ("doc_ids", doc_ids, "integer document ids")):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"fox_attention: {name} must be a (B, Tk) tensor or None, got {type(t).__name__}")
+        if t.dim() != 2 or tuple(t.shape) != (B, Tk):
+            raise ValueError(f"fox_attention: {name} must have shape (B, Tk) = {(B, Tk)}, got {tuple(t.shape)}")
+        allowed = (torch.bool, *INT_DTYPES) if name == "key_mask" else INT_DTYPES
+        if t.dtype not in allowed:
+            raise TypeError(f"fox_attention: {name} must be {what}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"fox_attention: {name} is on {t.device} but q is on {q.device}")
 
 
 U_BOUND_POLICY = (
@@ -89,15 +123,18 @@ def check_u_bound_float(u_bound: float) -> None:
         raise ValueError(f"fox_attention: {U_BOUND_POLICY}; got {u_bound}")
 
 
-def check_backward_inputs(do: Tensor, q: Tensor, o: Tensor, lse: Tensor) -> None:
-    """fox_attention_bwd's own arguments: do and o like q (shape, dtype, device), lse (B, Hq, Tq) fp32."""
+def check_backward_inputs(do: Tensor, q: Tensor, o: Tensor, lse: Tensor, v: Tensor | None = None) -> None:
+    """fox_attention_bwd's own arguments: do and o (B, Hq, Tq, Dv) with q's dtype and device (Dv = v's
+    last dim; q's head dim when v is not given), lse (B, Hq, Tq) fp32."""
     B, Hq, Tq, D = q.shape
+    Dv = D if v is None else v.shape[-1]
     for name, t in (("do", do), ("o", o)):
         if not isinstance(t, Tensor):
             raise TypeError(f"fox_attention_bwd: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != tuple(q.shape):
+        if tuple(t.shape) != (B, Hq, Tq, Dv):
             raise ValueError(
-                f"fox_attention_bwd: {name} must have q's shape (B, Hq, Tq, D) = {tuple(q.shape)}, got {tuple(t.shape)}"
+                f"fox_attention_bwd: {name} must have shape (B, Hq, Tq, Dv) = {(B, Hq, Tq, Dv)} (the output's), "
+                f"got {tuple(t.shape)}"
             )
         if t.dtype != q.dtype:
             raise TypeError(f"fox_attention_bwd: {name} must have q's dtype {q.dtype}, got {t.dtype}")
@@ -203,12 +240,7 @@ def check_api_inputs(q: Tensor, k: Tensor, v: Tensor, log_fgate: Tensor, layout:
     if not isinstance(log_fgate, Tensor):
         raise TypeError(f"fox_attention: log_fgate must be a tensor, got {type(log_fgate).__name__}")
     t_axis, h_axis = (2, 1) if layout == "bhtd" else (1, 2)
-    if k.shape != v.shape:
-        raise ValueError(f"fox_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"fox_attention: k and v have batch {k.shape[0]} but q has batch {q.shape[0]}")
-    if k.shape[3] != q.shape[3]:
-        raise ValueError(f"fox_attention: k and v have head dim {k.shape[3]} but q has {q.shape[3]}")
+    _check_kv_shapes(q, k, v, "(B, Hkv, Tk, D)" if layout == "bhtd" else "(B, Tk, Hkv, D)")
     B, Hq, Tk = q.shape[0], q.shape[h_axis], k.shape[t_axis]
     if layout == "bhtd":
         expected, spelled = (B, Hq, Tk), "(B, Hq, Tk)"

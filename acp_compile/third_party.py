@@ -173,7 +173,7 @@ def _threshold_as_bound(threshold, Tk, q):
 def _shapes_supported(q, k, v, gate, head_first: bool, same_length: bool) -> bool:
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v, gate)):
         return False
-    if q.dim() != 4 or k.dim() != 4 or gate.dim() != 3 or k.shape != v.shape:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or gate.dim() != 3 or k.shape[:3] != v.shape[:3]:
         return False
     t_axis, h_axis = (2, 1) if head_first else (1, 2)
     Tq, Tk, Hq, Hkv = q.shape[t_axis], k.shape[t_axis], q.shape[h_axis], k.shape[h_axis]
@@ -192,7 +192,7 @@ def _acp_log_eps(label: str, exact: bool):
     if not exact:
         acp_counters()["near_miss"] += 1
         log.info("acp near-miss: %s called with options or shapes the op does not cover (window_size, "
-                 "cu_seqlens, seq_start, Dv != D or Tq > Tk); left as it is", label)
+                 "cu_seqlens, seq_start or Tq > Tk); left as it is", label)
         return "original"
     acp_counters()["fox_attention"] += 1
     acp_counters()["fox_substituted"] += 1

@@ -3,13 +3,17 @@
 This is the CPU implementation and the fallback on CUDA for shapes the Triton kernels do not cover.
 
 Notation (one batch element b, query head h, kv head h // g with g = Hq // Hkv):
-  q (B, Hq, Tq, D)   k, v (B, Hkv, Tk, D)   c (B, Hq, Tk) cumulative log forget gate
+  q (B, Hq, Tq, D)   k (B, Hkv, Tk, D)   v (B, Hkv, Tk, Dv)   c (B, Hq, Tk) cumulative log forget gate
+  o, do (B, Hq, Tq, Dv): the value head dim Dv may differ from D
   off = Tk - Tq      query row i sits at key position p_i = off + i
   query block m: rows [r0, r1) = [m*BM, min((m+1)*BM, Tq))
   kept key range of (b, h, m): [k0, k1) = [start[b,h,m] * BN, off + r1)
       every key below k0 lies in a skipped tile; every key at or past k1 is above the diagonal
   s = scale * q k^T + c[p_i] - c[j] on (rows of m) x [k0, k1)       (BMa, L) per head, L = k1 - k0
   the causal mask touches only the last BMa columns of that range (keys off+r0 .. off+r1-1)
+  with segments (kernels/segments.py: key_mask and packed documents) every column j of the range
+  is also masked where key_valid[b, j] is False or j < lo[b, p_i]; a row left with no visible key
+  gives o = 0 and lse = -inf (and p = 0 in the backward), never NaN
 
 Forward, per query block m and group of heads sharing start[b,h,m]: ONE matmul against the kept
 key range, a direct softmax over it in fp32 (fp64 for fp64 inputs), o = P V and lse = logsumexp.
@@ -40,7 +44,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from acp_compile.kernels.layout import empty_like_last
 from acp_compile.kernels.plan import Plan
+from acp_compile.kernels.segments import Segments
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -63,6 +69,15 @@ class _Heads:
     h_kv: slice | Tensor | None = None   # slice: kv heads kv0:kv1; index: (G,) kv head h // g
     flat_q: slice | Tensor | None = None   # rows of a (B*Hq, ...) accumulator
     flat_kv: slice | Tensor | None = None  # rows of a (B*Hkv, ...) accumulator
+
+    def batch_rows(self, x: Tensor, t0: int, t1: int, Hq: int) -> Tensor:
+        """x (B, T) per-batch data -> (G, t1 - t0) for the batch element of each selected query head."""
+        if self.mode == "all":
+            return x[:, None, t0:t1].expand(x.shape[0], Hq, t1 - t0).flatten(0, 1)
+        if self.mode == "slice":
+            n = self.h.stop - self.h.start
+            return x[self.b, t0:t1][None].expand(n, t1 - t0)
+        return x[self.b, t0:t1]
 
     def q_rows(self, x: Tensor, t0: int, t1: int, dtype: torch.dtype) -> Tensor:
         """x (B, Hq, T, ...) -> (G, t1 - t0, ...) for the selected query heads."""
@@ -182,7 +197,7 @@ def _blocks(q: Tensor, k: Tensor, plan: Plan):
             yield _Block(r0, r1, k0, k1, heads)
 
 
-def _scores(blk: _Block, q: Tensor, k: Tensor, c: Tensor, sm_scale: float, dt: torch.dtype):
+def _scores(blk: _Block, q: Tensor, k: Tensor, c: Tensor, sm_scale: float, dt: torch.dtype, seg=None):
     """One block visit: scaled q rows (G, BMa, D), k rows (Gk, L, D) and the masked scores
     s = scale q k^T + c_i - c_j (G, BMa, L), built as bias + gemm in one baddbmm."""
     off = k.shape[2] - q.shape[2]
@@ -201,29 +216,49 @@ def _scores(blk: _Block, q: Tensor, k: Tensor, c: Tensor, sm_scale: float, dt: t
     idx = torch.arange(bma, device=q.device)
     above_diagonal = idx[None, :] > idx[:, None]                          # (BMa, BMa): key after query
     s[:, :, -bma:].masked_fill_(above_diagonal, float("-inf"))          # keys off+r0 .. off+r1-1
+    if seg is not None:
+        Hq = q.shape[1]
+        key_ok = blk.heads.batch_rows(seg.key_valid, blk.k0, blk.k1, Hq)           # (G, L)
+        lo = blk.heads.batch_rows(seg.lo, off + blk.r0, off + blk.r1, Hq)         # (G, BMa)
+        cols = torch.arange(blk.k0, blk.k1, device=q.device)
+        visible = key_ok[:, None, :] & (cols[None, None, :] >= lo[:, :, None])    # (G, BMa, L)
+        s.masked_fill_(~visible, float("-inf"))
     return q_blk, k_blk, s
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, plan: Plan) -> tuple[Tensor, Tensor]:
-    """o (B, Hq, Tq, D) like q, lse (B, Hq, Tq) fp32; computes exactly the entries the plan keeps."""
+def _softmax_rows(s: Tensor, seg) -> tuple[Tensor, Tensor]:
+    """(p, row_max) of the kept row; with segments a row with no visible key gets p = 0 (not NaN)."""
+    row_max = s.amax(dim=-1)                                              # (G, BMa)
+    p = torch.softmax(s, dim=-1)                                          # (G, BMa, L)
+    if seg is not None:
+        p.masked_fill_((row_max == float("-inf"))[..., None], 0.0)
+    return p, row_max
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, plan: Plan,
+            seg: Segments | None = None) -> tuple[Tensor, Tensor]:
+    """o (B, Hq, Tq, Dv) in q's layout, lse (B, Hq, Tq) fp32; computes exactly the entries the plan keeps
+    (and that the segments leave visible)."""
     dt = _compute_dtype(q)
-    o = torch.empty_like(q)
+    o = empty_like_last(q, v.shape[-1])
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     for blk in _blocks(q, k, plan):
-        _, _, s = _scores(blk, q, k, c, sm_scale, dt)                     # (G, BMa, L)
-        row_max = s.amax(dim=-1)                                          # (G, BMa)
-        p = torch.softmax(s, dim=-1)                                      # (G, BMa, L)
+        _, _, s = _scores(blk, q, k, c, sm_scale, dt, seg)                # (G, BMa, L)
+        p, row_max = _softmax_rows(s, seg)                                # (G, BMa, L), (G, BMa)
         # At the row maximum p = exp(0) / sum, so lse = max + log(sum) = max - log(max_j p): two cheap
         # reductions instead of a second exp pass (torch.logsumexp costs twice the softmax on CPU).
-        blk.heads.write_q_rows(lse, blk.r0, blk.r1, row_max - torch.log(p.amax(dim=-1)))
-        v_blk = blk.heads.kv_rows(v, blk.k0, blk.k1, dt)                  # (Gk, L, D)
+        row_lse = row_max - torch.log(p.amax(dim=-1))
+        if seg is not None:                                               # no visible key: -inf, not NaN
+            row_lse = row_lse.masked_fill(row_max == float("-inf"), float("-inf"))
+        blk.heads.write_q_rows(lse, blk.r0, blk.r1, row_lse)
+        v_blk = blk.heads.kv_rows(v, blk.k0, blk.k1, dt)                  # (Gk, L, Dv)
         blk.heads.write_q_rows(o, blk.r0, blk.r1, _matmul_heads(p, v_blk, transpose_b=False))
     return o, lse
 
 
 def backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, o: Tensor, lse: Tensor, sm_scale: float, plan: Plan,
-    keep_from: Tensor | None = None,
+    seg: Segments | None = None, keep_from: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq like q, dk like k, dv like v, dc like c: c's dtype and strides) of the pruned attention.
 
@@ -246,21 +281,21 @@ def backward(
     off = Tk - Tq
     dq = torch.empty_like(q)
     dk_acc = torch.zeros(B * Hkv, Tk, D, dtype=dt, device=q.device)
-    dv_acc = torch.zeros(B * Hkv, Tk, D, dtype=dt, device=q.device)
+    dv_acc = torch.zeros(B * Hkv, Tk, v.shape[3], dtype=dt, device=q.device)
     dc_acc = torch.zeros(B * Hq, Tk, dtype=acc_dt, device=q.device)
     # 0, or NaN in a row whose output is NaN (a head poisoned by the forward, see dispatch._poison): the
     # Triton backward's Delta = dO . O carries that NaN into dS, and so does this one.
     o_nan = (do.to(dt) * o.to(dt)).sum(dim=-1).mul_(0.0)                 # (B, Hq, Tq)
     for blk in _blocks(q, k, plan):
         heads, r0, r1, k0, k1 = blk.heads, blk.r0, blk.r1, blk.k0, blk.k1
-        q_blk, k_blk, s = _scores(blk, q, k, c, sm_scale, dt)
+        q_blk, k_blk, s = _scores(blk, q, k, c, sm_scale, dt, seg)
         if keep_from is not None:                                          # exactly the recorded kept set
             kf = heads.q_rows(keep_from, r0, r1, torch.int64)              # (G, BMa)
             cols = torch.arange(k0, k1, device=q.device)
             s.masked_fill_(cols[None, None, :] < kf[:, :, None], float("-inf"))
-        p = torch.softmax(s, dim=-1)                                      # (G, BMa, L), the forward's P
-        do_blk = heads.q_rows(do, r0, r1, dt)                             # (G, BMa, D)
-        v_blk = heads.kv_rows(v, k0, k1, dt)                              # (Gk, L, D)
+        p, _ = _softmax_rows(s, seg)                                      # (G, BMa, L), the forward's P
+        do_blk = heads.q_rows(do, r0, r1, dt)                             # (G, BMa, Dv)
+        v_blk = heads.kv_rows(v, k0, k1, dt)                              # (Gk, L, Dv)
         Gk = k_blk.shape[0]
         heads.add_kv_rows(dv_acc, k0, k1, _matmul_heads_t(p, do_blk, Gk))
         dp = _matmul_heads(do_blk, v_blk, transpose_b=True)               # (G, BMa, L)
@@ -273,7 +308,7 @@ def backward(
         heads.add_q_rows(dc_acc, off + r0, off + r1, ds.sum(dim=2).to(acc_dt))  # +row sums, (G, BMa)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dk.copy_(dk_acc.view(B, Hkv, Tk, D))
-    dv.copy_(dv_acc.view(B, Hkv, Tk, D))
+    dv.copy_(dv_acc.view(B, Hkv, Tk, v.shape[3]))
     dc = torch.empty_like(c)
     dc.copy_(dc_acc.view(B, Hq, Tk))
     return dq, dk, dv, dc

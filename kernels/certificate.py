@@ -61,14 +61,18 @@ def _block_reduce(x: Tensor, block: int, pad_value: float, reduce: str) -> Tenso
 
 
 def cert_stats(q: Tensor, k: Tensor, c: Tensor, sm_scale: float, block_n: int,
-               q_norm: Tensor | None = None, k_norm: Tensor | None = None) -> CertStats:
-    """The certificate's statistics for q (B, Hq, Tq, D), k (B, Hkv, Tk, D), c (B, Hq, Tk); no host sync."""
+               q_norm: Tensor | None = None, k_norm: Tensor | None = None,
+               never_prune: Tensor | None = None) -> CertStats:
+    """The certificate's statistics for q (B, Hq, Tq, D), k (B, Hkv, Tk, D), c (B, Hq, Tk); no host sync.
+    never_prune (B, Hq) bool, optional: those heads get a = NaN, so no block of theirs ever stops."""
     B, Hq = q.shape[:2]
     Hkv = k.shape[1]
     dt = torch.float64 if c.dtype == torch.float64 else torch.float32
     qn = row_norms(q) if q_norm is None else q_norm.to(device=q.device, dtype=torch.float32)
     kn = row_norms(k) if k_norm is None else k_norm.to(device=q.device, dtype=torch.float32)
     a = (qn * float(sm_scale)).to(dt)                                        # (B, Hq, Tq)
+    if never_prune is not None:
+        a = a + torch.where(never_prune, float("nan"), 0.0).to(device=a.device, dtype=dt)[..., None]
     a_hi = a.amax(dim=-1) if a.shape[-1] else a.new_zeros((B, Hq))          # (B, Hq)
     k_blk = _block_reduce(kn.to(dt), block_n, float("-inf"), "max")          # (B, Hkv, Nk)
     Nk = k_blk.shape[-1]
@@ -91,9 +95,14 @@ def log_unvisited_bound(n: int, a: Tensor, c_rows: Tensor, a_hi: Tensor, cmin: T
     return math.log(n * block_n) + c_rows + (-cm + t * (ph + cm))
 
 
-def stops(log_bound: Tensor, lse_visited: Tensor, log_eps: float) -> Tensor:
-    """(G,) bool: every row's unvisited bound is within eps of its visited mass (NaN: False)."""
-    return (log_bound <= log_eps + lse_visited).all(dim=-1)
+def stops(log_bound: Tensor, lse_visited: Tensor, log_eps: float, live: Tensor | None = None) -> Tensor:
+    """(G,) bool: every row's unvisited bound is within eps of its visited mass (NaN: False). live
+    (G, R) bool, optional: only those rows count (a row with no visible key at all outputs 0 and
+    drops nothing)."""
+    holds = log_bound <= log_eps + lse_visited
+    if live is not None:
+        holds = holds | ~live
+    return holds.all(dim=-1)
 
 
 def keep_from_rows(start: Tensor, Tq: int, block_m: int, block_n: int) -> Tensor:

@@ -4,10 +4,13 @@ Notation (per batch element b and query head h; GQA maps h to kv head h // (Hq /
   U      bound on |scale * q_i . k_j|: scale * max_i ||q_i|| * max_j ||k_j||, or the caller's u_bound
   delta  log_eps - log(Tk) - 2U ; -inf when pruning is off (log_eps None or -inf) or U is not >= 0
   tile (m, n): query rows [m*BM, (m+1)*BM) of Tq, keys [n*BN, (n+1)*BN) of Tk
-  tile_max(m, n) = max_{i in m} c[p_i] - min_{j in n} c[j]   (exact block extrema: safe for any c)
+  tile_max(m, n) = max_{i in m} c[a_i] - min_{j in n} c[j]   (exact block extrema: safe for any c)
+           a_i = p_i (the diagonal) without a key mask; with padding or packed documents the row's
+           anchor, its newest visible key (kernels/segments.py: why the bound then still holds)
   n_hi(m) last key block holding a causal entry of query block m (it holds a diagonal entry)
   start[m] number of leading key blocks 0.. that are all skipped (tile_max < delta); the plan
-           stops at the first kept tile, so kept(m, n) <=> start[m] <= n <= n_hi(m)
+           stops at the first kept tile, so kept(m, n) <=> start[m] <= n <= n_hi(m); with packed
+           documents at least lo[p_first] // BN (the key blocks before the block's first document)
   end[n]   1 + the last query block m with kept(m, n), or 0 when no query block keeps it
            (exclusive bound for the dk/dv loop; for a non-monotone c the kept m's between the
            diagonal and end[n] need not be contiguous: test kept(m, n) per tile)
@@ -24,6 +27,7 @@ import torch
 from torch import Tensor
 
 from acp_compile.kernels.recorded import causal_last_key_block, covering_indices
+from acp_compile.kernels.segments import Segments, anchor_c, first_document_block
 from acp_compile.kernels.threshold import pruning_enabled, threshold_delta
 
 
@@ -88,36 +92,40 @@ def _block_reduce(x: Tensor, block: int, pad_value: float, reduce: str) -> Tenso
     return x.amax(dim=-1) if reduce == "max" else x.amin(dim=-1)
 
 
-def block_extrema(c: Tensor, Tq: int, block_m: int, block_n: int) -> tuple[Tensor, Tensor]:
-    """Max of c over each query block (B, Hq, Mq) and min of c over each key block (B, Hq, Nk)."""
-    Tk = c.shape[-1]
+def block_extrema(c: Tensor, Tq: int, block_m: int, block_n: int, seg: Segments | None = None) -> tuple[Tensor, Tensor]:
+    """Max of c at the rows' anchors over each query block (B, Hq, Mq) and min of c over each key
+    block (B, Hq, Nk)."""
     c = c.float()
-    c_max_q = _block_reduce(c[..., Tk - Tq:], block_m, float("-inf"), "max")
+    c_max_q = _block_reduce(anchor_c(c, seg, Tq), block_m, float("-inf"), "max")
     c_min_k = _block_reduce(c, block_n, float("inf"), "min")
     return c_max_q, c_min_k
 
 
-def tile_skip_mask(delta: Tensor, c: Tensor, Tq: int, block_m: int, block_n: int) -> Tensor:
+def tile_skip_mask(delta: Tensor, c: Tensor, Tq: int, block_m: int, block_n: int,
+                   seg: Segments | None = None) -> Tensor:
     """(B, Hq, Mq, Nk) bool: tile whose largest decay lies below delta (before the prefix rule)."""
-    c_max_q, c_min_k = block_extrema(c, Tq, block_m, block_n)
+    c_max_q, c_min_k = block_extrema(c, Tq, block_m, block_n, seg)
     tile_max = c_max_q[..., :, None] - c_min_k[..., None, :]
     return tile_max < delta[..., None, None]                              # NaN compares False: kept
 
 
 def make_plan(
     q: Tensor, k: Tensor, c: Tensor, sm_scale: float, log_eps: float | None, u_bound: Tensor | None,
-    block_m: int, block_n: int,
+    block_m: int, block_n: int, seg: Segments | None = None,
 ) -> Plan:
-    """The plan for q (B, Hq, Tq, D), k (B, Hkv, Tk, D), c (B, Hq, Tk)."""
+    """The plan for q (B, Hq, Tq, D), k (B, Hkv, Tk, D), c (B, Hq, Tk), segments (kernels/segments.py)."""
     Tq, Tk = q.shape[2], k.shape[2]
     delta = head_delta(q, k, sm_scale, log_eps, u_bound)
     n_hi = causal_last_key_block(Tq, Tk, block_m, block_n, q.device)       # (Mq,)
-    skip = tile_skip_mask(delta, c, Tq, block_m, block_n)                  # (B, Hq, Mq, Nk)
+    skip = tile_skip_mask(delta, c, Tq, block_m, block_n, seg)             # (B, Hq, Mq, Nk)
     Nk = skip.shape[-1]
     n_idx = torch.arange(Nk, device=q.device)
     causal = n_idx[None, :] <= n_hi[:, None]                               # (Mq, Nk)
     # Leading run of skipped tiles; a tile at or past the diagonal block is never counted.
     start = torch.cumprod((skip & causal).to(torch.int32), dim=-1).sum(dim=-1, dtype=torch.int32)
+    doc_start = first_document_block(seg, Tq, block_m, block_n)            # (B, Mq): other documents
+    if doc_start is not None:
+        start = torch.maximum(start, doc_start[:, None, :])
     kept = (n_idx >= start[..., None]) & causal                            # (B, Hq, Mq, Nk)
     m_idx = torch.arange(1, kept.shape[-2] + 1, device=q.device, dtype=torch.int32)
     end = (kept.to(torch.int32) * m_idx[:, None]).amax(dim=-2).to(torch.int32)   # (B, Hq, Nk)

@@ -3,7 +3,7 @@
 Nodes inserted just before `match.replace`:
   q, k, v, c          operands (builders run here)
   q_norm, k_norm      the online certificate's norm statistics (patterns/norm_stats.py), when it prunes
-  out = acp.fox_attention_fwd(q, k, v, c, sm_scale, log_eps, None, certificate, q_norm, k_norm)
+  out = acp.fox_attention_fwd(q, k, v, c, sm_scale, log_eps, None, certificate=, q_norm=, k_norm=)
                       (o, lse, u, keep_from)
   o   = out[0]  (B, Hq, Tq, D)
   o   = o + acp.report_site(..., out[3])  when reporting is on (a zero scalar with a recording side
@@ -50,7 +50,8 @@ def emit_fox_attention(gm: fx.GraphModule, match: FoxMatch, config: ACPConfig, s
             q_norm, k_norm = emit_norm_stats(graph, q, k)
         out = graph.call_function(
             torch.ops.acp.fox_attention_fwd.default,
-            (q, k, v, c, sm_scale, config.op_log_eps, None, config.certificate, q_norm, k_norm),
+            (q, k, v, c, sm_scale, config.op_log_eps, None),
+            {"certificate": config.certificate, "q_norm": q_norm, "k_norm": k_norm},
         )
         o = graph.call_function(operator.getitem, (out, 0))
         if config.report:

@@ -265,8 +265,8 @@ def _sizes(q, k, v) -> _Sizes:
         raise NotProven("flex_attention inputs are not 4-d (B, H, T, D)")
     if not (qv.dtype == kv.dtype == vv.dtype) or not qv.dtype.is_floating_point:
         raise NotProven(f"q, k, v dtypes differ or are not float: {qv.dtype}, {kv.dtype}, {vv.dtype}")
-    if any(sym_expr(a) != sym_expr(b) for a, b in zip(kv.shape, vv.shape)):
-        raise NotProven("k and v shapes differ (a value head dim unlike the key head dim is not supported by the op)")
+    if any(sym_expr(a) != sym_expr(b) for a, b in zip(kv.shape[:3], vv.shape[:3])):
+        raise NotProven("k and v differ in batch, heads or length (only the value head dim may differ)")
     if sym_expr(qv.shape[0]) != sym_expr(kv.shape[0]) or sym_expr(qv.shape[3]) != sym_expr(kv.shape[3]):
         raise NotProven("q and k differ in batch or head dim")
     Tq, Tk = (sym_expr(qv.shape[2]), sym_expr(kv.shape[2]))

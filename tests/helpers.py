@@ -25,9 +25,10 @@ def default_scale(D: int) -> float:
 def fox_inputs(
     B=1, Hq=2, Hkv=None, Tq=None, Tk=64, D=16, *, dtype=torch.float32, strength=None, qk_scale=1.0,
     gate="monotone", seed=0, device="cpu", n_global=None, layout="bhtd", draw_on="cpu", log_f=False,
-    gate_dtype=torch.float32, gate_seed=None, grad=None,
+    gate_dtype=torch.float32, gate_seed=None, grad=None, Dv=None,
 ):
-    """Random q (B, Hq, Tq, D), k, v (B, Hkv, Tk, D) standard normal and c (B, Hq, Tk) = cumsum(log f).
+    """Random q (B, Hq, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv) standard normal and c (B, Hq, Tk) =
+    cumsum(log f); Dv defaults to D (and do is (B, Hq, Tq, Dv)).
 
     q and k are scaled by qk_scale (the q/k scale controls the bound U). The per-token log gates log f:
       "monotone"  -strength * U(0.5, 1.5) (c never increases);
@@ -59,8 +60,8 @@ def fox_inputs(
     g = torch.Generator(device=on).manual_seed(seed)
     gg = g if gate_seed is None else torch.Generator(device=on).manual_seed(gate_seed)
 
-    def normal(H, T, scale=None):
-        shape = (B, H, T, D) if layout == "bhtd" else (B, T, H, D)
+    def normal(H, T, scale=None, last=D):
+        shape = (B, H, T, last) if layout == "bhtd" else (B, T, H, last)
         if draw_on == "device":
             x = torch.randn(shape, device=on, generator=g, dtype=dtype)
             x = x if scale is None else x * scale
@@ -74,8 +75,9 @@ def fox_inputs(
 
     q = normal(Hq, Tq, qk_scale)
     k = normal(Hkv, Tk, qk_scale)
-    v = normal(Hkv, Tk)
-    do = normal(Hq, Tq) if grad == "before_gate" else None
+    Dv = D if Dv is None else Dv
+    v = normal(Hkv, Tk, last=Dv)
+    do = normal(Hq, Tq, last=Dv) if grad == "before_gate" else None
     if gate == "walk":
         steps = (torch.randn(B, Hq, Tk, device=on, generator=gg, dtype=gate_dtype) - 0.5) * strength
     elif gate == "logit":
@@ -98,6 +100,6 @@ def fox_inputs(
     if gate == "bump" and not log_f:
         c[..., 2 * Tk // 3: Tk - 8] += 0.8 * strength * Tk
     if grad == "after_gate":
-        do = normal(Hq, Tq)
+        do = normal(Hq, Tq, last=Dv)
     out = (q, k, v, c) if grad is None else (q, k, v, c, do)
     return tuple(t.to(device) for t in out)

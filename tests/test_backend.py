@@ -248,8 +248,8 @@ def test_certificate_option_reaches_the_op_with_norm_statistics_for_online(rewri
     torch.compile(sc.matmul_div_sqrt_triu, backend="acp",
                   options={"inner_backend": "eager", "certificate": certificate})(*inputs())
     (call,) = op_calls(rewrites[0])
-    assert call.args[7] == certificate
-    q_norm, k_norm = call.args[8], call.args[9]
+    assert call.kwargs["certificate"] == certificate
+    q_norm, k_norm = call.kwargs["q_norm"], call.kwargs["k_norm"]
     if certificate == "paper":
         assert q_norm is None and k_norm is None
     else:

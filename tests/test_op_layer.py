@@ -146,11 +146,11 @@ def test_forward_returns_the_bound_it_pruned_with_and_the_backward_reuses_it(mon
     from acp_compile.kernels import dispatch, plan
     q, k, v, c = _op_args("gqa_tq_lt_tk", strength=1.0)
     scale = 1 / math.sqrt(q.shape[-1])
-    _, _, u_auto, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None, "paper")
+    _, _, u_auto, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None, certificate="paper")
     torch.testing.assert_close(u_auto, plan.torch_qk_bound(q, k, scale), rtol=0, atol=0)
-    _, _, u_given, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, torch.tensor(0.75), "paper")
+    _, _, u_given, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, torch.tensor(0.75), certificate="paper")
     assert u_given.shape == q.shape[:2] and (u_given == 0.75).all()
-    _, _, u_dense, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None, "paper")
+    _, _, u_dense, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None, certificate="paper")
     assert (u_dense == 0).all()
     _, _, u_online, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
     assert (u_online == 0).all()
@@ -164,15 +164,15 @@ def test_forward_returns_the_bound_it_pruned_with_and_the_backward_reuses_it(mon
     monkeypatch.setattr(plan, "torch_qk_bound", counting)
     monkeypatch.setattr(dispatch, "torch_qk_bound", counting)
     leaves = [t.detach().requires_grad_() for t in (q, k, v, c)]
-    o, _, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None, "paper")
+    o, _, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None, certificate="paper")
     o.backward(torch.randn_like(o))
     assert len(calls) == 1, f"U computed {len(calls)} times in one forward and backward"
     for certificate in ("paper", "online"):
         do = torch.randn_like(o)
         grads = torch.autograd.grad(
-            torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None, certificate)[0], leaves, do)
+            torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None, certificate=certificate)[0], leaves, do)
         with torch.no_grad():
-            o2, lse2, u2, kf2 = torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None, certificate)
-            ref = torch.ops.acp.fox_attention_bwd(do, *leaves, o2, lse2, None, -10.0, u2, kf2)
+            o2, lse2, u2, kf2 = torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None, certificate=certificate)
+            ref = torch.ops.acp.fox_attention_bwd(do, *leaves, o2, lse2, None, -10.0, u2, keep_from=kf2)
         for g, r in zip(grads, ref):
             torch.testing.assert_close(g, r.to(g.dtype), rtol=0, atol=0)

@@ -145,7 +145,7 @@ def test_e_gradients_through_the_api_match_the_reference(prob, log_eps, certific
     scale = 1 / math.sqrt(prob["D"])
     c32 = torch.cumsum(log_f, -1, dtype=torch.float32)                     # what the API computes
     # The kept set the forward recorded (the backward computes exactly that set).
-    keep_from = torch.ops.acp.fox_attention_fwd(q, k, v, c32, None, log_eps, None, certificate)[3]
+    keep_from = torch.ops.acp.fox_attention_fwd(q, k, v, c32, None, log_eps, None, certificate=certificate)[3]
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, log_f)]
     o_ref, _ = fox_attention_reference(
         *ref_leaves[:3], torch.cumsum(ref_leaves[3], -1), scale, keep=recorded_entries(keep_from, prob["Tk"]),
@@ -182,9 +182,35 @@ def test_user_bound_that_holds_keeps_the_guarantee():
     plan = make_plan(q, k, c, scale, -6.0, u, blocked.BLOCK_M, blocked.BLOCK_N)
     assert skipped_fraction(plan).mean() > 0.2
     assert row_skipped_mass(q, k, c, plan, scale).max() <= math.exp(-6.0)
-    o, _, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, scale, -6.0, u, "paper")
+    o, _, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, scale, -6.0, u, certificate="paper")
     o_pruned, _ = fox_attention_reference(q, k, v, c, scale, keep=kept_entries(plan, 200, 200))
     assert (o.double() - o_pruned).abs().max() < 3e-5 * max_v_norm_per_head(v, 2).max()
+
+
+@settings(max_examples=30)
+@given(problems(max_t=120), st.floats(-12.0, -0.5), st.sampled_from([4, 16, 64]), st.sampled_from([4, 16, 64]),
+       st.sampled_from(["left", "right", "holes", "docs", "docs_left"]), st.integers(0, 2**16))
+def test_f_padded_and_packed_rows_keep_the_eps_bound(prob, log_eps, bm, bn, kind, seg_seed):
+    """(a) and (b) with a key mask and packed documents (kernels/segments.py): the skipped mass of every
+    row of the masked attention is at most eps, and the blocked output is within 2 eps max ||v|| of it."""
+    from acp_compile.kernels.reference import logits
+    from acp_compile.kernels.segments import make_segments
+    from segment_cases import segment_inputs
+
+    q, k, v, c = fox_inputs(**prob)
+    Tq, Tk = prob["Tq"], prob["Tk"]
+    key_mask, doc = segment_inputs(kind, prob["B"], Tk, seed=seg_seed)
+    seg = make_segments(key_mask, doc, Tq, Tk)
+    scale = 1 / math.sqrt(prob["D"])
+    plan = make_plan(q, k, c, scale, log_eps, None, bm, bn, seg)
+    s = logits(q, k, c, scale, key_mask, doc)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)                              # rows with no visible key: 0
+    mass = (p * ~kept_entries(plan, Tq, Tk)).sum(-1)
+    assert mass.max() <= math.exp(log_eps) * (1 + 1e-5)
+    o, _ = blocked.forward(q, k, v, c, scale, plan, seg)
+    ro, _ = fox_attention_reference(q, k, v, c, scale, key_mask=key_mask, doc=doc)
+    bound = 2 * math.exp(log_eps) * max_v_norm_per_head(v, prob["Hq"]) + ROUNDING[torch.float32] * (1 + ro.abs().amax())
+    assert ((o.double() - ro).abs() <= bound).all()
 
 
 # ---- The online certificate (DESIGN.md 1.1): checked on the fp64 reference, per row --------------------
@@ -266,8 +292,33 @@ def test_online_op_in_low_precision_keeps_the_bound_and_beats_the_paper_rule(dty
     log_eps = -8.0
     kept = {}
     for certificate in ("online", "paper"):
-        _, _, _, keep_from = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None, certificate)
+        _, _, _, keep_from = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None, certificate=certificate)
         kept[certificate] = recorded_entries(keep_from, 700)
         dropped = row_dropped_mass(q.double(), k.double(), c.double(), kept[certificate], 1 / math.sqrt(32))
         assert dropped.max() <= math.exp(log_eps) * 1.05
     assert kept["online"].sum() < 0.9 * kept["paper"].sum(), (kept["online"].sum(), kept["paper"].sum())
+
+
+@settings(max_examples=25, deadline=None)
+@given(problems(max_t=120), st.floats(-12.0, -0.5), st.sampled_from([4, 16]), st.sampled_from([4, 16]),
+       st.sampled_from(["left", "right", "holes", "docs", "docs_left"]), st.integers(0, 2**16))
+def test_i_online_padded_and_packed_rows_keep_the_eps_bound(prob, log_eps, bm, bn, kind, seg_seed):
+    """The online certificate with a key mask and packed documents: every row of the masked attention
+    drops at most eps, and the output is the masked attention over exactly the recorded kept set."""
+    from acp_compile.kernels import blocked_certified
+    from acp_compile.kernels.certificate import cert_stats, keep_from_rows
+    from acp_compile.kernels.reference import logits
+    from acp_compile.kernels.segments import make_segments
+    from segment_cases import segment_inputs
+
+    q, k, v, c = (t.double() for t in fox_inputs(**prob))
+    Tq, Tk = prob["Tq"], prob["Tk"]
+    key_mask, doc = segment_inputs(kind, prob["B"], Tk, seed=seg_seed)
+    seg = make_segments(key_mask, doc, Tq, Tk)
+    scale = 1 / math.sqrt(prob["D"])
+    o, lse, start = blocked_certified.forward(q, k, v, c, scale, log_eps, cert_stats(q, k, c, scale, bn), bm, seg)
+    keep = recorded_entries(keep_from_rows(start, Tq, bm, bn), Tk)
+    p = torch.softmax(logits(q, k, c, scale, key_mask, doc), dim=-1).nan_to_num(0.0)
+    assert (p * ~keep).sum(-1).max() <= math.exp(log_eps) * (1 + 1e-9)
+    ro, _ = fox_attention_reference(q, k, v, c, scale, keep=keep, key_mask=key_mask, doc=doc)
+    assert (o - ro).abs().max() <= 1e-9 * max(1.0, ro.abs().max().item())

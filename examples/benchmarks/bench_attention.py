@@ -101,8 +101,8 @@ def ours(log_eps, u_bound, certificate="paper", given_norms=False):
         if given_norms:
             from acp_compile.ops import row_norms
             q_norm, k_norm = row_norms(q.detach()), row_norms(k.detach())
-        return lambda: torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, u_bound, certificate,
-                                                       q_norm, k_norm)[0]
+        return lambda: torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, u_bound, certificate=certificate,
+                                                       q_norm=q_norm, k_norm=k_norm)[0]
     return make
 
 
@@ -213,7 +213,7 @@ def plan_stats(T):
     sauto, _ = compute_plan(q, k, c, D ** -0.5, LOG_EPS, None, cfg.block_m, cfg.block_n)
     s128, _ = compute_plan(q, k, c, D ** -0.5, LOG_EPS, u_for_delta(T), 128, 128)
     u = u_for_delta(T)
-    keep_from = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, LOG_EPS, None, "online")[3]   # (B, H, T)
+    keep_from = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, LOG_EPS, None, certificate="online")[3]   # (B, H, T)
     s_online = keep_from[..., ::cfg.block_m] // cfg.block_n                                     # (B, H, M)
     return {
         "T": T, "block_m": cfg.block_m, "block_n": cfg.block_n, "tma": cfg.tma, "num_warps": cfg.num_warps,

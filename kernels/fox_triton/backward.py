@@ -2,7 +2,8 @@
 
   backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound) -> (dq, dk, dv, dc)
 
-Shapes: q, do, o, dq (B, Hq, Tq, D); k, v, dk, dv (B, Hkv, Tk, D); c, dc (B, Hq, Tk) (dc in c's
+Shapes: q, dq (B, Hq, Tq, D); do, o (B, Hq, Tq, Dv); k, dk (B, Hkv, Tk, D); v, dv (B, Hkv, Tk, Dv)
+(the value head dim Dv may differ from D); c, dc (B, Hq, Tk) (dc in c's
 dtype, accumulated in fp32); lse (B, Hq, Tq) fp32 natural log, as written by the forward. Outputs are
 `empty_like` the matching input (strides kept); any input strides work. Queries are the last Tq of the
 Tk positions.
@@ -37,7 +38,7 @@ forward's tiles and is the exact gradient of the pruned attention (what the tigh
 
 Dtypes: fp16/bf16 use tensor-core dots with fp32 accumulation. fp32 inputs run their dots in
 TF32 like the forward (support.py documents it); ACP_TRITON_FP32_DOT=ieee or tf32x3 picks a more
-exact precision. Head dims 1..256 (padded to a power of two >= 16). What the kernels cover, and
+exact precision. Head dims D and Dv 1..256 each (padded to powers of two >= 16). What the kernels cover, and
 the switch that runs them on CPU tensors under the interpreter, is decided in support.py.
 """
 from __future__ import annotations
@@ -99,9 +100,10 @@ INTERPRETER = BackwardConfig(32, 32, 32, 32, 4, 1, 4, 1, 32)
 FALLBACK = BackwardConfig(16, 32, 32, 16, 4, 1, 4, 1, 32)
 
 
-def default_config(q: torch.Tensor) -> BackwardConfig:
-    """Tile sizes by device, head dim and element size. Every entry satisfies shares_plan."""
-    D = q.shape[-1]
+def default_config(q: torch.Tensor, dv: int | None = None) -> BackwardConfig:
+    """Tile sizes by device, head dim (the larger of D and dv; dv None: D) and element size. Every entry
+    satisfies shares_plan."""
+    D = max(q.shape[-1], q.shape[-1] if dv is None else dv)
     if _interpreting() or q.device.type != "cuda":
         return INTERPRETER
     if q.element_size() >= 4 or D > 128:
@@ -127,7 +129,8 @@ def fox_bwd_preprocess_kernel(
     Hq, Tq,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    """Delta_i = sum_d o_id do_id and lse2_i = lse_i log2(e): (B, Hq, Tq) fp32 contiguous.
+    """Delta_i = sum_d o_id do_id (d < Dv = HEAD_DIM here) and lse2_i = lse_i log2(e): (B, Hq, Tq) fp32
+    contiguous.
     Grid (ceil(Tq / BLOCK_M), B * Hq)."""
     m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -155,7 +158,7 @@ def plan_indices(q, k, c, sm_scale, log_eps, u_bound, block_m, block_n):
 
 
 def preprocess(do, o, lse, block_m: int = 64):
-    """(delta, lse2): both (B, Hq, Tq) fp32 contiguous."""
+    """(delta, lse2): both (B, Hq, Tq) fp32 contiguous; o, do (B, Hq, Tq, Dv)."""
     B, Hq, Tq, D = o.shape
     delta = torch.empty((B, Hq, Tq), device=o.device, dtype=torch.float32)
     lse2 = torch.empty((B, Hq, Tq), device=o.device, dtype=torch.float32)
@@ -168,7 +171,7 @@ def preprocess(do, o, lse, block_m: int = 64):
 
 def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: float, cfg: BackwardConfig,
                 exact: bool = False):
-    """dk, dv (B, Hkv, Tk, D) and dc (B, Hq, Tk) fp32, written in place. start/end None: dense.
+    """dk (B, Hkv, Tk, D), dv (B, Hkv, Tk, Dv) and dc (B, Hq, Tk) fp32, written in place. start/end None: dense.
     Returns Triton's launch handle (its n_regs / n_spills are read by the tuning script)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -181,7 +184,7 @@ def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: fl
         Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, sm_scale * LOG2E.value,
         GROUP=Hq // Hkv, PRUNE=prune, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
         EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, D_PAD=padded_head_dim(D),
-        C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+        HEAD_DIM_V=v.shape[3], DV_PAD=padded_head_dim(v.shape[3]), C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )
 
 
@@ -213,17 +216,18 @@ def launch_dq(q, k, v, c, do, row, delta, start, dq, dc, sm_scale: float, cfg: B
         Hq, Tq, Tk, Mq, sm_scale, sm_scale * LOG2E.value,
         GROUP=Hq // Hkv, PRUNE=prune, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
         EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, D_PAD=padded_head_dim(D),
-        C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact, num_warps=cfg.q_warps, num_stages=cfg.q_stages,
+        HEAD_DIM_V=v.shape[3], DV_PAD=padded_head_dim(v.shape[3]), C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact, num_warps=cfg.q_warps, num_stages=cfg.q_stages,
     )
 
 
 def backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps=None, u_bound=None, config: BackwardConfig | None = None):
     """Gradients (dq, dk, dv, dc) of FoX attention with ACP; see the module docstring."""
     D = q.shape[-1]
-    if D > MAX_HEAD_DIM:
-        raise ValueError(f"fox_attention Triton backward: head dim {D} > {MAX_HEAD_DIM}; use the blocked path")
+    if max(D, v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(f"fox_attention Triton backward: head dim {D} or value head dim {v.shape[-1]} > "
+                         f"{MAX_HEAD_DIM}; use the blocked path")
     sm_scale = float(1.0 / math.sqrt(D) if sm_scale is None else sm_scale)
-    cfg = config or default_config(q)
+    cfg = config or default_config(q, v.shape[-1])
     try:
         return _backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, cfg)
     except OutOfResources as e:

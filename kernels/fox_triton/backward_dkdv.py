@@ -26,7 +26,9 @@ c the kept query blocks below end[n] need not be contiguous); a tile that is not
 so it adds exactly 0 (branch-free, which keeps the loop software-pipelined). Tiles that straddle
 the diagonal use the causal mask; the rest run unmasked. Keys that no query block keeps get
 dk = dv = dc = 0 (written). Rows past Tq load lse2 = +inf and are masked, so their probabilities are exactly 0.
-Compile-time specialisation: head dim (HEAD_DIM, padded to D_PAD; masks on d only when it is not a power of two),
+Shapes: q, dk, k (., D) with HEAD_DIM = D padded to D_PAD; v, dv, do (., Dv) with HEAD_DIM_V = Dv padded
+to DV_PAD (Dv may differ from D).
+Compile-time specialisation: head dims (HEAD_DIM, HEAD_DIM_V, padded to D_PAD, DV_PAD; masks on d only when not a power of two),
 Tq % BLOCK_M == 0 and Tk % BLOCK_N == 0 (no row masks), GQA group, pruning on or off (PRUNE), dot precision.
 Offsets: batch and head offsets are int64, so B * H * T * D above 2**31 works.
 """
@@ -46,18 +48,21 @@ def _dkdv_tiles(
     m_lo, m_hi, Tq, q_shift, qk_scale,
     PRUNE: tl.constexpr, MASKED: tl.constexpr, EVEN_M: tl.constexpr, EXACT_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
 ):
-    """Accumulates the tiles (m, n) for m in [m_lo, m_hi) into dk, dv (BLOCK_N, D_PAD), dc (BLOCK_N,).
+    """Accumulates the tiles (m, n) for m in [m_lo, m_hi) into dk (BLOCK_N, D_PAD), dv (BLOCK_N, DV_PAD)
+    and dc (BLOCK_N,).
     EXACT_C: c_k holds c[j] and sT gets (c[p_i] - c[j]) log2(e) per entry; else c_k holds
     (c[j] - c_ref) log2(e) and the row term (c[p_i] - c_ref) log2(e) - lse2_i is formed per tile."""
     offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
     for m in range(m_lo, m_hi):
         offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)                       # (BM,) query rows
         row_ok = offs_m < Tq
         q = load_rows(Q + offs_m[:, None] * sq_t + offs_d[None, :] * sq_d, row_ok, offs_d,
                       EVEN_M, HEAD_DIM, D_PAD)                              # (BM, D_PAD)
-        do = load_rows(DO + offs_m[:, None] * sdo_t + offs_d[None, :] * sdo_d, row_ok, offs_d,
-                       EVEN_M, HEAD_DIM, D_PAD)
+        do = load_rows(DO + offs_m[:, None] * sdo_t + offs_dv[None, :] * sdo_d, row_ok, offs_dv,
+                       EVEN_M, HEAD_DIM_V, DV_PAD)                          # (BM, DV_PAD)
         if EVEN_M:
             lse2 = tl.load(LSE2 + offs_m)
             delta = tl.load(DELTA + offs_m)
@@ -104,7 +109,7 @@ def fox_bwd_dkdv_kernel(
     GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
-    EXACT_C: tl.constexpr,
+    EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
 ):
     bhk = tl.program_id(0)
     n = tl.program_id(1)
@@ -112,14 +117,15 @@ def fox_bwd_dkdv_kernel(
     hk = (bhk % Hkv).to(tl.int64)
     offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                            # (BN,) key positions
     offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
     col_ok = offs_n < Tk
     if not EXACT_C:
         k = load_rows(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_t + offs_d[None, :] * sk_d,
                       col_ok, offs_d, EVEN_N, HEAD_DIM, D_PAD)             # (BN, D_PAD)
-        v = load_rows(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_t + offs_d[None, :] * sv_d,
-                      col_ok, offs_d, EVEN_N, HEAD_DIM, D_PAD)
+        v = load_rows(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d,
+                      col_ok, offs_dv, EVEN_N, HEAD_DIM_V, DV_PAD)       # (BN, DV_PAD)
     dk = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, DV_PAD), dtype=tl.float32)
 
     q_shift = Tk - Tq
     # First query block with a causal entry in key block n, and first whose rows all see the whole block.
@@ -150,8 +156,8 @@ def fox_bwd_dkdv_kernel(
         # slower on the H200 (8.69 against 8.01 ms, W1 16k ACP fwd+bwd).
         k = load_rows(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_t + offs_d[None, :] * sk_d,
                       store_ok, offs_d, False, HEAD_DIM, D_PAD)            # (BN, D_PAD)
-        v = load_rows(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_t + offs_d[None, :] * sv_d,
-                      store_ok, offs_d, False, HEAD_DIM, D_PAD)
+        v = load_rows(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d,
+                      store_ok, offs_dv, False, HEAD_DIM_V, DV_PAD)
 
     for g in range(GROUP):
         h = hk * GROUP + g
@@ -177,18 +183,18 @@ def fox_bwd_dkdv_kernel(
             dk, dv, dc, k, v, c_k, c_ref, offs_n, n, Qbh, DObh, Cbh, LSE2 + bh * Tq, DELTA + bh * Tq,
             START + bh * Mq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_lo, m_mid, Tq, q_shift,
             qk_scale, PRUNE=PRUNE, MASKED=True, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
-            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD,
+            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
         )
         dk, dv, dc = _dkdv_tiles(
             dk, dv, dc, k, v, c_k, c_ref, offs_n, n, Qbh, DObh, Cbh, LSE2 + bh * Tq, DELTA + bh * Tq,
             START + bh * Mq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_mid, m_end, Tq, q_shift,
             qk_scale, PRUNE=PRUNE, MASKED=False, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
-            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD,
+            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
         )
         tl.store(DC + b * sdc_b + h * sdc_h + offs_n * sdc_t, dc, mask=store_ok)
 
     dk = dk * sm_scale
     store_rows(DK + b * sdk_b + hk * sdk_h + offs_n[:, None] * sdk_t + offs_d[None, :] * sdk_d,
                dk.to(DK.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, D_PAD)
-    store_rows(DV + b * sdv_b + hk * sdv_h + offs_n[:, None] * sdv_t + offs_d[None, :] * sdv_d,
-               dv.to(DV.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, D_PAD)
+    store_rows(DV + b * sdv_b + hk * sdv_h + offs_n[:, None] * sdv_t + offs_dv[None, :] * sdv_d,
+               dv.to(DV.dtype.element_ty), store_ok, offs_dv, False, HEAD_DIM_V, DV_PAD)

@@ -16,7 +16,8 @@ the key blocks n = start[m] .. n_hi(m), start in units of BLOCK_N keys for block
 then those that straddle the diagonal (causal mask). start[m] <= n_hi(m) always, so the diagonal
 is always visited. Rows past Tq load lse2 = +inf (p = 0) and are not stored; keys past Tk only occur in masked
 tiles (their position exceeds every query's), so the causal mask removes them.
-Offsets: batch and head offsets are int64.
+Shapes: q, k, dq (., D) with HEAD_DIM = D padded to D_PAD; v, do (., Dv) with HEAD_DIM_V = Dv padded to
+DV_PAD (Dv may differ from D). Offsets: batch and head offsets are int64.
 """
 from __future__ import annotations
 
@@ -33,19 +34,21 @@ def _dq_tiles(
     n_lo, n_hi, Tk, qk_scale,
     MASKED: tl.constexpr, KEYS_EVEN: tl.constexpr, EXACT_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
 ):
     """Accumulates the tiles (m, n) for n in [n_lo, n_hi) into dq (BLOCK_M, D_PAD) and the row sums of
     dS into rs (BLOCK_M,). KEYS_EVEN: no key of these tiles lies past Tk (always for unmasked tiles).
     EXACT_C: r holds c[p_i] and s gets (c[p_i] - c[j]) log2(e) per entry; else r holds the row term
     (c[p_i] - c_ref) log2(e) - lse2_i and s gets r_i - (c[j] - c_ref) log2(e)."""
     offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
     for n in range(n_lo, n_hi):
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)                      # (BN,) key positions
         col_ok = offs_n < Tk
         k = load_rows(K + offs_n[:, None] * sk_t + offs_d[None, :] * sk_d, col_ok, offs_d,
                       KEYS_EVEN, HEAD_DIM, D_PAD)                          # (BN, D_PAD)
-        v = load_rows(V + offs_n[:, None] * sv_t + offs_d[None, :] * sv_d, col_ok, offs_d,
-                      KEYS_EVEN, HEAD_DIM, D_PAD)
+        v = load_rows(V + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d, col_ok, offs_dv,
+                      KEYS_EVEN, HEAD_DIM_V, DV_PAD)                       # (BN, DV_PAD)
         if KEYS_EVEN:
             c_k = tl.load(C + offs_n * sc_t)
         else:
@@ -81,7 +84,7 @@ def fox_bwd_dq_kernel(
     GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
-    EXACT_C: tl.constexpr,
+    EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
 ):
     bh = tl.program_id(0)
     m = Mq - 1 - tl.program_id(1)                                           # heaviest query blocks first
@@ -92,12 +95,13 @@ def fox_bwd_dq_kernel(
     q_shift = Tk - Tq
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)                            # (BM,) query rows
     offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
     row_ok = offs_m < Tq
     if not EXACT_C:
         q = load_rows(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :] * sq_d,
                       row_ok, offs_d, EVEN_M, HEAD_DIM, D_PAD)            # (BM, D_PAD)
-        do = load_rows(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :] * sdo_d,
-                       row_ok, offs_d, EVEN_M, HEAD_DIM, D_PAD)
+        do = load_rows(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_dv[None, :] * sdo_d,
+                       row_ok, offs_dv, EVEN_M, HEAD_DIM_V, DV_PAD)       # (BM, DV_PAD)
     pos_q = offs_m + q_shift
     Cbh = C + b * sc_b + h * sc_h
     c_ref = tl.load(Cbh + (m * BLOCK_M + q_shift) * sc_t).to(tl.float32)   # c of the block's first row
@@ -121,8 +125,8 @@ def fox_bwd_dq_kernel(
         # idle programs of the exact launch read no q, do (see the dk/dv kernel for the measurements)
         q = load_rows(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :] * sq_d,
                       store_ok, offs_d, False, HEAD_DIM, D_PAD)           # (BM, D_PAD)
-        do = load_rows(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :] * sdo_d,
-                       store_ok, offs_d, False, HEAD_DIM, D_PAD)
+        do = load_rows(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_dv[None, :] * sdo_d,
+                       store_ok, offs_dv, False, HEAD_DIM_V, DV_PAD)
 
     # Last key block with a causal entry (that of the last valid row), and the key blocks every row sees in full.
     last_pos = tl.minimum((m + 1) * BLOCK_M, Tq) - 1 + q_shift
@@ -144,11 +148,11 @@ def fox_bwd_dq_kernel(
     dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, sk_t, sk_d,
                        sv_t, sv_d, sc_t, n_start, n_full, Tk, qk_scale, MASKED=False,
                        KEYS_EVEN=True, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
-                       BLOCK_N=BLOCK_N, D_PAD=D_PAD)
+                       BLOCK_N=BLOCK_N, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD)
     dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, sk_t, sk_d,
                        sv_t, sv_d, sc_t, tl.maximum(n_start, n_full), n_end, Tk, qk_scale, MASKED=True,
                        KEYS_EVEN=EVEN_N, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
-                       BLOCK_N=BLOCK_N, D_PAD=D_PAD)
+                       BLOCK_N=BLOCK_N, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD)
     dq = dq * sm_scale
     store_rows(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :] * sdq_d,
                dq.to(DQ.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, D_PAD)

@@ -82,23 +82,26 @@ def override_string(head_dim: int, cfg: FwdConfig) -> str:
     return f"{head_dim}:" + ",".join(str(int(f)) for f in fields)
 
 
-def forward_config(q: torch.Tensor) -> FwdConfig:
-    """The table's config for q; the environment variable ACP_FWD_CONFIG (format of parse_override)
-    overrides it for 16-bit CUDA inputs of the head dims it names (a tuning hook for the benchmark)."""
+def forward_config(q: torch.Tensor, dv: int | None = None) -> FwdConfig:
+    """The table's config for q and a value head dim dv (None: q's head dim), keyed by the larger of the
+    two padded head dims (the q tile and the o accumulator must both fit); the environment variable
+    ACP_FWD_CONFIG (format of parse_override) overrides it for 16-bit CUDA inputs of the head dims it
+    names (a tuning hook for the benchmark)."""
     if q.device.type != "cuda":
         return INTERPRETER_FWD
+    d_pad = max(padded_head_dim(q.shape[-1]), padded_head_dim(q.shape[-1] if dv is None else dv))
     override = os.environ.get("ACP_FWD_CONFIG")
     if override and q.element_size() == 2:
-        cfg = parse_override(override).get(padded_head_dim(q.shape[-1]))
+        cfg = parse_override(override).get(d_pad)
         if cfg is not None:
             return cfg
     major, _ = torch.cuda.get_device_capability(q.device)
     table = HOPPER_FWD if major >= 9 else AMPERE_FWD
-    d_pad, size = padded_head_dim(q.shape[-1]), q.element_size()
+    size = q.element_size()
     for bound, elem, cfg in table:
         if elem == size and d_pad <= bound:
             return cfg
-    raise ValueError(f"no forward config for head dim {q.shape[-1]} and {q.dtype}; supported head dims are <= 256")
+    raise ValueError(f"no forward config for head dims {q.shape[-1]}, {dv} and {q.dtype}; supported head dims are <= 256")
 
 
 # Above this spread of c (nats) over the rows a program holds fixed (a query block in the forward and

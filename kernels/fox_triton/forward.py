@@ -1,7 +1,9 @@
 """Triton forward kernel of FoX attention with ACP tile skipping.
 
 Notation (one program = one query block m of one (batch b, query head h)):
-  q (B, Hq, Tq, D), k, v (B, Hkv, Tk, D), c (B, Hq, Tk) fp32, o (B, Hq, Tq, D), lse (B, Hq, Tq) fp32
+  q (B, Hq, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv), c (B, Hq, Tk) fp32, o (B, Hq, Tq, Dv),
+  lse (B, Hq, Tq) fp32; HEAD_DIM = D padded to D_PAD, HEAD_DIM_V = Dv padded to DV_PAD (the q, k tiles
+  are (., D_PAD), the v tile and the o accumulator (., DV_PAD))
   kv head = h // G with G = Hq // Hkv (grouped-query attention without repeating k, v)
   query i sits at position p_i = Tk - Tq + i;  rows of block m: i in [m*BM, (m+1)*BM)
   s_ij = scale q_i.k_j + c[p_i] - c[j]   (j <= p_i)
@@ -14,7 +16,7 @@ Notation (one program = one query block m of one (batch b, query head h)):
   the spread exceeds C_SPAN_LIMIT (configs.py: a hard reset, a steep decay) the program takes the
   exact form instead, t_ij = log2(e) * scale q_i.k_j + log2(e) * (c[p_i] - c[j]) per entry, and
   lse_i = ln2 * (m_i + log2 l_i) (an `if` on a per-program scalar around the two key loops).
-  BAD (B, Hq, D) fp32 (0, or NaN in the columns where v of the kv head is non-finite somewhere) is
+  BAD (B, Hq, Dv) fp32 (0, or NaN in the columns where v of the kv head is non-finite somewhere) is
   added to o, for eager's NaN semantics (kernels/dispatch.py).
 
 Key blocks visited by block m (BN keys each):
@@ -27,7 +29,7 @@ Key blocks visited by block m (BN keys each):
   config.newest_first visits the same tiles from n_hi back to start[m]: diagonal tiles first, then
   the full tiles from the newest key block back (measured 3-4% faster on the H200, see configs.py).
 
-Compile-time specialisation: head dim and its power-of-two padding, dtype (through the pointers),
+Compile-time specialisation: head dims D, Dv and their power-of-two paddings, dtype (through the pointers),
 GQA group, pruning on/off, whether Tq divides the block (EVEN_M), whether Tq < Tk (TQ_LT_TK),
 tensor descriptors on/off; strides equal to 1 and divisibility by 16 are specialised by Triton. Offsets that can exceed 2^31 (batch, head, row * stride)
 are computed in int64. fp32 inputs: tl.dot runs in TF32 (see support.py).
@@ -42,6 +44,7 @@ from torch import Tensor
 from acp_compile.kernels.fox_triton.common import LN2, LOG2E
 from acp_compile.kernels.fox_triton.configs import FwdConfig, c_span_limit, forward_config, padded_head_dim
 from acp_compile.kernels.fox_triton.plan import compute_plan, num_blocks
+from acp_compile.kernels.layout import empty_like_last
 from acp_compile.kernels.threshold import pruning_enabled
 
 
@@ -50,8 +53,8 @@ from acp_compile.kernels.threshold import pruning_enabled
 def _attend_block(
     acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n, pos, c_ref, qk_scale2, Tk,
     sk_t, sk_d, sv_t, sv_d, sc_t,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    USE_TMA: tl.constexpr, EXACT_C: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, EXACT_C: tl.constexpr,
 ):
     """One key block n for the BM queries of this program; returns the updated (acc, l_i, m_i).
 
@@ -60,6 +63,7 @@ def _attend_block(
     """
     rn = tl.arange(0, BLOCK_N)
     d = tl.arange(0, D_PAD)
+    dv = tl.arange(0, DV_PAD)
     key0 = n * BLOCK_N
     cols = key0 + rn                                                   # (BN,) key index j
     if MASKED:
@@ -71,11 +75,13 @@ def _attend_block(
     else:
         row0 = key0.to(tl.int64)
         k_ptrs = k_src + row0 * sk_t + rn[:, None] * sk_t + d[None, :] * sk_d
-        v_ptrs = v_src + row0 * sv_t + rn[:, None] * sv_t + d[None, :] * sv_d
+        v_ptrs = v_src + row0 * sv_t + rn[:, None] * sv_t + dv[None, :] * sv_d
         if MASKED:
             kv_mask = (cols[:, None] < Tk) & (d[None, :] < HEAD_DIM)
+            v_mask = (cols[:, None] < Tk) & (dv[None, :] < HEAD_DIM_V)
         else:
             kv_mask = d[None, :] < HEAD_DIM                             # all-true when D == D_PAD
+            v_mask = dv[None, :] < HEAD_DIM_V
         if HEAD_DIM == D_PAD and not MASKED:
             k = tl.load(k_ptrs)
         else:
@@ -94,11 +100,11 @@ def _attend_block(
     p = tl.math.exp2(t - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if USE_TMA:
-        v = v_src.load([b, hk, key0, 0]).reshape(BLOCK_N, D_PAD)
-    elif HEAD_DIM == D_PAD and not MASKED:
+        v = v_src.load([b, hk, key0, 0]).reshape(BLOCK_N, DV_PAD)
+    elif HEAD_DIM_V == DV_PAD and not MASKED:
         v = tl.load(v_ptrs)
     else:
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)                     # (BN, D_PAD)
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)                      # (BN, DV_PAD)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
@@ -108,27 +114,27 @@ def _attend_block(
 def _attend_all(
     acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, lo, n_full, n_diag, n_hi, pos, c_ref, qk_scale2, Tk,
     sk_t, sk_d, sv_t, sv_d, sc_t,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
-    NEWEST_FIRST: tl.constexpr, EXACT_C: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, NEWEST_FIRST: tl.constexpr, EXACT_C: tl.constexpr,
 ):
     """Every kept key block of this program: full tiles [lo, n_full), diagonal tiles [n_diag, n_hi]."""
     if NEWEST_FIRST:
         for i in range(0, n_hi + 1 - n_diag):
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n_hi - i, pos, c_ref,
-                                          qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N,
+                                          qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N,
                                           True, USE_TMA, EXACT_C)
         for i in range(0, n_full - lo):
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n_full - 1 - i, pos, c_ref,
-                                          qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N,
+                                          qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N,
                                           False, USE_TMA, EXACT_C)
     else:
         for n in range(lo, n_full):
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n, pos, c_ref, qk_scale2,
-                                          Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N, False, USE_TMA,
+                                          Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N, False, USE_TMA,
                                           EXACT_C)
         for n in range(n_diag, n_hi + 1):
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n, pos, c_ref, qk_scale2,
-                                          Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N, True, USE_TMA,
+                                          Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N, True, USE_TMA,
                                           EXACT_C)
     return acc, l_i, m_i
 
@@ -142,7 +148,7 @@ def _fox_fwd_kernel(
     sc_b, sc_h, sc_t,
     so_b, so_h, so_t, so_d,
     Hq, Tq, Tk, Mq, qk_scale2,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRUNE: tl.constexpr, EVEN_M: tl.constexpr, TQ_LT_TK: tl.constexpr,
     USE_TMA: tl.constexpr, HEADS_FASTEST: tl.constexpr, NEWEST_FIRST: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
 ):
@@ -206,35 +212,36 @@ def _fox_fwd_kernel(
     # tile in newest-first order) then gets p = 2^-inf = 0 instead of 2^(-inf + inf) = NaN.
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+    acc = tl.zeros((BLOCK_M, DV_PAD), tl.float32)
     n_diag = tl.maximum(lo, n_full)               # first diagonal (masked) tile
     if exact:
         acc, l_i, m_i = _attend_all(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, lo, n_full, n_diag, n_hi, pos, cq,
-                                    qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N, USE_TMA,
+                                    qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N, USE_TMA,
                                     NEWEST_FIRST, True)
         row_c = tl.zeros((BLOCK_M,), tl.float32)        # t already holds c[p_i] - c[j]
     else:
         acc, l_i, m_i = _attend_all(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, lo, n_full, n_diag, n_hi, pos,
-                                    c_first, qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, BLOCK_N,
+                                    c_first, qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N,
                                     USE_TMA, NEWEST_FIRST, False)
         row_c = cq - c_first
     lse = (m_i + tl.math.log2(l_i)) * LN2 + row_c
-    # BAD (B, Hq, D): 0, or NaN in the columns where v of this head's kv head holds a non-finite value
+    # BAD (B, Hq, Dv): 0, or NaN in the columns where v of this head's kv head holds a non-finite value
     # anywhere (eager's 0 x NaN; see dispatch._poison)
-    o = acc / l_i[:, None] + tl.load(BAD + (b64 * Hq + h) * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0)[None, :]
+    dv = tl.arange(0, DV_PAD)
+    o = acc / l_i[:, None] + tl.load(BAD + (b64 * Hq + h) * HEAD_DIM_V + dv, mask=dv < HEAD_DIM_V, other=0.0)[None, :]
     lse_ptrs = LSE + (b64 * Hq + h) * Tq + rows
     if EVEN_M:
         tl.store(lse_ptrs, lse)
     else:
         tl.store(lse_ptrs, lse, mask=row_ok)
     if USE_TMA:
-        O.store([b, h, q_row0, 0], o.to(O.dtype).reshape(1, 1, BLOCK_M, D_PAD))     # clipped to (Tq, D)
+        O.store([b, h, q_row0, 0], o.to(O.dtype).reshape(1, 1, BLOCK_M, DV_PAD))    # clipped to (Tq, Dv)
     else:
-        o_ptrs = O + b64 * so_b + h64 * so_h + q_row0.to(tl.int64) * so_t + rm[:, None] * so_t + d[None, :] * so_d
-        if EVEN_M and HEAD_DIM == D_PAD:
+        o_ptrs = O + b64 * so_b + h64 * so_h + q_row0.to(tl.int64) * so_t + rm[:, None] * so_t + dv[None, :] * so_d
+        if EVEN_M and HEAD_DIM_V == DV_PAD:
             tl.store(o_ptrs, o.to(O.dtype.element_ty))
         else:
-            tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < HEAD_DIM))
+            tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < HEAD_DIM_V))
 
 
 def tma_compatible(*tensors: Tensor) -> bool:
@@ -255,26 +262,27 @@ def launch_forward(
     q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, start: Tensor | None, config: FwdConfig,
     o: Tensor | None = None, lse: Tensor | None = None, bad: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Runs the kernel with a given plan (start None = dense). o/lse may be passed (tests poison them).
+    """Runs the kernel with a given plan (start None = dense). o (B, Hq, Tq, Dv) and lse may be passed
+    (tests poison them).
 
     config.tma asks for tensor-descriptor (TMA) loads and stores; they are used when the GPU has
     them (compute capability >= 9, or the interpreter) and the strides allow, else plain loads.
     """
     B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[3]
     bm, bn = config.block_m, config.block_n
-    d_pad = padded_head_dim(D)
+    d_pad, dv_pad = padded_head_dim(D), padded_head_dim(Dv)
     Mq = num_blocks(Tq, bm)
-    o = torch.empty_like(q) if o is None else o
+    o = empty_like_last(q, Dv) if o is None else o
     lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device) if lse is None else lse
     prune = start is not None
     if bad is None:
-        bad = torch.zeros((B, Hq, D), dtype=torch.float32, device=q.device)
+        bad = torch.zeros((B, Hq, Dv), dtype=torch.float32, device=q.device)
     bad = bad.contiguous()
     use_tma = config.tma and tma_available(q.device) and tma_compatible(q, k, v, o)
     if use_tma:
-        qa, ka, va, oa = (_descriptor(q, bm, d_pad), _descriptor(k, bn, d_pad), _descriptor(v, bn, d_pad),
-                          _descriptor(o, bm, d_pad))
+        qa, ka, va, oa = (_descriptor(q, bm, d_pad), _descriptor(k, bn, d_pad), _descriptor(v, bn, dv_pad),
+                          _descriptor(o, bm, dv_pad))
     else:
         qa, ka, va, oa = q, k, v, o
     grid = (B * Hq, Mq) if config.heads_fastest else (Mq, Hq, B)
@@ -282,7 +290,7 @@ def launch_forward(
         qa, ka, va, c, start if prune else lse, bad, oa, lse,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *o.stride(),
         Hq, Tq, Tk, Mq, float(sm_scale) * LOG2E.value,
-        GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn,
+        GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=d_pad, HEAD_DIM_V=Dv, DV_PAD=dv_pad, BLOCK_M=bm, BLOCK_N=bn,
         PRUNE=prune, EVEN_M=(Tq % bm == 0), TQ_LT_TK=(Tq < Tk), USE_TMA=use_tma, HEADS_FASTEST=config.heads_fastest, NEWEST_FIRST=config.newest_first,
         C_SPAN_LIMIT=c_span_limit(),
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -300,9 +308,9 @@ def forward(
     q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, log_eps: float | None,
     u_bound: Tensor | None, config: FwdConfig | None = None, bad: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(o, lse): o like q (its strides), lse (B, Hq, Tq) fp32 natural log. Plan and kernel on device.
-    bad (B, Hq, D) fp32, 0 or NaN: added to every output row of the head (see dispatch._poison)."""
-    config = forward_config(q) if config is None else config
+    """(o, lse): o (B, Hq, Tq, Dv) in q's layout, lse (B, Hq, Tq) fp32 natural log. Plan and kernel on
+    device. bad (B, Hq, Dv) fp32, 0 or NaN: added to every output row of the head (see dispatch._poison)."""
+    config = forward_config(q, v.shape[-1]) if config is None else config
     start = None
     if pruning_enabled(log_eps):
         start, _ = compute_plan(q, k, c, sm_scale, log_eps, u_bound, config.block_m, config.block_n, with_end=False)

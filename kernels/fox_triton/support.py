@@ -5,7 +5,8 @@ per reason on the "acp_compile" logger, never an error):
   device   CUDA with compute capability >= 8.0 (Ampere, Hopper and newer)
   dtype    float16, bfloat16, float32 (float32 runs its matrix products in TF32: about 10 mantissa
            bits, like torch's allow_tf32; use float64 for an exact result, which takes the blocked path)
-  head dim 1 .. 256 (padded to a power of two >= 16 inside the kernel, with masks)
+  head dim 1 .. 256 for q, k (D) and for v (Dv, which may differ from D), each padded to a power of
+           two >= 16 inside the kernels, with masks
   shapes   any strides, grouped-query attention (Hq a multiple of Hkv), Tq <= Tk, any T
 
 Interpreter switch (for CI, which has no GPU): on CPU tensors the Triton path is taken only when BOTH
@@ -72,6 +73,8 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, c: Tensor) -> str | None
         return f"dtype {q.dtype} on {dev.type} (Triton kernels cover {names})"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if v.shape[-1] > MAX_HEAD_DIM:
+        return f"value head dim {v.shape[-1]} > {MAX_HEAD_DIM}"
     if c.dtype not in (torch.float32, torch.float64):
         return f"gate dtype {c.dtype}"
     if not _triton_importable():

@@ -664,7 +664,6 @@ def expect_rewrite(spec: Spec) -> bool:
     s = spec
     return (bool(s.reach) and not any(r.startswith("~") for r in s.reach)
             and s.write in ("none", "unrelated") and s.variant == "causal" and not s.padding
-            and s.Dv == s.D                                  # the op takes v with k's shape only
             and s.bias in ("index", "paren", "unsqueeze", "steps", "inplace") and s.apply != "none")
 
 

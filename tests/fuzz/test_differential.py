@@ -7,7 +7,7 @@ the compile length and at 1-2 other lengths (at least one longer); programs with
 pad per call. Per program it records rewritten (counters fox_attention > 0), refused (near_miss > 0) and wrong
 (an exception or a mismatch beyond the tolerance of tests/fuzz/harness.py); the test fails if any is wrong,
 listing them, after the whole run (no shrinking: each example costs a compile). A reach positive on plain choices
-(grammar.expect_rewrite: issue #11's spellings, causal, no writes or padding, Dv == D) that is not rewritten is
+(grammar.expect_rewrite: issue #11's spellings, causal, no writes or padding; any Dv) that is not rewritten is
 "missed": it fails the test too, listed after the wrong ones.
 
 Profiles:
