@@ -30,6 +30,9 @@ Shapes: q, dk, k (., D) with HEAD_DIM = D padded to D_PAD; v, dv, do (., Dv) wit
 to DV_PAD (Dv may differ from D).
 Compile-time specialisation: head dims (HEAD_DIM, HEAD_DIM_V, padded to D_PAD, DV_PAD; masks on d only when not a power of two),
 Tq % BLOCK_M == 0 and Tk % BLOCK_N == 0 (no row masks), GQA group, pruning on or off (PRUNE), dot precision.
+Recorded kept set (RECORDED, with PRUNE; kernels/recorded.py): KEEP (B, Hq, Tq) int32 holds the first
+kept key of each row as the forward recorded it; start and end come from it for this kernel's partition,
+and every entry j < KEEP[i] is masked (p = 0), so the kernel computes exactly the forward's kept set.
 Offsets: batch and head offsets are int64, so B * H * T * D above 2**31 works.
 """
 from __future__ import annotations
@@ -43,10 +46,10 @@ from acp_compile.kernels.fox_triton.common import LOG2E, load_rows, store_rows
 @triton.jit
 def _dkdv_tiles(
     dk, dv, dc, k, v, c_k, c_ref, offs_n, n,
-    Q, DO, C, LSE2, DELTA, START,
+    Q, DO, C, LSE2, DELTA, START, KEEP,
     sq_t, sq_d, sdo_t, sdo_d, sc_t,
     m_lo, m_hi, Tq, q_shift, qk_scale,
-    PRUNE: tl.constexpr, MASKED: tl.constexpr, EVEN_M: tl.constexpr, EXACT_C: tl.constexpr,
+    PRUNE: tl.constexpr, RECORDED: tl.constexpr, MASKED: tl.constexpr, EVEN_M: tl.constexpr, EXACT_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
 ):
@@ -85,6 +88,9 @@ def _dkdv_tiles(
         if MASKED:
             causal = (offs_m + q_shift)[None, :] >= offs_n[:, None]
             sT = tl.where(causal, sT, float("-inf"))
+        if RECORDED:                                            # keys the forward did not keep
+            keep_from = tl.load(KEEP + offs_m, mask=row_ok, other=0)           # (BM,) int32
+            sT = tl.where(offs_n[:, None] >= keep_from[None, :], sT, float("-inf"))
         pT = tl.math.exp2(sT)                                                # (BN, BM)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)        # (BN, BM)
@@ -96,7 +102,7 @@ def _dkdv_tiles(
 
 @triton.jit
 def fox_bwd_dkdv_kernel(
-    Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC,
+    Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, DK, DV, DC,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -109,7 +115,7 @@ def fox_bwd_dkdv_kernel(
     GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
-    EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, RECORDED: tl.constexpr,
 ):
     bhk = tl.program_id(0)
     n = tl.program_id(1)
@@ -181,14 +187,14 @@ def fox_bwd_dkdv_kernel(
             c_k = (c_k - c_ref) * LOG2E                         # (BN,) log2 units
         dk, dv, dc = _dkdv_tiles(
             dk, dv, dc, k, v, c_k, c_ref, offs_n, n, Qbh, DObh, Cbh, LSE2 + bh * Tq, DELTA + bh * Tq,
-            START + bh * Mq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_lo, m_mid, Tq, q_shift,
-            qk_scale, PRUNE=PRUNE, MASKED=True, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
+            START + bh * Mq, KEEP + bh * Tq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_lo, m_mid, Tq, q_shift,
+            qk_scale, PRUNE=PRUNE, RECORDED=RECORDED, MASKED=True, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
             HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
         )
         dk, dv, dc = _dkdv_tiles(
             dk, dv, dc, k, v, c_k, c_ref, offs_n, n, Qbh, DObh, Cbh, LSE2 + bh * Tq, DELTA + bh * Tq,
-            START + bh * Mq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_mid, m_end, Tq, q_shift,
-            qk_scale, PRUNE=PRUNE, MASKED=False, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
+            START + bh * Mq, KEEP + bh * Tq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_mid, m_end, Tq, q_shift,
+            qk_scale, PRUNE=PRUNE, RECORDED=RECORDED, MASKED=False, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
             HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
         )
         tl.store(DC + b * sdc_b + h * sdc_h + offs_n * sdc_t, dc, mask=store_ok)

@@ -17,7 +17,10 @@ then those that straddle the diagonal (causal mask). start[m] <= n_hi(m) always,
 is always visited. Rows past Tq load lse2 = +inf (p = 0) and are not stored; keys past Tk only occur in masked
 tiles (their position exceeds every query's), so the causal mask removes them.
 Shapes: q, k, dq (., D) with HEAD_DIM = D padded to D_PAD; v, do (., Dv) with HEAD_DIM_V = Dv padded to
-DV_PAD (Dv may differ from D). Offsets: batch and head offsets are int64.
+DV_PAD (Dv may differ from D). Recorded kept set (RECORDED, with PRUNE; kernels/recorded.py): KEEP (B, Hq, Tq) int32 holds the first
+kept key of each row as the forward recorded it; start comes from it for this kernel's partition, and
+every entry j < KEEP[i] is masked (p = 0), so the kernel computes exactly the forward's kept set.
+Offsets: batch and head offsets are int64.
 """
 from __future__ import annotations
 
@@ -31,8 +34,8 @@ from acp_compile.kernels.fox_triton.common import LOG2E, load_rows, store_rows
 def _dq_tiles(
     dq, rs, q, do, r, lse2, delta, pos_q, K, V, C, c_ref,
     sk_t, sk_d, sv_t, sv_d, sc_t,
-    n_lo, n_hi, Tk, qk_scale,
-    MASKED: tl.constexpr, KEYS_EVEN: tl.constexpr, EXACT_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    n_lo, n_hi, Tk, qk_scale, keep_from,
+    RECORDED: tl.constexpr, MASKED: tl.constexpr, KEYS_EVEN: tl.constexpr, EXACT_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
 ):
@@ -62,6 +65,8 @@ def _dq_tiles(
             s = qk * qk_scale + (r[:, None] - c2_k[None, :])
         if MASKED:
             s = tl.where(pos_q[:, None] >= offs_n[None, :], s, float("-inf"))
+        if RECORDED:                                            # keys the forward did not keep
+            s = tl.where(offs_n[None, :] >= keep_from[:, None], s, float("-inf"))
         p = tl.math.exp2(s)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)       # (BM, BN)
         ds = p * (dp - delta[:, None])
@@ -72,7 +77,7 @@ def _dq_tiles(
 
 @triton.jit
 def fox_bwd_dq_kernel(
-    Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC,
+    Q, K, V, C, DO, LSE2, DELTA, START, KEEP, DQ, DC,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -84,7 +89,7 @@ def fox_bwd_dq_kernel(
     GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
-    EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, RECORDED: tl.constexpr,
 ):
     bh = tl.program_id(0)
     m = Mq - 1 - tl.program_id(1)                                           # heaviest query blocks first
@@ -137,6 +142,10 @@ def fox_bwd_dq_kernel(
     else:
         n_start = 0
     n_start = tl.where(mine, n_start, n_end)                                # not mine: no tile
+    if RECORDED:
+        keep_from = tl.load(KEEP + bh64 * Tq + offs_m, mask=row_ok, other=0)   # (BM,) int32
+    else:
+        keep_from = tl.zeros((BLOCK_M,), tl.int32)
     Kb = K + b * sk_b + hk * sk_h
     Vb = V + b * sv_b + hk * sv_h
     dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
@@ -146,11 +155,12 @@ def fox_bwd_dq_kernel(
     else:
         r = (c_q - c_ref) * LOG2E - lse2                       # (BM,) row term, log2 units
     dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, sk_t, sk_d,
-                       sv_t, sv_d, sc_t, n_start, n_full, Tk, qk_scale, MASKED=False,
+                       sv_t, sv_d, sc_t, n_start, n_full, Tk, qk_scale, keep_from, RECORDED=RECORDED, MASKED=False,
                        KEYS_EVEN=True, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
                        BLOCK_N=BLOCK_N, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD)
     dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, sk_t, sk_d,
-                       sv_t, sv_d, sc_t, tl.maximum(n_start, n_full), n_end, Tk, qk_scale, MASKED=True,
+                       sv_t, sv_d, sc_t, tl.maximum(n_start, n_full), n_end, Tk, qk_scale, keep_from,
+                       RECORDED=RECORDED, MASKED=True,
                        KEYS_EVEN=EVEN_N, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
                        BLOCK_N=BLOCK_N, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD)
     dq = dq * sm_scale
