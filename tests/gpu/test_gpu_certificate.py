@@ -51,7 +51,7 @@ def test_online_backward_equals_blocked_backward_on_the_recorded_set():
     o, lse, _, keep_from = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -8.0, None, certificate="online")
     assert (keep_from > 0).any()
     do = torch.randn_like(o)
-    got = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, None, -8.0, None, keep_from)
+    got = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, None, -8.0, None, keep_from=keep_from)
     plan = recorded_plan(keep_from, 2048, blocked.BLOCK_M, blocked.BLOCK_N)
     want = blocked.backward(do, q, k, v, c, o, lse, scale, plan, keep_from=keep_from)
     for g, w, name in zip(got, want, ("dq", "dk", "dv", "dc")):
