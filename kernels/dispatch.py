@@ -59,8 +59,9 @@ def forward_tile_sizes(q, k, v, c) -> tuple[int, int]:
 
 
 def forward_plan(q, k, c, sm_scale, log_eps, u_bound=None, v=None, key_mask=None, doc_ids=None) -> Plan:
-    """The plan the forward uses for these inputs, with its tile sizes, computed in torch (the report
-    reads it; the Triton forward computes the same start indices on the device, kernels/fox_triton/plan.py).
+    """The paper rule's plan for these inputs, with the forward's tile sizes, computed in torch (the report
+    reads it when it has no recorded keep_from; under the online certificate the forward decides while it
+    runs and records keep_from instead; the Triton forward computes the same start indices on the device, kernels/fox_triton/plan.py).
     An error here is raised, not hidden: a plan with another tile size than the kernel's would be wrong.
     v None: the tile sizes of a value head dim equal to D (the report, which does not see v)."""
     bm, bn = forward_tile_sizes(q, k, k if v is None else v, c)

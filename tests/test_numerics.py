@@ -183,6 +183,6 @@ def test_a_bad_bound_that_is_not_read_gives_nan_not_a_silent_answer():
     q, k, v, c = fox_inputs(1, 3, 3, 50, 50, 16, gate="uniform", strength=0.5, seed=8)
     ub = torch.tensor([[2.0, -1.0, float("nan")]])
     for certificate in ("paper", "online"):
-        o, _, u, keep_from = dispatch.forward(q, k, v, c, None, -10.0, ub, certificate)
+        o, _, u, keep_from = dispatch.forward(q, k, v, c, None, -10.0, ub, certificate=certificate)
         assert torch.isfinite(o[:, 0]).all() and torch.isnan(o[:, 1:]).all() and torch.isnan(u[:, 1:]).all()
         assert (keep_from[:, 1:] == 0).all()          # a poisoned head's backward prunes nothing
