@@ -176,3 +176,18 @@ def test_forward_returns_the_bound_it_pruned_with_and_the_backward_reuses_it(mon
             ref = torch.ops.acp.fox_attention_bwd(do, *leaves, o2, lse2, None, -10.0, u2, keep_from=kf2)
         for g, r in zip(grads, ref):
             torch.testing.assert_close(g, r.to(g.dtype), rtol=0, atol=0)
+
+
+def test_online_certificate_reads_only_an_infinite_u_bound():
+    """Under the online certificate u_bound = +inf keeps that head dense; a finite u_bound changes nothing
+    (the certificate reads the norms); given norms equal to the computed ones give the same call."""
+    from acp_compile.ops import row_norms
+    q, k, v, c = fox_inputs(1, 2, 1, 200, 200, 16, gate="monotone", strength=1.0, seed=4)
+    base = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -8.0, None)
+    assert (base[3] > 0).any(dim=-1).all(), "both heads must prune"
+    inf_head = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -8.0, torch.tensor([[float("inf"), 1.0]]))
+    assert (inf_head[3][:, 0] == 0).all() and torch.equal(inf_head[3][:, 1], base[3][:, 1])
+    finite = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -8.0, torch.tensor(0.01))
+    assert torch.equal(finite[3], base[3]) and torch.equal(finite[0], base[0])
+    given = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -8.0, None, q_norm=row_norms(q), k_norm=row_norms(k))
+    assert torch.equal(given[0], base[0]) and torch.equal(given[3], base[3])
