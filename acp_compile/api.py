@@ -8,9 +8,9 @@ from torch import Tensor
 
 import acp_compile.ops  # noqa: F401  (registers torch.ops.acp.*)
 from acp_compile.checks import (  # noqa: F401  (LAYOUTS re-exported)
-    LAYOUTS, U_BOUND_POLICY, check_api_inputs, check_scale, check_u_bound_float, normalize_log_eps,
+    LAYOUTS, U_BOUND_POLICY, check_api_inputs, check_certificate, check_scale, check_u_bound_float, normalize_log_eps,
 )
-from acp_compile.ops import DEFAULT_LOG_EPS
+from acp_compile.ops import DEFAULT_CERTIFICATE, DEFAULT_LOG_EPS
 
 # Elements of q k^T formed at once by max_abs_logit (fp32: 256 MiB).
 _CHECK_CHUNK_ELEMENTS = 1 << 26
@@ -21,6 +21,7 @@ def fox_attention(
     sm_scale: float | None = None, log_eps: float | None = DEFAULT_LOG_EPS,
     u_bound: Tensor | float | None = None, layout: str = "bhtd", check_u_bound: bool = False,
     key_padding_mask: Tensor | None = None, document_ids: Tensor | None = None, cu_seqlens: Tensor | None = None,
+    certificate: str = DEFAULT_CERTIFICATE,
 ) -> Tensor:
     """Causal FoX attention, o_i = sum_j softmax_j(scale q_i.k_j + c_i - c_j) v_j with c = cumsum(log_fgate).
 
@@ -33,8 +34,14 @@ def fox_attention(
     -10) bounds the attention mass that pruning drops in each row by exp(log_eps); None or -inf computes
     every tile. Empty inputs (B, H or Tq = 0) give an empty output, as SDPA.
 
+    certificate decides which tiles may be skipped within that bound: "online" (default; DESIGN.md 1.1)
+    visits key blocks newest first and stops a query block once the mass of everything older is
+    provably below eps times the mass it has seen, from per-row ||q_i||, per-key-block max ||k_j|| and
+    extrema of c; "paper" skips a tile when its largest decay is below log_eps - log(Tk) - 2U (Lin et al.).
+
     u_bound, a float or a tensor broadcastable to (B, Hq), replaces the bound on |sm_scale q_i.k_j| that
-    is otherwise computed from the data (for example from QK-norm weights). It must hold for every
+    the paper certificate otherwise computes from the data (for example from QK-norm weights); the online
+    certificate reads only its +inf ("never prune that head") and NaN/negative (error) values. It must hold for every
     causal pair, or the eps guarantee is void; +inf means "never prune that head"; NaN or a negative
     value is an error (raised for floats and CPU tensors; on CUDA, where reading it would synchronise,
     those heads give NaN). check_u_bound=True verifies the bound on this call's data: it computes
@@ -61,6 +68,7 @@ def fox_attention(
     check_api_inputs(q, k, v, log_fgate, layout)
     log_eps = normalize_log_eps(log_eps)   # a wrong type must not reach the op's schema check
     check_scale(sm_scale)
+    check_certificate(certificate)
     if not (u_bound is None or isinstance(u_bound, (Tensor, int, float))) or isinstance(u_bound, bool):
         raise TypeError(f"fox_attention: u_bound must be None, a float or a tensor broadcastable to (B, Hq); got {u_bound!r}")
     if not isinstance(check_u_bound, bool):
@@ -79,8 +87,8 @@ def fox_attention(
         document_ids = cu_seqlens_to_document_ids(cu_seqlens, q.shape[0], k.shape[2])
     c_dtype = torch.float64 if log_fgate.dtype == torch.float64 else torch.float32
     c = torch.cumsum(log_fgate, dim=-1, dtype=c_dtype)                                # (B, Hq, Tk)
-    o, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound, key_padding_mask,
-                                              document_ids)
+    o, _, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, sm_scale, log_eps, u_bound, key_padding_mask,
+                                                 document_ids, certificate)
     return o.transpose(1, 2) if layout == "bthd" else o
 
 

@@ -153,6 +153,49 @@ def check_backward_inputs(do: Tensor, q: Tensor, o: Tensor, lse: Tensor, v: Tens
         raise ValueError(f"fox_attention_bwd: lse is on {lse.device} but q is on {q.device}")
 
 
+CERTIFICATES = ("online", "paper")
+
+
+def check_certificate(certificate: str, who: str = "fox_attention: certificate") -> str:
+    """'online' (the tight per-row rule of DESIGN.md 1.1) or 'paper' (the paper's 2U threshold)."""
+    if not isinstance(certificate, str) or certificate not in CERTIFICATES:
+        raise ValueError(f"{who} must be one of {CERTIFICATES} ('online': the per-row certificate of DESIGN.md "
+                         f"1.1, 'paper': the paper's 2U threshold), got {certificate!r}")
+    return certificate
+
+
+def _check_stat(name: str, t: Tensor | None, shape: tuple, q: Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fox_attention: {name} must be a tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"fox_attention: {name} must have shape {shape}, got {tuple(t.shape)}; pass None to "
+                         "let the op compute it")
+    if t.dtype != torch.float32:
+        raise TypeError(f"fox_attention: {name} must be float32 (row norms), got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"fox_attention: {name} is on {t.device} but q is on {q.device}")
+
+
+def check_norm_stats(q: Tensor, k: Tensor, q_norm: Tensor | None, k_norm: Tensor | None) -> None:
+    """q_norm (B, Hq, Tq) and k_norm (B, Hkv, Tk) fp32 on q's device, or None."""
+    _check_stat("q_norm", q_norm, tuple(q.shape[:3]), q)
+    _check_stat("k_norm", k_norm, tuple(k.shape[:3]), q)
+
+
+def check_keep_from(q: Tensor, keep_from: Tensor | None) -> None:
+    """keep_from (B, Hq, Tq) int32 on q's device (the forward's fourth output), or None."""
+    if keep_from is None:
+        return
+    if not isinstance(keep_from, Tensor) or keep_from.dtype != torch.int32:
+        raise TypeError("fox_attention_bwd: keep_from must be the forward's fourth output, an int32 tensor, "
+                        f"got {getattr(keep_from, 'dtype', type(keep_from).__name__)}")
+    if tuple(keep_from.shape) != tuple(q.shape[:3]) or keep_from.device != q.device:
+        raise ValueError(f"fox_attention_bwd: keep_from must have shape (B, Hq, Tq) = {tuple(q.shape[:3])} on "
+                         f"{q.device}, got {tuple(keep_from.shape)} on {keep_from.device}")
+
+
 def normalize_log_eps(log_eps: float | None, who: str = "fox_attention: log_eps") -> float | None:
     """The one parser of log_eps: validates it and returns a float <= 0, or None for "dense" (None and
     -inf both mean dense; below this point only None does). `who` names the argument in errors."""

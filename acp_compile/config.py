@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from acp_compile.checks import normalize_log_eps
+from acp_compile.checks import check_certificate, normalize_log_eps
 
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -18,6 +18,7 @@ class ACPConfig:
     strict: bool = False            # True: a near-miss (attention not proven FoX) raises instead of falling back
     report: bool = False            # True: record the skipped-tile fraction per site and call (costs a sync)
     inner_backend: str = "inductor"  # what compiles the rewritten graph: "inductor" | "aot_eager" | "eager"
+    certificate: str = "online"     # which tiles may be skipped: "online" (DESIGN.md 1.1) | "paper" (2U rule)
 
     def __post_init__(self) -> None:
         # The op's own parser: -inf becomes None (dense), the one spelling of "dense" below.
@@ -26,6 +27,7 @@ class ACPConfig:
             raise ValueError(
                 f"acp option inner_backend must be one of {INNER_BACKENDS}, got {self.inner_backend!r}"
             )
+        check_certificate(self.certificate, who="acp option certificate")
         for name in ("prune", "strict", "report"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"acp option {name} must be True or False, got {getattr(self, name)!r}")

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from acp_compile import module_names, report_op
 from acp_compile.kernels import dispatch
-from acp_compile.kernels.plan import kept_tiles, skipped_fraction
+from acp_compile.kernels.plan import kept_tiles, recorded_plan, skipped_fraction
 
 
 @dataclass
@@ -76,12 +76,18 @@ def draw_pruning_map(site_name: str, head: int = 0, batch: int = 0, path: str = 
 
 
 def record(q: Tensor, k: Tensor, c: Tensor, site_name: str, sm_scale: Optional[float], log_eps: Optional[float],
-           anchor: Optional[Tensor] = None, anchor_path: str = "") -> None:
-    """Computes the plan of one call and stores it under the site's name (syncs with the device): the
-    path of the module that runs it when `anchor` (one of its parameters) can be found, else `site_name`."""
+           keep_from: Optional[Tensor] = None, anchor: Optional[Tensor] = None, anchor_path: str = "") -> None:
+    """Stores the kept tiles of one call under the site's name (syncs with the device): those the forward
+    recorded (keep_from, either certificate), or the paper rule's plan when keep_from is None. The name
+    is the path of the module that runs the site when `anchor` (one of its parameters) can be found,
+    else `site_name`."""
     site_name = module_names.site_name_at_run_time(site_name, anchor, anchor_path)
     with torch.no_grad():
-        plan = dispatch.forward_plan(q, k, c, sm_scale, log_eps)
+        if keep_from is not None:
+            bm, bn = dispatch.forward_tile_sizes(q, k, k, c)
+            plan = recorded_plan(keep_from, k.shape[2], bm, bn)
+        else:
+            plan = dispatch.forward_plan(q, k, c, sm_scale, log_eps)
         bm, bn = plan.block_m, plan.block_n
         skipped = skipped_fraction(plan).cpu()
         kept = kept_tiles(plan).cpu()

@@ -159,19 +159,20 @@ def _make_polyfill(fn: types.FunctionType, known: KnownFox, signature: inspect.S
         from acp_compile.api import fox_attention
         threshold = params.get(threshold_name) if threshold_name is not None else None
         u_bound = None
+        certificate = _acp_certificate()
         if threshold is not None and log_eps is not None:
+            # the layer's own fixed threshold is a paper-rule delta: only that rule reads it
             log_eps, u_bound = _threshold_as_bound(threshold, k.shape[2 if head_first else 1], q)
-        key_padding_mask = cu_seqlens = None
+            certificate = "paper"
+        key_padding_mask = None
         if left_padding_name is not None and params.get(left_padding_name) is not None:
             # seq_start[b] left-padding keys: key j of row b is visible when j >= seq_start[b]
             Tk = k.shape[2 if head_first else 1]
             start = params[left_padding_name]
             key_padding_mask = torch.arange(Tk, device=k.device)[None, :] >= start.to(k.device)[:, None]
-        if varlen_name is not None:
-            cu_seqlens = params.get(varlen_name)
         return fox_attention(q, k, v, gate, sm_scale=params.get(scale_name), log_eps=log_eps, u_bound=u_bound,
-                             layout="bhtd" if head_first else "bthd", key_padding_mask=key_padding_mask,
-                             cu_seqlens=cu_seqlens)
+                             layout="bhtd" if head_first else "bthd", certificate=certificate,
+                             key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
 
     return polyfill
 
@@ -222,6 +223,13 @@ def _acp_log_eps(label: str, exact: bool):
     acp_counters()["fox_substituted"] += 1
     log.debug("acp: %s redirected to acp::fox_attention_fwd (log_eps=%s)", label, config.op_log_eps)
     return config.op_log_eps
+
+
+@torch.compiler.assume_constant_result
+def _acp_certificate() -> str:
+    """At trace time: the certificate option of the acp backend being traced for ("online" by default)."""
+    config = _tracing_acp_config()
+    return "online" if config is None else config.certificate
 
 
 def _tracing_acp_config():

@@ -258,7 +258,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, plan: P
 
 def backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, c: Tensor, o: Tensor, lse: Tensor, sm_scale: float, plan: Plan,
-    seg: Segments | None = None,
+    seg: Segments | None = None, keep_from: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq like q, dk like k, dv like v, dc like c: c's dtype and strides) of the pruned attention.
 
@@ -270,6 +270,9 @@ def backward(
     (a one-hot row gives dS = 0 exactly), and its row sums are zero up to the rounding of the sum.
     dc takes both terms, dc_t = sum_j dS_tj - sum_i dS_it. lse and o are accepted for the common
     signature and not read (o only for its NaNs, see o_nan).
+    keep_from (B, Hq, Tq) int32, optional: the kept set a forward recorded (kernels/plan.py recorded_plan
+    gives the covering plan); entries j < keep_from[i] are masked, so the gradient is that of exactly
+    the recorded kept set whatever the forward's tile partition was.
     """
     dt = _compute_dtype(q)
     acc_dt = torch.float64 if c.dtype == torch.float64 else dt           # dc in fp64 for an fp64 gate
@@ -286,6 +289,10 @@ def backward(
     for blk in _blocks(q, k, plan):
         heads, r0, r1, k0, k1 = blk.heads, blk.r0, blk.r1, blk.k0, blk.k1
         q_blk, k_blk, s = _scores(blk, q, k, c, sm_scale, dt, seg)
+        if keep_from is not None:                                          # exactly the recorded kept set
+            kf = heads.q_rows(keep_from, r0, r1, torch.int64)              # (G, BMa)
+            cols = torch.arange(k0, k1, device=q.device)
+            s.masked_fill_(cols[None, None, :] < kf[:, :, None], float("-inf"))
         p, _ = _softmax_rows(s, seg)                                      # (G, BMa, L), the forward's P
         do_blk = heads.q_rows(do, r0, r1, dt)                             # (G, BMa, Dv)
         v_blk = heads.kv_rows(v, k0, k1, dt)                              # (Gk, L, Dv)

@@ -10,19 +10,25 @@ backward: the Triton backward (kernels/fox_triton/backward*.py) under the same c
           the blocked path otherwise.
 Every fallback is logged once per reason on the "acp_compile" logger, never raised.
 
-Mixing is safe: the forward may run in Triton and the backward in the blocked path (or the other
-way round) with different tile sizes, because every plan skips only entries with c_i - c_j < delta
-for the same delta, so both stay within the eps bound of the dense result.
+certificate: "online" (default; DESIGN.md 1.1, kernels/certificate.py) decides per query block while
+          the forward runs; "paper" skips tiles below the threshold delta of the paper's rule.
+keep_from: (B, Hq, Tq) int32, the first kept key of each row, recorded by every forward (both
+          certificates; 0 without pruning) and handed to the backward, which computes exactly that
+          kept set (masking the entries j < keep_from[i] inside the tiles it visits) with the
+          forward's lse: forward and backward agree on what was skipped whatever their tile sizes
+          (the forward may even run in Triton and the backward in the blocked path). A backward
+          called without keep_from recomputes the paper plan (older callers).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from acp_compile.kernels import blocked
+from acp_compile.kernels import blocked, blocked_certified
+from acp_compile.kernels.certificate import cert_stats, keep_from_rows
 from acp_compile.kernels.fox_triton import support
 from acp_compile.kernels.layout import empty_like_last
-from acp_compile.kernels.plan import Plan, make_plan, nonfinite_flag, torch_qk_bound
+from acp_compile.kernels.plan import Plan, make_plan, nonfinite_flag, recorded_plan, torch_qk_bound
 from acp_compile.kernels.segments import make_segments
 from acp_compile.kernels.threshold import default_scale, pruning_enabled
 
@@ -50,8 +56,9 @@ def forward_tile_sizes(q, k, v, c) -> tuple[int, int]:
 
 
 def forward_plan(q, k, c, sm_scale, log_eps, u_bound=None, v=None, key_mask=None, doc_ids=None) -> Plan:
-    """The plan the forward uses for these inputs, with its tile sizes, computed in torch (the report
-    reads it; the Triton forward computes the same start indices on the device, kernels/fox_triton/plan.py).
+    """The paper rule's plan for these inputs, with the forward's tile sizes, computed in torch (the report
+    reads it when it has no recorded keep_from; under the online certificate the forward decides while it
+    runs and records keep_from instead; the Triton forward computes the same start indices on the device, kernels/fox_triton/plan.py).
     An error here is raised, not hidden: a plan with another tile size than the kernel's would be wrong.
     v None: the tile sizes of a value head dim equal to D (the report, which does not see v)."""
     bm, bn = forward_tile_sizes(q, k, k if v is None else v, c)
@@ -89,38 +96,74 @@ def _poison(q, v, u_bound, triton: bool):
     return bad
 
 
-def forward(q, k, v, c, sm_scale, log_eps, u_bound, key_mask=None, doc_ids=None):
-    """(o, lse, u): u is the bound the plan used, for the backward (see ops.py); NaN for a head that
-    `_poison` marks, which turns pruning off for it in the backward (its gradients are NaN as in eager).
-    key_mask / doc_ids (B, Tk): padded and packed batches (kernels/segments.py)."""
+def _dense_keep_from(q) -> Tensor:
+    return torch.zeros(q.shape[:3], dtype=torch.int32, device=q.device)
+
+
+def forward(q, k, v, c, sm_scale, log_eps, u_bound, key_mask=None, doc_ids=None, certificate="online",
+            q_norm=None, k_norm=None):
+    """(o, lse, u, keep_from). u: the paper's bound U the plan used ("paper"), zeros ("online"); NaN for
+    a head that `_poison` marks. keep_from (B, Hq, Tq) int32: the recorded kept set (module header); 0
+    for a poisoned head, so its backward prunes nothing (its gradients are NaN as in eager).
+    Under "online", u_bound = +inf turns pruning off for that head; other u_bound values are not read
+    by the certificate (it reads the norms q_norm (B, Hq, Tq) and k_norm (B, Hkv, Tk), computed here
+    when None). key_mask / doc_ids (B, Tk): padded and packed batches (kernels/segments.py)."""
     if q.numel() == 0 or k.shape[2] == 0:                 # B, Hq or Tq = 0: empty outputs, as SDPA
         B, Hq, Tq, _ = q.shape
-        return empty_like_last(q, v.shape[-1]), q.new_zeros((B, Hq, Tq), dtype=torch.float32), q.new_zeros((B, Hq), dtype=torch.float32)
+        return (empty_like_last(q, v.shape[-1]), q.new_zeros((B, Hq, Tq), dtype=torch.float32),
+                q.new_zeros((B, Hq), dtype=torch.float32), _dense_keep_from(q))
     scale = _scale(q, sm_scale)
     reason = support.unsupported_reason(q, k, v, c)
     seg = make_segments(key_mask, doc_ids, q.shape[2], k.shape[2])
-    u = pruning_bound(q, k, scale, log_eps, u_bound, triton=reason is None)
+    online = certificate == "online" and pruning_enabled(log_eps)
+    if online:
+        u = q.new_zeros(q.shape[:2], dtype=torch.float32)
+    else:
+        u = pruning_bound(q, k, scale, log_eps, u_bound, triton=reason is None)
     bad = _poison(q, v, u_bound, triton=reason is None)
-    u = u + bad.sum(dim=-1)                       # NaN for a poisoned head: its backward prunes nothing
+    poisoned = torch.isnan(bad.sum(dim=-1))                              # (B, Hq)
+    u = u + bad.sum(dim=-1)                       # NaN for a poisoned head
     if reason is None:
         from acp_compile.kernels.fox_triton import forward as triton_forward
-        return (*triton_forward.forward(q, k, v, c, scale, log_eps, u, bad=bad, seg=seg), u)
-    support.log_fallback_once("forward", reason)
-    plan = blocked_plan(q, k, c, scale, log_eps, u, seg)
-    o, lse = blocked.forward(q, k, v, c, scale, plan, seg)
-    o.add_(bad[:, :, None, :].to(o.dtype))
-    return o, lse, u
+        o, lse, keep_from = triton_forward.forward_recorded(
+            q, k, v, c, scale, log_eps, u, bad=bad, certificate=certificate, q_norm=q_norm, k_norm=k_norm,
+            never_prune=_never_prune(q, u_bound) if online else None, seg=seg)
+    else:
+        support.log_fallback_once("forward", reason)
+        if online:
+            stats = cert_stats(q, k, c, scale, blocked.BLOCK_N, q_norm, k_norm, _never_prune(q, u_bound))
+            o, lse, start = blocked_certified.forward(q, k, v, c, scale, log_eps, stats, blocked.BLOCK_M, seg)
+            keep_from = keep_from_rows(start, q.shape[2], blocked.BLOCK_M, blocked.BLOCK_N)
+        else:
+            plan = blocked_plan(q, k, c, scale, log_eps, u, seg)
+            o, lse = blocked.forward(q, k, v, c, scale, plan, seg)
+            keep_from = keep_from_rows(plan.start, q.shape[2], plan.block_m, plan.block_n)
+        o.add_(bad[:, :, None, :].to(o.dtype))
+    keep_from = keep_from.masked_fill(poisoned[..., None], 0)
+    return o, lse, u, keep_from
 
 
-def backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, key_mask=None, doc_ids=None):
+def _never_prune(q, u_bound) -> Tensor | None:
+    """(B, Hq) bool: heads whose u_bound is +inf ("never prune that head"), or None without u_bound."""
+    if u_bound is None:
+        return None
+    return torch.isinf(u_bound.to(device=q.device, dtype=torch.float32).expand(q.shape[:2]))
+
+
+def backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, key_mask=None, doc_ids=None, keep_from=None):
     if q.numel() == 0 or k.numel() == 0:                  # empty: zero gradients (no query reads a key)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(c)
     scale = _scale(q, sm_scale)
     reason = support.unsupported_reason(q, k, v, c)
     seg = make_segments(key_mask, doc_ids, q.shape[2], k.shape[2])
+    if not pruning_enabled(log_eps):
+        keep_from = None                          # dense: nothing was skipped, no masks to apply
     if reason is None:
         from acp_compile.kernels.fox_triton import backward as triton_backward
-        return triton_backward.backward(do, q, k, v, c, o, lse, scale, log_eps, u_bound, seg=seg)
+        return triton_backward.backward(do, q, k, v, c, o, lse, scale, log_eps, u_bound, seg=seg, keep_from=keep_from)
     support.log_fallback_once("backward", reason)
+    if keep_from is not None:
+        plan = recorded_plan(keep_from, k.shape[2], blocked.BLOCK_M, blocked.BLOCK_N)
+        return blocked.backward(do, q, k, v, c, o, lse, scale, plan, seg, keep_from=keep_from)
     plan = blocked_plan(q, k, c, scale, log_eps, u_bound, seg)
     return blocked.backward(do, q, k, v, c, o, lse, scale, plan, seg)

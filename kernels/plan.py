@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from acp_compile.kernels.recorded import causal_last_key_block, covering_indices
 from acp_compile.kernels.segments import Segments, anchor_c, first_document_block
 from acp_compile.kernels.threshold import pruning_enabled, threshold_delta
 
@@ -80,13 +81,6 @@ def head_delta(q: Tensor, k: Tensor, sm_scale: float, log_eps: float | None, u_b
         return torch.full((B, Hq), float("-inf"), device=q.device, dtype=torch.float32)
     u = torch_qk_bound(q, k, sm_scale) if u_bound is None else u_bound.to(q.device, torch.float32).expand(B, Hq)
     return threshold_delta(log_eps, Tk, u)
-
-
-def causal_last_key_block(Tq: int, Tk: int, block_m: int, block_n: int, device=None) -> Tensor:
-    """n_hi (Mq,) int32: the key block of the last position of each query block."""
-    Mq = -(-Tq // block_m)
-    last_row = torch.clamp((torch.arange(Mq, device=device) + 1) * block_m, max=Tq) - 1
-    return ((Tk - Tq + last_row) // block_n).to(torch.int32)
 
 
 def _block_reduce(x: Tensor, block: int, pad_value: float, reduce: str) -> Tensor:
@@ -158,3 +152,12 @@ def skipped_fraction(plan: Plan) -> Tensor:
     causal_tiles = (plan.n_hi.to(torch.float32) + 1).sum()
     skipped = plan.start.to(torch.float32).sum(dim=-1)
     return skipped / causal_tiles
+
+
+
+def recorded_plan(keep_from: Tensor, Tk: int, block_m: int, block_n: int) -> Plan:
+    """The plan of a (block_m, block_n) partition that covers the kept set a forward recorded
+    (kernels/recorded.py); delta is NaN: this plan comes from no threshold."""
+    start, end, n_hi = covering_indices(keep_from, Tk, block_m, block_n)
+    delta = torch.full(keep_from.shape[:2], float("nan"), device=keep_from.device)
+    return Plan(block_m, block_n, delta, start, end, n_hi)

@@ -83,3 +83,17 @@ def fox_attention_reference(
 def attention_probs(q: Tensor, k: Tensor, c: Tensor, sm_scale: float | None = None) -> Tensor:
     """Dense fp64 attention probabilities (B, Hq, Tq, Tk)."""
     return torch.softmax(logits(q, k, c, sm_scale), dim=-1)
+
+
+def recorded_entries(keep_from: Tensor, Tk: int) -> Tensor:
+    """(B, Hq, Tq, Tk) boolean of the entries a forward kept, from its recorded keep_from (B, Hq, Tq):
+    kept(i, j) <=> keep_from[i] <= j <= p_i."""
+    Tq = keep_from.shape[-1]
+    cols = torch.arange(Tk, device=keep_from.device)
+    return (cols >= keep_from[..., None]) & causal_mask(Tq, Tk, keep_from.device)
+
+
+def row_dropped_mass(q: Tensor, k: Tensor, c: Tensor, keep: Tensor, sm_scale: float | None = None) -> Tensor:
+    """Dense fp64 probability mass of the causal entries outside `keep` (B, Hq, Tq, Tk), per row (B, Hq, Tq)."""
+    p = attention_probs(q, k, c, sm_scale)
+    return (p * (causal_mask(q.shape[2], k.shape[2], q.device) & ~keep)).sum(-1)

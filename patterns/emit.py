@@ -2,10 +2,13 @@
 
 Nodes inserted just before `match.replace`:
   q, k, v, c          operands (builders run here)
-  out = acp.fox_attention_fwd(q, k, v, c, sm_scale, log_eps, None)     (o, lse, u)
+  q_norm, k_norm      the online certificate's norm statistics (patterns/norm_stats.py), when it prunes
+  out = acp.fox_attention_fwd(q, k, v, c, sm_scale, log_eps, None, certificate=, q_norm=, k_norm=)
+                      (o, lse, u, keep_from)
   o   = out[0]  (B, Hq, Tq, D)
-  o   = o + acp.report_site(...)  when reporting is on (a zero scalar with a recording side effect;
-        it also gets a parameter of the site's module, to name the site when it runs: site_anchor.py)
+  o   = o + acp.report_site(..., out[3], anchor)  when reporting is on (a zero scalar with a recording
+        side effect; out[3] is the kept set the forward recorded, anchor a parameter of the site's
+        module that names the site when it runs: site_anchor.py)
   val = match.finish(o)           the replaced node's value
 The dead nodes of the matched region are erased afterwards (in-place writers included).
 """
@@ -21,6 +24,7 @@ import acp_compile.report_op  # noqa: F401  (registers torch.ops.acp.report_site
 from acp_compile.config import ACPConfig
 from acp_compile.patterns.aliasing import storage_of, written_args
 from acp_compile.patterns.match import FoxMatch, Operand
+from acp_compile.patterns.norm_stats import emit_norm_stats
 from acp_compile.patterns.site_anchor import find_anchor
 
 
@@ -43,16 +47,20 @@ def emit_fox_attention(gm: fx.GraphModule, match: FoxMatch, config: ACPConfig, s
         sm_scale = match.sm_scale
         if callable(sm_scale) and not isinstance(sm_scale, fx.Node):
             sm_scale = sm_scale(graph)                 # a symbolic scale, emitted as a graph value
+        q_norm = k_norm = None
+        if config.certificate == "online" and config.op_log_eps is not None:
+            q_norm, k_norm = emit_norm_stats(graph, q, k)
         out = graph.call_function(
             torch.ops.acp.fox_attention_fwd.default,
             (q, k, v, c, sm_scale, config.op_log_eps, None),
+            {"certificate": config.certificate, "q_norm": q_norm, "k_norm": k_norm},
         )
         o = graph.call_function(operator.getitem, (out, 0))
         if config.report:
             anchor = find_anchor(gm, match.replace)
             zero = graph.call_function(
                 torch.ops.acp.report_site.default,
-                (q, k, c, site, sm_scale, config.op_log_eps,
+                (q, k, c, site, sm_scale, config.op_log_eps, graph.call_function(operator.getitem, (out, 3)),
                  anchor.placeholder if anchor else None, anchor.encoded() if anchor else ""),
             )
             o = graph.call_function(operator.add, (o, zero))

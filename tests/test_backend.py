@@ -241,3 +241,39 @@ def test_compilations_say_what_was_rewritten_and_what_was_left_alone_without_dyn
     assert "no causal mask" in second.near_misses[0].reason
     acp_compile.clear_compilations()
     assert acp_compile.compilations() == []
+
+
+@pytest.mark.parametrize("certificate", ["online", "paper"])
+def test_certificate_option_reaches_the_op_with_norm_statistics_for_online(rewrites, certificate):
+    torch.compile(sc.matmul_div_sqrt_triu, backend="acp",
+                  options={"inner_backend": "eager", "certificate": certificate})(*inputs())
+    (call,) = op_calls(rewrites[0])
+    assert call.kwargs["certificate"] == certificate
+    q_norm, k_norm = call.kwargs["q_norm"], call.kwargs["k_norm"]
+    if certificate == "paper":
+        assert q_norm is None and k_norm is None
+    else:
+        assert q_norm.target is acp_compile.ops.row_norms and k_norm.target is acp_compile.ops.row_norms
+        assert q_norm.args[0].args[0] is call.args[0] and k_norm.args[0].args[0] is call.args[1]
+
+
+def test_unknown_certificate_is_an_error_naming_the_choices():
+    with pytest.raises(ValueError, match=r"acp option certificate must be one of \('online', 'paper'\)"):
+        acp_compile.config.ACPConfig(certificate="tight")
+
+
+def test_online_certificate_compiles_with_inductor_and_trains(rewrites):
+    """The norm nodes go through inductor and autograd (no gradient flows into them); output and
+    gradients equal the eager op with the same certificate up to rounding, and the site prunes."""
+    args = [a.requires_grad_() for a in inputs(T=200, D=8, decay=-3.0, seed=2)]
+    f = torch.compile(sc.matmul_div_sqrt_triu, backend="acp", options={"inner_backend": "inductor"})
+    out = f(*args)
+    grads = torch.autograd.grad(out.sum(), args)
+    ref_args = [a.detach().clone().requires_grad_() for a in args]
+    ref = sc.matmul_div_sqrt_triu(*ref_args)
+    ref_grads = torch.autograd.grad(ref.sum(), ref_args)
+    bound = 2 * math.exp(-10.0) * float(args[2].detach().norm(dim=-1).max())
+    assert float((out - ref).detach().abs().max()) <= bound + 1e-4
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-3)
+    assert len(op_calls(rewrites[0])) == 1

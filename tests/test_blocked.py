@@ -238,7 +238,7 @@ def test_any_gate_layout_through_the_op(layout, B, Hq, Hkv, Tq, Tk):
     q, k, v, c = fox_inputs(B, Hq, Hkv, Tq, Tk, 16, strength=0.5, qk_scale=0.5, seed=Tk)
     c = _gate_layouts(c)[layout]
     leaves = [t.clone().requires_grad_() for t in (q, k, v)] + [c.detach().requires_grad_()]
-    o, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None)
+    o, _, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None)
     do = torch.randn_like(o)
     o.backward(do)
     plan = make_plan(q, k, c, 1 / 4, -10.0, None, blocked.BLOCK_M, blocked.BLOCK_N)
@@ -247,3 +247,31 @@ def test_any_gate_layout_through_the_op(layout, B, Hq, Hkv, Tq, Tk):
     assert_close_scaled(o, o_ref, TOL[torch.float32], "o")
     for name, got, want in zip(("dq", "dk", "dv", "dc"), leaves, reference_grads(q, k, v, c, 1 / 4, keep, do)):
         assert_close_scaled(got.grad, want, 5 * TOL[torch.float32], name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 97, 131, 24), (1, 3, 1, 70, 70, 16)])
+def test_online_forward_then_backward_with_the_recorded_set_in_another_partition(dtype, shape):
+    """The online forward (16 x 8 tiles) records keep_from; the backward in the default 64 x 64
+    partition computes exactly that set (masks inside its tiles): both equal the fp64 reference of the
+    recorded set, and the case prunes. Outputs of the forward are compared, gradients too."""
+    from acp_compile.kernels import blocked_certified
+    from acp_compile.kernels.certificate import cert_stats, keep_from_rows
+    from acp_compile.kernels.plan import recorded_plan
+    from acp_compile.kernels.reference import recorded_entries
+    B, Hq, Hkv, Tq, Tk, D = shape
+    q, k, v, c = fox_inputs(B, Hq, Hkv, Tq, Tk, D, dtype=dtype, gate="walk", strength=1.0, seed=5)
+    c = c.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    scale = 1 / math.sqrt(D)
+    o, lse, start = blocked_certified.forward(q, k, v, c, scale, -6.0, cert_stats(q, k, c, scale, 8), 16)
+    keep_from = keep_from_rows(start, Tq, 16, 8)
+    keep = recorded_entries(keep_from, Tk)
+    assert (keep_from > 0).float().mean() > 0.3, "the case must prune"
+    o_ref, lse_ref = fox_attention_reference(q, k, v, c, scale, keep=keep)
+    assert_close_scaled(o, o_ref, TOL[dtype], "o")
+    assert_close_scaled(lse, lse_ref, 1e-6, "lse")
+    do = torch.randn_like(o)
+    plan = recorded_plan(keep_from, Tk, blocked.BLOCK_M, blocked.BLOCK_N)
+    grads = blocked.backward(do, q, k, v, c, o, lse, scale, plan, keep_from=keep_from)
+    for name, got, want in zip(("dq", "dk", "dv", "dc"), grads, reference_grads(q, k, v, c, scale, keep, do)):
+        assert_close_scaled(got, want, 10 * TOL[dtype], name)

@@ -87,7 +87,7 @@ CASES = [
 ]
 
 
-o_good, lse_good, _ = op(q, k, v, c)
+o_good, lse_good, _, _ = op(q, k, v, c)
 do_good = torch.randn_like(q)
 
 
@@ -134,6 +134,6 @@ def test_fake_tensor_path_checks_too():
 
 def test_good_inputs_pass_and_nothing_is_changed_silently():
     q2, k2, v2, c2 = (t.clone() for t in (q, k, v, c))
-    o, lse, u = op(q2, k2, v2, c2)
+    o, lse, u, _ = op(q2, k2, v2, c2)
     assert o.shape == q.shape and lse.shape == q.shape[:3] and u.shape == q.shape[:2]
     assert all(torch.equal(a, b) for a, b in zip((q2, k2, v2, c2), (q, k, v, c)))

@@ -54,7 +54,7 @@ def test_hard_reset_anywhere_is_exact(pos, reset, second, prune, seed):
         log_f[..., (pos + 70) % T] = reset / 3
     c = torch.cumsum(log_f, -1)
     log_eps = -10.0 if prune else None
-    o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
+    o, lse, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
     o64, lse64, dq, dk, dv, dc = reference_grads(q, k, v, c, do)
     assert torch.isfinite(o).all() and torch.isfinite(lse).all()
     assert (o.double() - o64).abs().max() < 1e-5 and (lse.double() - lse64).abs().max() < 1e-5
@@ -68,7 +68,7 @@ def test_steep_decay_lse_is_exact():
     """-50 nats per token: the bias is large inside every block, the attention is the diagonal."""
     q, k, v, _ = fox_inputs(1, 2, 2, 300, 300, 32, seed=3)
     c = torch.cumsum(torch.full((1, 2, 300), -50.0), -1)
-    o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
+    o, lse, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
     o64, lse64, *_ = reference_grads(q, k, v, c, torch.zeros_like(q))
     assert (lse.double() - lse64).abs().max() < 2e-6 and (o.double() - o64).abs().max() < 2e-6
 
@@ -101,7 +101,7 @@ def test_fp64_inputs_get_fp64_gradients():
     for name, a, r in zip(("dq", "dk", "dv", "dlogf"), got, ref):
         assert rel_err(a, r) < 1e-12, f"{name}: {rel_err(a, r):.3g}"
     c = torch.cumsum(log_f, -1)
-    o, lse, u = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
+    o, lse, u, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
     dc = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, None, None, u)[3]
     assert dc.dtype == torch.float64
 
@@ -148,7 +148,7 @@ def test_empty_inputs_give_empty_outputs_and_zero_gradients(shape):
     for t in (q, k, v, log_f):
         assert t.grad.shape == t.shape and (t.grad == 0).all()
     c = torch.zeros(B, H, Tk)
-    o2, lse, u = torch.ops.acp.fox_attention_fwd(q.detach(), k.detach(), v.detach(), c, None, -10.0, None)
+    o2, lse, u, _ = torch.ops.acp.fox_attention_fwd(q.detach(), k.detach(), v.detach(), c, None, -10.0, None)
     assert o2.shape == q.shape and lse.shape == (B, H, Tq) and u.shape == (B, H)
 
 
@@ -182,5 +182,7 @@ def test_a_bad_bound_that_is_not_read_gives_nan_not_a_silent_answer():
     head whose bound is NaN or negative. Checked here on the dispatcher, below the CPU check."""
     q, k, v, c = fox_inputs(1, 3, 3, 50, 50, 16, gate="uniform", strength=0.5, seed=8)
     ub = torch.tensor([[2.0, -1.0, float("nan")]])
-    o, _, u = dispatch.forward(q, k, v, c, None, -10.0, ub)
-    assert torch.isfinite(o[:, 0]).all() and torch.isnan(o[:, 1:]).all() and torch.isnan(u[:, 1:]).all()
+    for certificate in ("paper", "online"):
+        o, _, u, keep_from = dispatch.forward(q, k, v, c, None, -10.0, ub, certificate=certificate)
+        assert torch.isfinite(o[:, 0]).all() and torch.isnan(o[:, 1:]).all() and torch.isnan(u[:, 1:]).all()
+        assert (keep_from[:, 1:] == 0).all()          # a poisoned head's backward prunes nothing

@@ -34,7 +34,7 @@ def test_opcheck_forward_and_backward(case, transposed, log_eps):
     q, k, v, c = (t.requires_grad_() for t in (q, k, v, c))
     torch.library.opcheck(torch.ops.acp.fox_attention_fwd.default, (q, k, v, c, None, log_eps, None))
     with torch.no_grad():
-        o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
+        o, lse, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
     do = torch.randn_like(o)
     scale = 1 / math.sqrt(q.shape[-1])
     torch.library.opcheck(
@@ -108,8 +108,8 @@ def test_half_precision_through_the_op_with_backward(dtype):
 
 def test_pruning_off_is_bitwise_the_same_for_none_and_minus_inf():
     q, k, v, c = fox_inputs(1, 2, 1, 140, 140, 16, strength=2.0, seed=7)
-    o_none, lse_none, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
-    o_inf, lse_inf, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, float("-inf"), None)
+    o_none, lse_none, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
+    o_inf, lse_inf, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, float("-inf"), None)
     assert torch.equal(o_none, o_inf) and torch.equal(lse_none, lse_inf)
     plan = make_plan(q, k, c, 0.25, -10.0, None, blocked.BLOCK_M, blocked.BLOCK_N)
     assert skipped_fraction(plan).min() > 0.1          # the same inputs do prune when pruning is on
@@ -140,17 +140,20 @@ def test_compiles_with_aot_eager_and_matches_eager():
 
 
 def test_forward_returns_the_bound_it_pruned_with_and_the_backward_reuses_it(monkeypatch):
-    """u is U from the data (auto), the caller's u_bound, or zeros without pruning; a forward and
-    backward through autograd compute U once, not twice."""
+    """Paper rule: u is U from the data (auto), the caller's u_bound, or zeros without pruning; the online
+    rule returns zeros. A forward and backward through autograd compute U once (the backward reads the
+    recorded keep_from and computes no plan), and the gradients equal a direct backward call with it."""
     from acp_compile.kernels import dispatch, plan
     q, k, v, c = _op_args("gqa_tq_lt_tk", strength=1.0)
     scale = 1 / math.sqrt(q.shape[-1])
-    _, _, u_auto = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
+    _, _, u_auto, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None, certificate="paper")
     torch.testing.assert_close(u_auto, plan.torch_qk_bound(q, k, scale), rtol=0, atol=0)
-    _, _, u_given = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, torch.tensor(0.75))
+    _, _, u_given, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, torch.tensor(0.75), certificate="paper")
     assert u_given.shape == q.shape[:2] and (u_given == 0.75).all()
-    _, _, u_dense = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
+    _, _, u_dense, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None, certificate="paper")
     assert (u_dense == 0).all()
+    _, _, u_online, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
+    assert (u_online == 0).all()
 
     calls = []
     counted = plan.torch_qk_bound
@@ -161,14 +164,30 @@ def test_forward_returns_the_bound_it_pruned_with_and_the_backward_reuses_it(mon
     monkeypatch.setattr(plan, "torch_qk_bound", counting)
     monkeypatch.setattr(dispatch, "torch_qk_bound", counting)
     leaves = [t.detach().requires_grad_() for t in (q, k, v, c)]
-    o, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None)
+    o, _, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None, certificate="paper")
     o.backward(torch.randn_like(o))
     assert len(calls) == 1, f"U computed {len(calls)} times in one forward and backward"
-    # Same gradients as a backward that recomputes U itself.
-    do = torch.randn_like(o)
-    grads = torch.autograd.grad(torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None)[0], leaves, do)
-    with torch.no_grad():
-        o2, lse2, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None)
-        ref = torch.ops.acp.fox_attention_bwd(do, *leaves, o2, lse2, None, -10.0, None)
-    for g, r in zip(grads, ref):
-        torch.testing.assert_close(g, r.to(g.dtype), rtol=0, atol=0)
+    for certificate in ("paper", "online"):
+        do = torch.randn_like(o)
+        grads = torch.autograd.grad(
+            torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None, certificate=certificate)[0], leaves, do)
+        with torch.no_grad():
+            o2, lse2, u2, kf2 = torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None, certificate=certificate)
+            ref = torch.ops.acp.fox_attention_bwd(do, *leaves, o2, lse2, None, -10.0, u2, keep_from=kf2)
+        for g, r in zip(grads, ref):
+            torch.testing.assert_close(g, r.to(g.dtype), rtol=0, atol=0)
+
+
+def test_online_certificate_reads_only_an_infinite_u_bound():
+    """Under the online certificate u_bound = +inf keeps that head dense; a finite u_bound changes nothing
+    (the certificate reads the norms); given norms equal to the computed ones give the same call."""
+    from acp_compile.ops import row_norms
+    q, k, v, c = fox_inputs(1, 2, 1, 200, 200, 16, gate="monotone", strength=1.0, seed=4)
+    base = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -8.0, None)
+    assert (base[3] > 0).any(dim=-1).all(), "both heads must prune"
+    inf_head = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -8.0, torch.tensor([[float("inf"), 1.0]]))
+    assert (inf_head[3][:, 0] == 0).all() and torch.equal(inf_head[3][:, 1], base[3][:, 1])
+    finite = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -8.0, torch.tensor(0.01))
+    assert torch.equal(finite[3], base[3]) and torch.equal(finite[0], base[0])
+    given = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -8.0, None, q_norm=row_norms(q), k_norm=row_norms(k))
+    assert torch.equal(given[0], base[0]) and torch.equal(given[3], base[3])

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from acp_compile.kernels.plan import (
     causal_last_key_block, kept_entries, kept_tiles, make_plan, skipped_fraction, head_delta, torch_qk_bound,
@@ -151,3 +152,36 @@ def test_plan_runs_on_the_meta_device_without_values():
     q, k, v, c = (t.to("meta") for t in fox_inputs(1, 2, 1, 40, 50, 8))
     plan = make_plan(q, k, c, 0.3, -10.0, None, 16, 16)
     assert plan.start.shape == (1, 2, 3) and plan.end.shape == (1, 2, 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 90), st.integers(0, 40), st.sampled_from([1, 4, 8, 16, 32]), st.sampled_from([1, 4, 8, 16, 32]),
+       st.sampled_from([4, 8, 16]), st.integers(0, 2 ** 31 - 1))
+def test_covering_indices_visit_every_recorded_entry_in_any_partition(Tq, extra, bm, bn, fwd_bn, seed):
+    """A recorded kept set (one start per forward query block of any size, not monotone in m) is covered
+    by the dq view {start[m] <= n <= n_hi(m)} and by the dk/dv view {m_lo(n) <= m < end[n], start[m] <= n}
+    of every backward partition: no kept entry lies in a tile either kernel skips."""
+    from acp_compile.kernels.recorded import covering_indices
+    from acp_compile.kernels.reference import causal_mask, recorded_entries
+    Tk = Tq + extra
+    g = torch.Generator().manual_seed(seed)
+    fwd_bm = 8
+    Mf = -(-Tq // fwd_bm)
+    rows = torch.arange(Tq)
+    n_hi_f = (Tk - Tq + torch.clamp((torch.arange(Mf) + 1) * fwd_bm, max=Tq) - 1) // fwd_bn
+    start_f = (torch.rand(2, 3, Mf, generator=g) * (n_hi_f + 1)).long()          # any start <= n_hi
+    keep_from = (start_f[..., rows // fwd_bm] * fwd_bn).to(torch.int32)           # (2, 3, Tq)
+    keep = recorded_entries(keep_from, Tk) & causal_mask(Tq, Tk)
+    start, end, n_hi = covering_indices(keep_from, Tk, bm, bn)
+    Mq, Nk = start.shape[-1], end.shape[-1]
+    m = torch.arange(Mq)[:, None]
+    n = torch.arange(Nk)[None, :]
+    m_lo = torch.clamp(n * bn - (Tk - Tq), min=0) // bm                            # first query block reaching n
+    dq_view = (start[..., :, None] <= n) & (n <= n_hi[:, None].long())
+    dkdv_view = (m >= m_lo) & (m < end[..., None, :]) & (start[..., :, None] <= n)
+    tiles_needed = torch.zeros(2, 3, Mq, Nk, dtype=torch.bool)
+    idx = keep.nonzero()
+    tiles_needed[idx[:, 0], idx[:, 1], idx[:, 2] // bm, idx[:, 3] // bn] = True
+    assert not (tiles_needed & ~dq_view).any()
+    assert not (tiles_needed & ~dkdv_view).any()
+    assert (start >= 0).all() and (end <= Mq).all()

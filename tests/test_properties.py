@@ -19,7 +19,9 @@ from hypothesis import given, settings, strategies as st
 import acp_compile
 from acp_compile.kernels import blocked
 from acp_compile.kernels.plan import kept_entries, kept_tiles, make_plan, skipped_fraction
-from acp_compile.kernels.reference import attention_probs, causal_mask, fox_attention_reference
+from acp_compile.kernels.reference import (
+    attention_probs, causal_mask, fox_attention_reference, recorded_entries, row_dropped_mass,
+)
 from helpers import fox_inputs
 
 ROUNDING = {torch.float32: 3e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
@@ -80,7 +82,7 @@ def in_storage(q, k, v, c, storage):
        st.sampled_from(["bhtd", "bthd"]))
 def test_b_op_output_within_eps_bound_of_dense(prob, log_eps, storage):
     q, k, v, c = in_storage(*fox_inputs(**prob), storage)
-    o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
+    o, lse, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
     o_dense, _ = fox_attention_reference(q, k, v, c)
     vmax = max_v_norm_per_head(v, prob["Hq"])
     bound = 2 * math.exp(log_eps) * vmax + ROUNDING[prob["dtype"]] * torch.clamp(vmax, min=1.0)
@@ -107,8 +109,8 @@ def test_b_blocked_small_tiles_within_eps_bound_and_equal_to_pruned_reference(pr
 @given(problems())
 def test_c_no_pruning_is_dense_and_none_equals_minus_inf_bitwise(prob):
     q, k, v, c = fox_inputs(**prob)
-    o_none, lse_none, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
-    o_inf, lse_inf, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, float("-inf"), None)
+    o_none, lse_none, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
+    o_inf, lse_inf, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, float("-inf"), None)
     assert torch.equal(o_none, o_inf) and torch.equal(lse_none, lse_inf)
     scale = 1 / math.sqrt(prob["D"])
     for log_eps in (None, float("-inf")):
@@ -132,20 +134,21 @@ def test_d_stricter_threshold_never_skips_a_kept_tile(prob, eps_a, eps_b, block)
 
 
 @settings(max_examples=12)
-@given(problems(max_t=150), st.sampled_from([-10.0, -4.0, None]))
-def test_e_gradients_through_the_api_match_the_reference(prob, log_eps):
+@given(problems(max_t=150), st.sampled_from([-10.0, -4.0, None]), st.sampled_from(["online", "paper"]))
+def test_e_gradients_through_the_api_match_the_reference(prob, log_eps, certificate):
     q, k, v, c = fox_inputs(**prob)
     log_f = torch.diff(c, dim=-1, prepend=torch.zeros(*c.shape[:2], 1))
     leaves = [t.detach().requires_grad_() for t in (q, k, v, log_f)]
-    o = acp_compile.fox_attention(*leaves, log_eps=log_eps)
+    o = acp_compile.fox_attention(*leaves, log_eps=log_eps, certificate=certificate)
     do = torch.randn_like(o)
     o.backward(do)
     scale = 1 / math.sqrt(prob["D"])
     c32 = torch.cumsum(log_f, -1, dtype=torch.float32)                     # what the API computes
-    plan = make_plan(q, k, c32, scale, log_eps, None, blocked.BLOCK_M, blocked.BLOCK_N)
+    # The kept set the forward recorded (the backward computes exactly that set).
+    keep_from = torch.ops.acp.fox_attention_fwd(q, k, v, c32, None, log_eps, None, certificate=certificate)[3]
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, log_f)]
     o_ref, _ = fox_attention_reference(
-        *ref_leaves[:3], torch.cumsum(ref_leaves[3], -1), scale, keep=kept_entries(plan, prob["Tq"], prob["Tk"]),
+        *ref_leaves[:3], torch.cumsum(ref_leaves[3], -1), scale, keep=recorded_entries(keep_from, prob["Tk"]),
     )
     o_ref.backward(do.double())
     for name, got, want in zip(("dq", "dk", "dv", "dlog_f"), leaves, ref_leaves):
@@ -165,7 +168,7 @@ def test_strong_decay_really_prunes_and_keeps_the_bound(gate, log_eps):
     plan = make_plan(q, k, c, scale, log_eps, None, blocked.BLOCK_M, blocked.BLOCK_N)
     assert skipped_fraction(plan).mean() >= (0.3 if gate == "monotone" else 0.2), "the case must prune"
     assert row_skipped_mass(q, k, c, plan, scale).max() <= math.exp(log_eps)
-    o, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
+    o, _, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
     o_dense, _ = fox_attention_reference(q, k, v, c)
     vmax = max_v_norm_per_head(v, 4)
     assert ((o.double() - o_dense).abs() <= 2 * math.exp(log_eps) * vmax + 3e-5 * vmax).all()
@@ -179,7 +182,7 @@ def test_user_bound_that_holds_keeps_the_guarantee():
     plan = make_plan(q, k, c, scale, -6.0, u, blocked.BLOCK_M, blocked.BLOCK_N)
     assert skipped_fraction(plan).mean() > 0.2
     assert row_skipped_mass(q, k, c, plan, scale).max() <= math.exp(-6.0)
-    o, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, scale, -6.0, u)
+    o, _, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, scale, -6.0, u, certificate="paper")
     o_pruned, _ = fox_attention_reference(q, k, v, c, scale, keep=kept_entries(plan, 200, 200))
     assert (o.double() - o_pruned).abs().max() < 3e-5 * max_v_norm_per_head(v, 2).max()
 
@@ -208,3 +211,114 @@ def test_f_padded_and_packed_rows_keep_the_eps_bound(prob, log_eps, bm, bn, kind
     ro, _ = fox_attention_reference(q, k, v, c, scale, key_mask=key_mask, doc=doc)
     bound = 2 * math.exp(log_eps) * max_v_norm_per_head(v, prob["Hq"]) + ROUNDING[torch.float32] * (1 + ro.abs().amax())
     assert ((o.double() - ro).abs() <= bound).all()
+
+
+# ---- The online certificate (DESIGN.md 1.1): checked on the fp64 reference, per row --------------------
+
+def adversarial(prob, resets, huge_key):
+    """fox_inputs, then hard resets (log f = -30 or -1e6 at random positions: c not smooth) and/or one old
+    key of huge norm aligned with the mean query (the case where a per-head max norm is loose)."""
+    q, k, v, c = fox_inputs(**prob)
+    g = torch.Generator().manual_seed(prob["seed"] + 1)
+    Tk = prob["Tk"]
+    if resets:
+        log_f = torch.diff(c, dim=-1, prepend=torch.zeros(*c.shape[:2], 1))
+        at = torch.randint(0, Tk, (resets,), generator=g)
+        log_f[..., at] = torch.tensor([-30.0, -1e6])[torch.randint(0, 2, (resets,), generator=g)]
+        c = torch.cumsum(log_f, dim=-1)
+    if huge_key and Tk > 1:
+        j = int(torch.randint(0, max(1, Tk // 3), (1,), generator=g))
+        direction = q.mean(dim=(1, 2))                                   # (B, D)
+        direction = direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        k[:, :, j] = direction[:, None, :] * 20.0 * math.sqrt(prob["D"])
+    return q, k, v, c
+
+
+def certified(q, k, v, c, scale, log_eps, bm, bn, dtype=torch.float64):
+    """(o, lse, keep_from) of the blocked online forward on the inputs cast to dtype."""
+    from acp_compile.kernels import blocked_certified
+    from acp_compile.kernels.certificate import cert_stats, keep_from_rows
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    c = c.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    o, lse, start = blocked_certified.forward(q, k, v, c, scale, log_eps, cert_stats(q, k, c, scale, bn), bm)
+    return o, lse, keep_from_rows(start, q.shape[2], bm, bn)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(max_t=160), st.floats(-14.0, -0.5), st.sampled_from([4, 8, 16]), st.sampled_from([4, 8, 16]),
+       st.integers(0, 3), st.booleans())
+def test_f_online_dropped_mass_of_every_row_is_at_most_eps(prob, log_eps, bm, bn, resets, huge_key):
+    """fp64 inputs: the guarantee itself (dropped mass <= eps of the full denominator) for monotone,
+    random-walk and mixed gates, hard resets and a huge aligned old key; and the output is exactly the
+    attention over the recorded kept set."""
+    q, k, v, c = adversarial(prob, resets, huge_key)
+    scale = 1 / math.sqrt(prob["D"])
+    o, lse, keep_from = certified(q, k, v, c.double(), scale, log_eps, bm, bn)
+    keep = recorded_entries(keep_from, prob["Tk"])
+    dropped = row_dropped_mass(q.double(), k.double(), c.double(), keep, scale)
+    assert dropped.max() <= math.exp(log_eps) * (1 + 1e-9), f"row lost {dropped.max().item():.3g}"
+    o_kept, lse_kept = fox_attention_reference(q, k, v, c.double(), scale, keep=keep)
+    assert (o - o_kept).abs().max() <= 1e-9 * max(1.0, o_kept.abs().max().item())
+    assert (lse.double() - lse_kept).abs().max() <= 1e-5 * max(1.0, lse_kept.abs().max().item())
+
+
+@settings(max_examples=25, deadline=None)
+@given(problems(max_t=120), st.floats(-20.0, 0.0), st.floats(-20.0, 0.0), st.sampled_from([4, 16]), st.integers(0, 2))
+def test_g_online_stricter_eps_never_skips_what_a_looser_one_kept(prob, eps_a, eps_b, block, resets):
+    """Both visit key blocks in the same order and compare the same visited mass against the same bound,
+    so the stricter eps stops at the same boundary or later (older)."""
+    q, k, v, c = adversarial(prob, resets, False)
+    scale = 1 / math.sqrt(prob["D"])
+    strict, loose = min(eps_a, eps_b), max(eps_a, eps_b)
+    kf_strict = certified(q, k, v, c, scale, strict, block, block)[2]
+    kf_loose = certified(q, k, v, c, scale, loose, block, block)[2]
+    assert (kf_strict <= kf_loose).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(problems(max_t=120), st.sampled_from([4, 16]))
+def test_h_online_eps_to_zero_is_dense(prob, block):
+    """With finite logits of bounded spread, log_eps = -1e4 keeps every entry."""
+    q, k, v, c = fox_inputs(**prob)
+    scale = 1 / math.sqrt(prob["D"])
+    assert (certified(q, k, v, c, scale, -1e4, block, block)[2] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_online_op_in_low_precision_keeps_the_bound_and_beats_the_paper_rule(dtype):
+    """The op (blocked path, 64x64 tiles) on W1-like decaying heads with larger norms: rows lose at most
+    eps (up to the rounding of the visited mass), and the online rule skips more than the paper rule."""
+    q, k, v, c = fox_inputs(1, 4, 2, 600, 700, 32, strength=0.3, qk_scale=1.5, gate="mixed", seed=3, dtype=dtype)
+    log_eps = -8.0
+    kept = {}
+    for certificate in ("online", "paper"):
+        _, _, _, keep_from = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None, certificate=certificate)
+        kept[certificate] = recorded_entries(keep_from, 700)
+        dropped = row_dropped_mass(q.double(), k.double(), c.double(), kept[certificate], 1 / math.sqrt(32))
+        assert dropped.max() <= math.exp(log_eps) * 1.05
+    assert kept["online"].sum() < 0.9 * kept["paper"].sum(), (kept["online"].sum(), kept["paper"].sum())
+
+
+@settings(max_examples=25, deadline=None)
+@given(problems(max_t=120), st.floats(-12.0, -0.5), st.sampled_from([4, 16]), st.sampled_from([4, 16]),
+       st.sampled_from(["left", "right", "holes", "docs", "docs_left"]), st.integers(0, 2**16))
+def test_i_online_padded_and_packed_rows_keep_the_eps_bound(prob, log_eps, bm, bn, kind, seg_seed):
+    """The online certificate with a key mask and packed documents: every row of the masked attention
+    drops at most eps, and the output is the masked attention over exactly the recorded kept set."""
+    from acp_compile.kernels import blocked_certified
+    from acp_compile.kernels.certificate import cert_stats, keep_from_rows
+    from acp_compile.kernels.reference import logits
+    from acp_compile.kernels.segments import make_segments
+    from segment_cases import segment_inputs
+
+    q, k, v, c = (t.double() for t in fox_inputs(**prob))
+    Tq, Tk = prob["Tq"], prob["Tk"]
+    key_mask, doc = segment_inputs(kind, prob["B"], Tk, seed=seg_seed)
+    seg = make_segments(key_mask, doc, Tq, Tk)
+    scale = 1 / math.sqrt(prob["D"])
+    o, lse, start = blocked_certified.forward(q, k, v, c, scale, log_eps, cert_stats(q, k, c, scale, bn), bm, seg)
+    keep = recorded_entries(keep_from_rows(start, Tq, bm, bn), Tk)
+    p = torch.softmax(logits(q, k, c, scale, key_mask, doc), dim=-1).nan_to_num(0.0)
+    assert (p * ~keep).sum(-1).max() <= math.exp(log_eps) * (1 + 1e-9)
+    ro, _ = fox_attention_reference(q, k, v, c, scale, keep=keep, key_mask=key_mask, doc=doc)
+    assert (o - ro).abs().max() <= 1e-9 * max(1.0, ro.abs().max().item())

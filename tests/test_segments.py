@@ -151,7 +151,7 @@ def test_opcheck_with_segments(with_doc):
     args = (q, k, v, c, None, -10.0, None, key_mask, doc)
     torch.library.opcheck(torch.ops.acp.fox_attention_fwd.default, args)
     with torch.no_grad():
-        o, lse, u = torch.ops.acp.fox_attention_fwd(*args)
+        o, lse, u, _ = torch.ops.acp.fox_attention_fwd(*args)
     torch.library.opcheck(torch.ops.acp.fox_attention_bwd.default,
                           (torch.randn_like(o), q.detach(), k.detach(), v.detach(), c.detach(), o, lse, None, -10.0, u,
                            key_mask, doc))

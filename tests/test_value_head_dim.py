@@ -84,7 +84,7 @@ def test_opcheck_forward_and_backward(log_eps):
     q, k, v, c = (t.requires_grad_() for t in (q, k, v, c))
     torch.library.opcheck(torch.ops.acp.fox_attention_fwd.default, (q, k, v, c, None, log_eps, None))
     with torch.no_grad():
-        o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
+        o, lse, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
     assert o.shape == (1, 4, 20, 20)
     torch.library.opcheck(torch.ops.acp.fox_attention_bwd.default,
                           (torch.randn_like(o), q.detach(), k.detach(), v.detach(), c.detach(), o, lse, None, log_eps, None))
@@ -99,5 +99,5 @@ def test_gradcheck_fp64_with_pruning():
 
 def test_empty_batch_gives_dv_output():
     q, k, v, c = fox_inputs(1, 2, 2, 4, 4, 8, Dv=3)
-    o, lse, u = torch.ops.acp.fox_attention_fwd(q[:0], k[:0], v[:0], c[:0], None, -10.0, None)
+    o, lse, u, _ = torch.ops.acp.fox_attention_fwd(q[:0], k[:0], v[:0], c[:0], None, -10.0, None)
     assert o.shape == (0, 2, 4, 3)

@@ -8,7 +8,11 @@ Variants (forward, and forward + backward through autograd):
   ours_acp30      ACP at a fixed delta = -30: the op's u_bound is set to U = (log_eps - log T + 30) / 2,
                   so that delta = log_eps - log T - 2U = -30 (this is the benchmark's hook; U is then
                   not a proven bound on |scale q.k|, so the eps guarantee does not apply)
-  ours_auto       ACP with the automatic threshold (log_eps = -10, U from the data)
+  ours_auto       ACP with the paper's certified threshold (certificate="paper", log_eps = -10, U from the data)
+  ours_online     ACP with the online certificate (certificate="online", the default; DESIGN.md 1.1),
+                  log_eps = -10, the op computing the norm statistics itself (a direct call)
+  ours_online_norms  the same with q_norm and k_norm given (computed outside the timed region): what a
+                  compiled model pays when inductor fuses the norms into q's and k's producers
   sdpa_flash, sdpa_cudnn   torch SDPA, causal, without a gate (torch.nn.attention.sdpa_kernel)
   flex_dense      FlexAttention, FoX score_mod (two copies of c: one indexed by query, one by key,
                   since indexing one tensor twice is refused in the backward), causal block mask built once
@@ -91,9 +95,14 @@ def peak_memory_gb(fn) -> float:
 
 # --- variants: each returns a forward closure over leaf tensors -------------------------------------------------
 
-def ours(log_eps, u_bound):
+def ours(log_eps, u_bound, certificate="paper", given_norms=False):
     def make(q, k, v, c):
-        return lambda: torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, u_bound)[0]
+        q_norm = k_norm = None
+        if given_norms:
+            from acp_compile.ops import row_norms
+            q_norm, k_norm = row_norms(q.detach()), row_norms(k.detach())
+        return lambda: torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, u_bound, certificate=certificate,
+                                                       q_norm=q_norm, k_norm=k_norm)[0]
     return make
 
 
@@ -157,6 +166,8 @@ def variants(T, flex_on):
         "ours_dense": ours(None, None),
         "ours_acp30": ours(LOG_EPS, u_for_delta(T)),
         "ours_auto": ours(LOG_EPS, None),
+        "ours_online": ours(LOG_EPS, None, "online"),
+        "ours_online_norms": ours(LOG_EPS, None, "online", given_norms=True),
         "sdpa_flash": sdpa("flash"),
         "sdpa_cudnn": sdpa("cudnn"),
     }
@@ -202,12 +213,15 @@ def plan_stats(T):
     sauto, _ = compute_plan(q, k, c, D ** -0.5, LOG_EPS, None, cfg.block_m, cfg.block_n)
     s128, _ = compute_plan(q, k, c, D ** -0.5, LOG_EPS, u_for_delta(T), 128, 128)
     u = u_for_delta(T)
+    keep_from = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, LOG_EPS, None, certificate="online")[3]   # (B, H, T)
+    s_online = keep_from[..., ::cfg.block_m] // cfg.block_n                                     # (B, H, M)
     return {
         "T": T, "block_m": cfg.block_m, "block_n": cfg.block_n, "tma": cfg.tma, "num_warps": cfg.num_warps,
         "heads_fastest": cfg.heads_fastest, "newest_first": cfg.newest_first,
         "num_stages": cfg.num_stages,
         "pruned_acp30": pruned_fraction(s30, T, cfg.block_m, cfg.block_n),
         "pruned_auto": pruned_fraction(sauto, T, cfg.block_m, cfg.block_n),
+        "pruned_online": pruned_fraction(s_online, T, cfg.block_m, cfg.block_n),
         "pruned_acp30_128x128": pruned_fraction(s128, T, 128, 128),
         "plan_ms_given_u": bench(lambda: compute_plan(q, k, c, D ** -0.5, LOG_EPS, u, cfg.block_m, cfg.block_n)),
         "plan_ms_auto_u": bench(lambda: compute_plan(q, k, c, D ** -0.5, LOG_EPS, None, cfg.block_m, cfg.block_n)),
@@ -220,7 +234,8 @@ def derive(rows, plans):
         T = r["T"]
         cudnn = by.get((T, "sdpa_cudnn"), {})
         dense = by.get((T, "ours_dense"), {})
-        pruned = {"ours_acp30": plans[T]["pruned_acp30"], "ours_auto": plans[T]["pruned_auto"]}.get(r["variant"])
+        pruned = {"ours_acp30": plans[T]["pruned_acp30"], "ours_auto": plans[T]["pruned_auto"],
+                  "ours_online": plans[T]["pruned_online"], "ours_online_norms": plans[T]["pruned_online"]}.get(r["variant"])
         if pruned is not None:
             r["pruned"] = pruned
         for key in ("fwd_ms", "fwdbwd_ms"):
@@ -252,11 +267,11 @@ def markdown(rows, plans, meta):
             c=fmt(r.get("fwdbwd_ms"), ".3f"), d=fmt(r.get("fwdbwd_tflops"), ".0f"), e=fmt(r.get("pruned")),
             f=fmt(r.get("fwd_vs_cudnn")), g=fmt(r.get("fwdbwd_vs_cudnn")), h=fmt(r.get("fwd_over_ideal")),
             i=fmt(r.get("fwdbwd_over_ideal")), j=fmt(r.get("peak_fwdbwd_gb"))))
-    lines += ["", "| T | forward tiles | pruned (delta=-30) | pruned (auto) | pruned at 128x128 (delta=-30) | "
-              "plan ms (u given) | plan ms (U from data) |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| T | forward tiles | pruned (delta=-30) | pruned (auto) | pruned (online) | pruned at 128x128 (delta=-30) | "
+              "plan ms (u given) | plan ms (U from data) |", "|---|---|---|---|---|---|---|---|"]
     for T, p in plans.items():
         tiles = f"{p['block_m']}x{p['block_n']}, {p['num_warps']} warps, {p['num_stages']} stages{', TMA' if p['tma'] else ''}{', heads fastest' if p['heads_fastest'] else ''}{', newest first' if p.get('newest_first') else ''}"
-        lines.append(f"| {T} | {tiles} | {p['pruned_acp30']:.3f} | {p['pruned_auto']:.3f} | "
+        lines.append(f"| {T} | {tiles} | {p['pruned_acp30']:.3f} | {p['pruned_auto']:.3f} | {p['pruned_online']:.3f} | "
                      f"{p['pruned_acp30_128x128']:.3f} | {p['plan_ms_given_u']:.4f} | {p['plan_ms_auto_u']:.4f} |")
     return "\n".join(lines) + "\n"
 

@@ -104,14 +104,14 @@ def main() -> None:
         pruned = skipped_fraction(make_plan(q, k, c, scale, args.log_eps, None, blocked.BLOCK_M, blocked.BLOCK_N)).mean().item()
         fns = {}
         for name, log_eps in (("acp", args.log_eps), ("dense", None)):
-            o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
+            o, lse, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
             do = torch.randn_like(o)
 
             def fwd(log_eps=log_eps):
                 return torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
 
             def fwd_bwd(log_eps=log_eps, do=do):
-                o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
+                o, lse, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
                 return torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, None, log_eps, None)
 
             fns[name, "fwd"], fns[name, "fwd_bwd"] = fwd, fwd_bwd

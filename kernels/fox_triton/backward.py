@@ -21,9 +21,16 @@ gradients are bitwise reproducible from run to run):
 The row term is zero for the exact O, not for O rounded to bf16 (Delta is then off by e_i); dropping
 it let the error of d log f (the reverse cumulative sum of dc) grow with T. With both terms formed from
 the same Delta the e_i cancel in the suffix sums except for rows that attend across the position.
-The ACP plan comes from kernels/fox_triton/plan.py (on the device, no host sync): one launch per backward.
+Which entries: the op hands the backward the kept set its forward recorded, keep_from (B, Hq, Tq)
+int32 (the first kept key of each row, either certificate). Each kernel then gets start/end for its
+own partition from kernels/recorded.py (every tile holding a kept entry, a few device ops, no host
+sync) and masks the entries j < keep_from[i] inside its tiles (RECORDED), so both kernels compute
+exactly the forward's kept set with the forward's lse, whatever the partitions: forward and backward
+agree on every skipped entry, and the gradient is the exact gradient of the forward's pruned attention.
+Without keep_from (a direct call) the paper plan is computed per partition, as described next; the
+ACP plan then comes from kernels/fox_triton/plan.py (on the device, no host sync).
 
-Tile partition and the eps bound: each kernel has its own (BLOCK_M, BLOCK_N), which may differ
+Tile partition and the eps bound (keep_from None): each kernel has its own (BLOCK_M, BLOCK_N), which may differ
 from the forward's. The dk/dv kernel uses the ACP plan of exactly its partition; when the dq tiles
 nest in it (BackwardConfig.shares_plan, true for every shipped configuration) the dq kernel's
 start indices are derived from that plan by coarsen_start (three tiny device ops instead of a
@@ -58,6 +65,7 @@ from acp_compile.kernels.fox_triton.backward_dkdv import fox_bwd_dkdv_kernel
 from acp_compile.kernels.fox_triton.backward_dq import fox_bwd_dq_kernel
 from acp_compile.kernels.fox_triton.common import LOG2E
 from acp_compile.kernels.fox_triton.configs import c_span_limit, padded_head_dim
+from acp_compile.kernels.recorded import covering_indices
 from acp_compile.kernels.threshold import pruning_enabled
 
 MAX_HEAD_DIM = 256
@@ -206,8 +214,10 @@ def preprocess(do, o, lse, block_m: int = 64):
 
 
 def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: float, cfg: BackwardConfig,
-                exact: bool = False, seg=None):
+                exact: bool = False, seg=None, keep_from=None):
     """dk (B, Hkv, Tk, D), dv (B, Hkv, Tk, Dv) and dc (B, Hq, Tk) fp32, written in place. start/end None: dense.
+    keep_from (B, Hq, Tq) int32 contiguous: the forward's recorded kept set, masked per entry (with start/end
+    from kernels/recorded.py for this partition).
     Returns Triton's launch handle (its n_regs / n_spills are read by the tuning script)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -217,13 +227,15 @@ def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: fl
     kv_arg, lo_arg = (seg.key_valid.view(torch.uint8), seg.lo) if seg is not None else (delta, delta)
     grid = _persistent_grid(B * Hkv * Nk, q.device) if exact else (B * Hkv, Nk)
     return fox_bwd_dkdv_kernel[grid](
-        q, k, v, c, do, row, delta, start if prune else delta, end if prune else delta, dk, dv, dc, kv_arg, lo_arg,
+        q, k, v, c, do, row, delta, start if prune else delta, end if prune else delta,
+        keep_from if keep_from is not None else delta, dk, dv, dc, kv_arg, lo_arg,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dk.stride(), *dv.stride(), *dc.stride(),
         Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, sm_scale * LOG2E.value, B * Hkv,
         GROUP=Hq // Hkv, PRUNE=prune, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
         EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, D_PAD=padded_head_dim(D),
         HEAD_DIM_V=v.shape[3], DV_PAD=padded_head_dim(v.shape[3]), C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact,
-        HAS_SEG=seg is not None, PERSISTENT=exact, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+        HAS_SEG=seg is not None, RECORDED=prune and keep_from is not None, PERSISTENT=exact,
+        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )
 
 
@@ -242,9 +254,10 @@ def coarsen_start(start: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def launch_dq(q, k, v, c, do, row, delta, start, dq, dc, sm_scale: float, cfg: BackwardConfig, exact: bool = False,
-              seg=None):
+              seg=None, keep_from=None):
     """dq (B, Hq, Tq, D) written and the row term added to dc (B, Hq, Tk), in place; run after
-    launch_dkdv. start (B, Hq, ceil(Tq / q_block_m)) in q_block_n units, or None: dense."""
+    launch_dkdv. start (B, Hq, ceil(Tq / q_block_m)) in q_block_n units, or None: dense. keep_from as
+    for launch_dkdv."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     bm, bn = cfg.q_block_m, cfg.q_block_n
@@ -253,19 +266,23 @@ def launch_dq(q, k, v, c, do, row, delta, start, dq, dc, sm_scale: float, cfg: B
     kv_arg, lo_arg = (seg.key_valid.view(torch.uint8), seg.lo) if seg is not None else (delta, delta)
     grid = _persistent_grid(B * Hq * Mq, q.device) if exact else (B * Hq, Mq)
     return fox_bwd_dq_kernel[grid](
-        q, k, v, c, do, row, delta, start if prune else delta, dq, dc, kv_arg, lo_arg,
+        q, k, v, c, do, row, delta, start if prune else delta, keep_from if keep_from is not None else delta, dq, dc,
+        kv_arg, lo_arg,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dq.stride(), *dc.stride(),
         Hq, Tq, Tk, Mq, sm_scale, sm_scale * LOG2E.value, B * Hq,
         GROUP=Hq // Hkv, PRUNE=prune, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
         EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, D_PAD=padded_head_dim(D),
         HEAD_DIM_V=v.shape[3], DV_PAD=padded_head_dim(v.shape[3]), C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact,
-        HAS_SEG=seg is not None, PERSISTENT=exact, num_warps=cfg.q_warps, num_stages=cfg.q_stages,
+        HAS_SEG=seg is not None, RECORDED=prune and keep_from is not None, PERSISTENT=exact,
+        num_warps=cfg.q_warps, num_stages=cfg.q_stages,
     )
 
 
 def backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps=None, u_bound=None, config: BackwardConfig | None = None,
-             seg=None):
-    """Gradients (dq, dk, dv, dc) of FoX attention with ACP; see the module docstring."""
+             keep_from=None, seg=None):
+    """Gradients (dq, dk, dv, dc) of FoX attention with ACP; see the module docstring. keep_from (B, Hq,
+    Tq) int32: the kept set the forward recorded (computed exactly); None: the paper plan of each
+    kernel's partition. seg: padded and packed batches (kernels/segments.py), masked inside the tiles."""
     D = q.shape[-1]
     if max(D, v.shape[-1]) > MAX_HEAD_DIM:
         raise ValueError(f"fox_attention Triton backward: head dim {D} or value head dim {v.shape[-1]} > "
@@ -273,20 +290,26 @@ def backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps=None, u_bound=None
     sm_scale = float(1.0 / math.sqrt(D) if sm_scale is None else sm_scale)
     cfg = config or default_config(q, v.shape[-1])
     try:
-        return _backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, cfg, seg)
+        return _backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, cfg, seg, keep_from)
     except OutOfResources as e:
         if cfg == FALLBACK:
             raise
         logger.info("acp_compile: backward tiles %s do not fit this GPU (%s); using %s", cfg, e, FALLBACK)
-        return _backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, FALLBACK, seg)
+        return _backward(do, q, k, v, c, o, lse, sm_scale, log_eps, u_bound, FALLBACK, seg, keep_from)
 
 
-def _backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps, u_bound, cfg: BackwardConfig, seg=None):
+def _backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps, u_bound, cfg: BackwardConfig, seg=None,
+              keep_from=None):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dc = torch.empty_like(c, dtype=torch.float32)
     delta, row = preprocess(do, o, lse, cfg.pre_block_m)
     kv_start = kv_end = q_start = None
-    if pruning_enabled(log_eps) or seg is not None:       # segments: skip other documents' tiles even dense
+    if keep_from is not None:                   # the forward's recorded set, in each kernel's partition
+        Tk = k.shape[2]
+        keep_from = keep_from.to(torch.int32).contiguous()
+        kv_start, kv_end, _ = covering_indices(keep_from, Tk, cfg.kv_block_m, cfg.kv_block_n)
+        q_start, _, _ = covering_indices(keep_from, Tk, cfg.q_block_m, cfg.q_block_n)
+    elif pruning_enabled(log_eps) or seg is not None:     # segments: skip other documents' tiles even dense
         kv_start, kv_end = plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.kv_block_m, cfg.kv_block_n, seg)
         if cfg.shares_plan:
             q_start = coarsen_start(kv_start, cfg.q_block_m // cfg.kv_block_m, cfg.kv_block_n // cfg.q_block_n)
@@ -298,7 +321,7 @@ def _backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps, u_bound, cfg: Ba
     # launch would be idle and is not made.
     forms = (True,) if c_span_limit() < 0 else (False, True)
     for exact in forms:
-        launch_dkdv(q, k, v, c, do, row, delta, kv_start, kv_end, dk, dv, dc, sm_scale, cfg, exact, seg)
+        launch_dkdv(q, k, v, c, do, row, delta, kv_start, kv_end, dk, dv, dc, sm_scale, cfg, exact, seg, keep_from)
     for exact in forms:                                   # after dk/dv: dq adds the row term to dc
-        launch_dq(q, k, v, c, do, row, delta, q_start, dq, dc, sm_scale, cfg, exact, seg)
+        launch_dq(q, k, v, c, do, row, delta, q_start, dq, dc, sm_scale, cfg, exact, seg, keep_from)
     return dq, dk, dv, dc if c.dtype == torch.float32 else dc.to(c.dtype)

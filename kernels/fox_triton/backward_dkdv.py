@@ -34,6 +34,9 @@ first key of each position's document; every tile also masks entries with KV[j] 
 (a row with no visible key has lse2 = +inf from the preprocess kernel, so its p is 0).
 Compile-time specialisation: head dims (HEAD_DIM, HEAD_DIM_V, padded to D_PAD, DV_PAD; masks on d only when not a power of two),
 Tq % BLOCK_M == 0 and Tk % BLOCK_N == 0 (no row masks), GQA group, pruning on or off (PRUNE), dot precision.
+Recorded kept set (RECORDED, with PRUNE; kernels/recorded.py): KEEP (B, Hq, Tq) int32 holds the first
+kept key of each row as the forward recorded it; start and end come from it for this kernel's partition,
+and every entry j < KEEP[i] is masked (p = 0), so the kernel computes exactly the forward's kept set.
 Offsets: batch and head offsets are int64, so B * H * T * D above 2**31 works.
 """
 from __future__ import annotations
@@ -47,10 +50,10 @@ from acp_compile.kernels.fox_triton.common import LOG2E, load_rows, store_rows
 @triton.jit
 def _dkdv_tiles(
     dk, dv, dc, k, v, c_k, c_ref, offs_n, n,
-    Q, DO, C, LSE2, DELTA, START,
+    Q, DO, C, LSE2, DELTA, START, KEEP,
     sq_t, sq_d, sdo_t, sdo_d, sc_t,
     m_lo, m_hi, Tq, q_shift, qk_scale,
-    PRUNE: tl.constexpr, MASKED: tl.constexpr, EVEN_M: tl.constexpr, EXACT_C: tl.constexpr,
+    PRUNE: tl.constexpr, RECORDED: tl.constexpr, MASKED: tl.constexpr, EVEN_M: tl.constexpr, EXACT_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, kv_ok, LO, HAS_SEG: tl.constexpr,
 ):
@@ -92,6 +95,9 @@ def _dkdv_tiles(
         if HAS_SEG:                                                          # padding, other documents
             lo_q = tl.load(LO + offs_m + q_shift, mask=row_ok, other=0)       # (BM,)
             sT = tl.where(kv_ok[:, None] & (offs_n[:, None] >= lo_q[None, :]), sT, float("-inf"))
+        if RECORDED:                                            # keys the forward did not keep
+            keep_from = tl.load(KEEP + offs_m, mask=row_ok, other=0)           # (BM,) int32
+            sT = tl.where(offs_n[:, None] >= keep_from[None, :], sT, float("-inf"))
         pT = tl.math.exp2(sT)                                                # (BN, BM)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)        # (BN, BM)
@@ -104,7 +110,7 @@ def _dkdv_tiles(
 @triton.jit
 def _dkdv_program(
     bhk, n,
-    Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC, KV, LO,
+    Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, DK, DV, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -118,6 +124,7 @@ def _dkdv_program(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
     EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, HAS_SEG: tl.constexpr,
+    RECORDED: tl.constexpr,
 ):
     """The work of one (batch * kv head bhk, key block n) tile."""
     b = (bhk // Hkv).to(tl.int64)
@@ -194,15 +201,17 @@ def _dkdv_program(
             c_k = (c_k - c_ref) * LOG2E                         # (BN,) log2 units
         dk, dv, dc = _dkdv_tiles(
             dk, dv, dc, k, v, c_k, c_ref, offs_n, n, Qbh, DObh, Cbh, LSE2 + bh * Tq, DELTA + bh * Tq,
-            START + bh * Mq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_lo, m_mid, Tq, q_shift,
-            qk_scale, PRUNE=PRUNE, MASKED=True, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
-            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD, kv_ok=kv_ok, LO=lo_b, HAS_SEG=HAS_SEG,
+            START + bh * Mq, KEEP + bh * Tq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_lo, m_mid, Tq, q_shift,
+            qk_scale, PRUNE=PRUNE, RECORDED=RECORDED, MASKED=True, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
+            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
+            kv_ok=kv_ok, LO=lo_b, HAS_SEG=HAS_SEG,
         )
         dk, dv, dc = _dkdv_tiles(
             dk, dv, dc, k, v, c_k, c_ref, offs_n, n, Qbh, DObh, Cbh, LSE2 + bh * Tq, DELTA + bh * Tq,
-            START + bh * Mq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_mid, m_end, Tq, q_shift,
-            qk_scale, PRUNE=PRUNE, MASKED=False, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
-            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD, kv_ok=kv_ok, LO=lo_b, HAS_SEG=HAS_SEG,
+            START + bh * Mq, KEEP + bh * Tq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_mid, m_end, Tq, q_shift,
+            qk_scale, PRUNE=PRUNE, RECORDED=RECORDED, MASKED=False, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
+            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
+            kv_ok=kv_ok, LO=lo_b, HAS_SEG=HAS_SEG,
         )
         tl.store(DC + b * sdc_b + h * sdc_h + offs_n * sdc_t, dc, mask=store_ok)
 
@@ -215,7 +224,7 @@ def _dkdv_program(
 
 @triton.jit
 def fox_bwd_dkdv_kernel(
-    Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC, KV, LO,
+    Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, DK, DV, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -229,7 +238,7 @@ def fox_bwd_dkdv_kernel(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
     EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, HAS_SEG: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    RECORDED: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """Grid (BHK = B * Hkv, Nk): one program per tile. PERSISTENT (the exact launch): a 1-D grid of a few
     programs that walk all BHK * Nk tiles, batch-head fastest (see backward_dq.fox_bwd_dq_kernel)."""
@@ -237,18 +246,18 @@ def fox_bwd_dkdv_kernel(
         for t in range(tl.program_id(0), BHK * Nk, tl.num_programs(0)):
             _dkdv_program(
                 t % BHK, t // BHK,
-                Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
+                Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
                 sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t, sdo_b, sdo_h, sdo_t, sdo_d, sdk_b,
                 sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d, sdc_b, sdc_h, sdc_t, Hq, Hkv, Tq, Tk, Mq, Nk,
                 sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N,
-                D_PAD, C_SPAN_LIMIT, EXACT_C, HEAD_DIM_V, DV_PAD, HAS_SEG,
+                D_PAD, C_SPAN_LIMIT, EXACT_C, HEAD_DIM_V, DV_PAD, HAS_SEG, RECORDED,
             )
     else:
         _dkdv_program(
             tl.program_id(0), tl.program_id(1),
-            Q, K, V, C, DO, LSE2, DELTA, START, END, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
+            Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
             sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t, sdo_b, sdo_h, sdo_t, sdo_d, sdk_b,
             sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d, sdc_b, sdc_h, sdc_t, Hq, Hkv, Tq, Tk, Mq, Nk,
             sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N,
-            D_PAD, C_SPAN_LIMIT, EXACT_C, HEAD_DIM_V, DV_PAD, HAS_SEG,
+            D_PAD, C_SPAN_LIMIT, EXACT_C, HEAD_DIM_V, DV_PAD, HAS_SEG, RECORDED,
         )

@@ -20,7 +20,10 @@ tiles (their position exceeds every query's), so the causal mask removes them.
 HAS_SEG (padded and packed batches, kernels/segments.py): KV (B, Tk) uint8 key_valid, LO (B, Tk) int32
 first key of each position's document; every tile also masks entries with KV[j] = 0 or j < LO[p_i].
 Shapes: q, k, dq (., D) with HEAD_DIM = D padded to D_PAD; v, do (., Dv) with HEAD_DIM_V = Dv padded to
-DV_PAD (Dv may differ from D). Offsets: batch and head offsets are int64.
+DV_PAD (Dv may differ from D). Recorded kept set (RECORDED, with PRUNE; kernels/recorded.py): KEEP (B, Hq, Tq) int32 holds the first
+kept key of each row as the forward recorded it; start comes from it for this kernel's partition, and
+every entry j < KEEP[i] is masked (p = 0), so the kernel computes exactly the forward's kept set.
+Offsets: batch and head offsets are int64.
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ from acp_compile.kernels.fox_triton.common import LOG2E, load_rows, store_rows
 def _dq_tiles(
     dq, rs, q, do, r, lse2, delta, pos_q, K, V, C, c_ref,
     sk_t, sk_d, sv_t, sv_d, sc_t,
-    n_lo, n_hi, Tk, qk_scale,
-    MASKED: tl.constexpr, KEYS_EVEN: tl.constexpr, EXACT_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    n_lo, n_hi, Tk, qk_scale, keep_from,
+    RECORDED: tl.constexpr, MASKED: tl.constexpr, KEYS_EVEN: tl.constexpr, EXACT_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, KVb, lo_q, HAS_SEG: tl.constexpr,
 ):
@@ -68,6 +71,8 @@ def _dq_tiles(
         if HAS_SEG:                                                          # padding, other documents
             kv_ok = tl.load(KVb + offs_n, mask=col_ok, other=0) != 0         # (BN,)
             s = tl.where(kv_ok[None, :] & (offs_n[None, :] >= lo_q[:, None]), s, float("-inf"))
+        if RECORDED:                                            # keys the forward did not keep
+            s = tl.where(offs_n[None, :] >= keep_from[:, None], s, float("-inf"))
         p = tl.math.exp2(s)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)       # (BM, BN)
         ds = p * (dp - delta[:, None])
@@ -79,7 +84,7 @@ def _dq_tiles(
 @triton.jit
 def _dq_program(
     bh, m_idx,
-    Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC, KV, LO,
+    Q, K, V, C, DO, LSE2, DELTA, START, KEEP, DQ, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -92,6 +97,7 @@ def _dq_program(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
     EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, HAS_SEG: tl.constexpr,
+    RECORDED: tl.constexpr,
 ):
     """The work of one (batch * query head bh, query block) tile; m_idx 0 is the last (heaviest) block."""
     m = Mq - 1 - m_idx
@@ -150,6 +156,10 @@ def _dq_program(
     else:
         KVb = KV
         lo_q = 0
+    if RECORDED:
+        keep_from = tl.load(KEEP + bh64 * Tq + offs_m, mask=row_ok, other=0)   # (BM,) int32
+    else:
+        keep_from = tl.zeros((BLOCK_M,), tl.int32)
     Kb = K + b * sk_b + hk * sk_h
     Vb = V + b * sv_b + hk * sv_h
     dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
@@ -159,12 +169,13 @@ def _dq_program(
     else:
         r = (c_q - c_ref) * LOG2E - lse2                       # (BM,) row term, log2 units
     dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, sk_t, sk_d,
-                       sv_t, sv_d, sc_t, n_start, n_full, Tk, qk_scale, MASKED=False,
+                       sv_t, sv_d, sc_t, n_start, n_full, Tk, qk_scale, keep_from, RECORDED=RECORDED, MASKED=False,
                        KEYS_EVEN=True, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
                        BLOCK_N=BLOCK_N, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
                        KVb=KVb, lo_q=lo_q, HAS_SEG=HAS_SEG)
     dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, sk_t, sk_d,
-                       sv_t, sv_d, sc_t, tl.maximum(n_start, n_full), n_end, Tk, qk_scale, MASKED=True,
+                       sv_t, sv_d, sc_t, tl.maximum(n_start, n_full), n_end, Tk, qk_scale, keep_from,
+                       RECORDED=RECORDED, MASKED=True,
                        KEYS_EVEN=EVEN_N, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
                        BLOCK_N=BLOCK_N, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
                        KVb=KVb, lo_q=lo_q, HAS_SEG=HAS_SEG)
@@ -179,7 +190,7 @@ def _dq_program(
 
 @triton.jit
 def fox_bwd_dq_kernel(
-    Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC, KV, LO,
+    Q, K, V, C, DO, LSE2, DELTA, START, KEEP, DQ, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -192,7 +203,7 @@ def fox_bwd_dq_kernel(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
     EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, HAS_SEG: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    RECORDED: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """Grid (BH = B * Hq, Mq): one program per tile. PERSISTENT (the exact launch): a 1-D grid of a few
     programs that walk all BH * Mq tiles, batch-head fastest. That launch is idle for almost every tile
@@ -202,18 +213,18 @@ def fox_bwd_dq_kernel(
         for t in range(tl.program_id(0), BH * Mq, tl.num_programs(0)):
             _dq_program(
                 t % BH, t // BH,
-                Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t,
+                Q, K, V, C, DO, LSE2, DELTA, START, KEEP, DQ, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t,
                 sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t, sdo_b, sdo_h, sdo_t, sdo_d, sdq_b, sdq_h,
                 sdq_t, sdq_d, sdc_b, sdc_h, sdc_t, Hq, Tq, Tk, Mq, sm_scale, qk_scale, GROUP, PRUNE,
                 DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N, D_PAD, C_SPAN_LIMIT, EXACT_C,
-                HEAD_DIM_V, DV_PAD, HAS_SEG,
+                HEAD_DIM_V, DV_PAD, HAS_SEG, RECORDED,
             )
     else:
         _dq_program(
             tl.program_id(0), tl.program_id(1),
-            Q, K, V, C, DO, LSE2, DELTA, START, DQ, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t,
+            Q, K, V, C, DO, LSE2, DELTA, START, KEEP, DQ, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t,
             sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t, sdo_b, sdo_h, sdo_t, sdo_d, sdq_b, sdq_h,
             sdq_t, sdq_d, sdc_b, sdc_h, sdc_t, Hq, Tq, Tk, Mq, sm_scale, qk_scale, GROUP, PRUNE,
             DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N, D_PAD, C_SPAN_LIMIT, EXACT_C,
-            HEAD_DIM_V, DV_PAD, HAS_SEG,
+            HEAD_DIM_V, DV_PAD, HAS_SEG, RECORDED,
         )

@@ -33,8 +33,15 @@ Key blocks visited by block m (BN keys each):
   config.newest_first visits the same tiles from n_hi back to start[m]: diagonal tiles first, then
   the full tiles from the newest key block back (measured 3-4% faster on the H200, see configs.py).
 
+Online certificate (CERT=True, DESIGN.md 1.1; fox_triton/certificate.py holds the stop test):
+  A (B, Hq, Tq) fp32 a_i = scale ||q_i||, AHI (B, Hq) its max, CMIN, PHI (B, Hq, Nk) fp32 prefixes
+  (kernels/certificate.py). The program visits the diagonal tiles [n_full, n_hi] newest first, then
+  key blocks n_full - 1, n_full - 2, ... while cert_must_visit(n) (a `while` on a per-program
+  scalar), and stores the boundary where it stopped, n, into START (B, Hq, Mq) int32 (an output here;
+  an input when PRUNE). The visiting order is newest first whatever config.newest_first says.
+
 Compile-time specialisation: head dims D, Dv and their power-of-two paddings, dtype (through the pointers),
-GQA group, pruning on/off, whether Tq divides the block (EVEN_M), whether Tq < Tk (TQ_LT_TK),
+GQA group, pruning on/off (PRUNE: a given plan; CERT: the online certificate), whether Tq divides the block (EVEN_M), whether Tq < Tk (TQ_LT_TK),
 tensor descriptors on/off; strides equal to 1 and divisibility by 16 are specialised by Triton. Offsets that can exceed 2^31 (batch, head, row * stride)
 are computed in int64. fp32 inputs: tl.dot runs in TF32 (see support.py).
 """
@@ -45,6 +52,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from acp_compile.kernels.certificate import CertStats, cert_stats, keep_from_rows
+from acp_compile.kernels.fox_triton.certificate import cert_must_visit
 from acp_compile.kernels.fox_triton.common import LN2, LOG2E
 from acp_compile.kernels.fox_triton.configs import FwdConfig, c_span_limit, forward_config, padded_head_dim
 from acp_compile.kernels.fox_triton.plan import compute_plan, num_blocks
@@ -150,18 +159,46 @@ def _attend_all(
 
 
 @triton.jit
+def _attend_certified(
+    acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n_full, n_hi, pos, c_ref, qk_scale2, Tk,
+    sk_t, sk_d, sv_t, sv_d, sc_t, row_c, cq, a_t, row_ok, CMIN_BH, PHI_BH, log_eps,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, EXACT_C: tl.constexpr,
+    kv_base, lo_q, HAS_SEG: tl.constexpr,
+):
+    """Diagonal tiles newest first, then full key blocks newest first until the certificate holds;
+    returns (acc, l_i, m_i, n) with n the first kept key block. row_c: the row term of lse (c[p_i] -
+    c_ref, or 0 in the exact form)."""
+    for i in range(0, n_hi + 1 - n_full):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n_hi - i, pos, c_ref,
+                                      qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V,
+                                      DV_PAD, BLOCK_N, True, USE_TMA, EXACT_C, kv_base, lo_q, HAS_SEG)
+    n = n_full
+    lse_vis = (m_i + tl.math.log2(l_i)) * LN2 + row_c
+    go = cert_must_visit(n, a_t, cq, lse_vis, row_ok, CMIN_BH, PHI_BH, log_eps, BLOCK_N)
+    while go:
+        n -= 1
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n, pos, c_ref,
+                                      qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V,
+                                      DV_PAD, BLOCK_N, False, USE_TMA, EXACT_C, kv_base, lo_q, HAS_SEG)
+        lse_vis = (m_i + tl.math.log2(l_i)) * LN2 + row_c
+        go = cert_must_visit(n, a_t, cq, lse_vis, row_ok, CMIN_BH, PHI_BH, log_eps, BLOCK_N)
+    return acc, l_i, m_i, n
+
+
+@triton.jit
 def _fox_fwd_kernel(
-    Q, K, V, C, START, BAD, O, LSE, KV, LO,
+    Q, K, V, C, START, BAD, O, LSE, KV, LO, A, AHI, CMIN, PHI,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
     sc_b, sc_h, sc_t,
     so_b, so_h, so_t, so_d,
-    Hq, Tq, Tk, Mq, qk_scale2,
+    Hq, Tq, Tk, Mq, Nk, qk_scale2, log_eps,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRUNE: tl.constexpr, EVEN_M: tl.constexpr, TQ_LT_TK: tl.constexpr,
     USE_TMA: tl.constexpr, HEADS_FASTEST: tl.constexpr, NEWEST_FIRST: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
-    HAS_SEG: tl.constexpr,
+    HAS_SEG: tl.constexpr, CERT: tl.constexpr,
 ):
     if HEADS_FASTEST:                             # grid (B * Hq, Mq): every head's heaviest block first
         bh = tl.program_id(0)
@@ -231,7 +268,25 @@ def _fox_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, DV_PAD), tl.float32)
     n_diag = tl.maximum(lo, n_full)               # first diagonal (masked) tile
-    if exact:
+    if CERT:
+        bh64 = b64 * Hq + h
+        a = tl.load(A + bh64 * Tq + rows, mask=row_ok, other=0.0)
+        a_hi = tl.load(AHI + bh64)
+        a_t = tl.where(a_hi > 0, a / a_hi, 0.0)       # in [0, 1]; NaN stays NaN (never stops)
+        if exact:
+            row_c = tl.zeros((BLOCK_M,), tl.float32)        # t already holds c[p_i] - c[j]
+            acc, l_i, m_i, n_stop = _attend_certified(
+                acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n_full, n_hi, pos, cq, qk_scale2, Tk,
+                sk_t, sk_d, sv_t, sv_d, sc_t, row_c, cq, a_t, row_ok, CMIN + bh64 * Nk, PHI + bh64 * Nk, log_eps,
+                HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N, USE_TMA, True, kv_base, lo_q, HAS_SEG)
+        else:
+            row_c = cq - c_first
+            acc, l_i, m_i, n_stop = _attend_certified(
+                acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n_full, n_hi, pos, c_first, qk_scale2, Tk,
+                sk_t, sk_d, sv_t, sv_d, sc_t, row_c, cq, a_t, row_ok, CMIN + bh64 * Nk, PHI + bh64 * Nk, log_eps,
+                HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N, USE_TMA, False, kv_base, lo_q, HAS_SEG)
+        tl.store(START + bh64 * Mq + m, n_stop.to(tl.int32))
+    elif exact:
         acc, l_i, m_i = _attend_all(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, lo, n_full, n_diag, n_hi, pos, cq,
                                     qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N, USE_TMA,
                                     NEWEST_FIRST, True, kv_base, lo_q, HAS_SEG)
@@ -282,9 +337,11 @@ def _descriptor(t: Tensor, rows: int, d_pad: int):
 def launch_forward(
     q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, start: Tensor | None, config: FwdConfig,
     o: Tensor | None = None, lse: Tensor | None = None, bad: Tensor | None = None, seg=None,
+    cert: CertStats | None = None, log_eps: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Runs the kernel with a given plan (start None = dense). o (B, Hq, Tq, Dv) and lse may be passed
-    (tests poison them).
+    (tests poison them). With cert (and log_eps), the online certificate decides and start, (B, Hq, Mq)
+    int32, is written (launch_certified is the entry point for that).
 
     config.tma asks for tensor-descriptor (TMA) loads and stores; they are used when the GPU has
     them (compute capability >= 9, or the interpreter) and the strides allow, else plain loads.
@@ -296,7 +353,7 @@ def launch_forward(
     Mq = num_blocks(Tq, bm)
     o = empty_like_last(q, Dv) if o is None else o
     lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device) if lse is None else lse
-    prune = start is not None
+    prune = start is not None and cert is None
     if bad is None:
         bad = torch.zeros((B, Hq, Dv), dtype=torch.float32, device=q.device)
     bad = bad.contiguous()
@@ -308,16 +365,38 @@ def launch_forward(
         qa, ka, va, oa = q, k, v, o
     grid = (B * Hq, Mq) if config.heads_fastest else (Mq, Hq, B)
     kv_arg, lo_arg = (seg.key_valid.view(torch.uint8), seg.lo) if seg is not None else (lse, lse)
+    if cert is not None:
+        assert cert.block_n == bn, "the certificate's prefixes must be built for the kernel's block_n"
+        cert_args = (cert.a.contiguous(), cert.a_hi.contiguous(), cert.cmin.contiguous(), cert.phi.contiguous())
+        nk = cert.cmin.shape[-1]
+    else:
+        cert_args, nk = (lse, lse, lse, lse), 0
     _fox_fwd_kernel[grid](
-        qa, ka, va, c, start if prune else lse, bad, oa, lse, kv_arg, lo_arg,
+        qa, ka, va, c, start if start is not None else lse, bad, oa, lse, kv_arg, lo_arg, *cert_args,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *o.stride(),
-        Hq, Tq, Tk, Mq, float(sm_scale) * LOG2E.value,
+        Hq, Tq, Tk, Mq, nk, float(sm_scale) * LOG2E.value, float(log_eps if log_eps is not None else 0.0),
         GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=d_pad, HEAD_DIM_V=Dv, DV_PAD=dv_pad, BLOCK_M=bm, BLOCK_N=bn,
         PRUNE=prune, EVEN_M=(Tq % bm == 0), TQ_LT_TK=(Tq < Tk), USE_TMA=use_tma, HEADS_FASTEST=config.heads_fastest, NEWEST_FIRST=config.newest_first,
-        C_SPAN_LIMIT=c_span_limit(), HAS_SEG=seg is not None,
+        C_SPAN_LIMIT=c_span_limit(), HAS_SEG=seg is not None, CERT=cert is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return o, lse
+
+
+def launch_certified(
+    q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, log_eps: float, stats: CertStats,
+    config: FwdConfig, o: Tensor | None = None, lse: Tensor | None = None, start: Tensor | None = None,
+    bad: Tensor | None = None, seg=None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(o, lse, start): the forward under the online certificate (stats built for config.block_n, fp32);
+    start (B, Hq, Mq) int32, the first kept key block of each query block, is written by the kernel
+    (pass one to poison it)."""
+    B, Hq, Tq, _ = q.shape
+    if start is None:
+        start = torch.empty((B, Hq, num_blocks(Tq, config.block_m)), dtype=torch.int32, device=q.device)
+    o, lse = launch_forward(q, k, v, c, sm_scale, start, config, o=o, lse=lse, bad=bad, cert=stats, log_eps=log_eps,
+                            seg=seg)
+    return o, lse, start
 
 
 def tma_available(device: torch.device) -> bool:
@@ -339,3 +418,30 @@ def forward(
                                 seg=seg)
     return launch_forward(q, k, v, c, sm_scale, start, config, bad=bad, seg=seg)
 
+
+
+def forward_recorded(
+    q: Tensor, k: Tensor, v: Tensor, c: Tensor, sm_scale: float, log_eps: float | None,
+    u_bound: Tensor | None, config: FwdConfig | None = None, bad: Tensor | None = None,
+    certificate: str = "online", q_norm: Tensor | None = None, k_norm: Tensor | None = None,
+    never_prune: Tensor | None = None, seg=None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(o, lse, keep_from): as forward(), plus the kept set it computed, keep_from (B, Hq, Tq) int32 (the
+    first kept key of each row; zeros without pruning). certificate "online" (the kernel decides while
+    it runs; q_norm / k_norm optional row norms, never_prune (B, Hq) bool heads that must stay dense) or
+    "paper" (the device plan of kernels/fox_triton/plan.py with u_bound)."""
+    config = forward_config(q, v.shape[-1]) if config is None else config
+    B, Hq, Tq, _ = q.shape
+    if not pruning_enabled(log_eps) and seg is None:
+        o, lse = launch_forward(q, k, v, c, sm_scale, None, config, bad=bad)
+        return o, lse, torch.zeros((B, Hq, Tq), dtype=torch.int32, device=q.device)
+    if certificate == "paper" or not pruning_enabled(log_eps):
+        # the device plan; with segments (and dense) it still skips the key blocks of earlier documents
+        start, _ = compute_plan(q, k, c, sm_scale, log_eps, u_bound, config.block_m, config.block_n, with_end=False,
+                                seg=seg)
+        o, lse = launch_forward(q, k, v, c, sm_scale, start, config, bad=bad, seg=seg)
+    else:
+        # with segments, masked keys only loosen the certificate's bound (they count as possible mass)
+        stats = cert_stats(q, k, c, sm_scale, config.block_n, q_norm, k_norm, never_prune)
+        o, lse, start = launch_certified(q, k, v, c, sm_scale, log_eps, stats, config, bad=bad, seg=seg)
+    return o, lse, keep_from_rows(start, Tq, config.block_m, config.block_n)

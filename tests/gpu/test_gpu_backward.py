@@ -226,7 +226,7 @@ def test_hard_resets_on_the_gpu_kernels(dtype, reset):
         log_f[..., pos] = reset * 1e-3
     log_f[..., 300] = reset
     c = torch.cumsum(log_f, -1)
-    o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
+    o, lse, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
     o64, lse64, *ref = nh.reference_grads(q, k, v, c, do, chunk=500)
     assert (lse.double() - lse64).abs().max() < 1e-3
     assert (o.double() - o64).abs().max() < 2e-2
@@ -258,14 +258,14 @@ def test_non_finite_v_semantics_on_the_gpu():
 def test_backward_op_rejects_a_bad_lse_and_a_bad_bound_gives_nan():
     """Issue 10: a wrongly shaped lse used to be read out of bounds on the Triton path."""
     q, k, v, c = fox_inputs(1, 2, 2, 256, 256, 64, dtype=torch.bfloat16, seed=4, **W1_ON_CUDA)
-    o, lse, u = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
+    o, lse, u, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
     do = torch.randn_like(o)
     with pytest.raises(ValueError, match=r"lse must have shape \(B, Hq, Tq\) = \(1, 2, 256\)"):
         torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse[..., :128], None, -10.0, u)
     with pytest.raises(TypeError, match=r"do must have q's dtype"):
         torch.ops.acp.fox_attention_bwd(do.float(), q, k, v, c, o, lse, None, -10.0, u)
     # a CUDA u_bound is not read (no sync): NaN or negative gives NaN rows for that head
-    o2, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, torch.tensor([[1.0, float("nan")]], device="cuda"))
+    o2, _, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, torch.tensor([[1.0, float("nan")]], device="cuda"))
     assert torch.isfinite(o2[:, 0]).all() and torch.isnan(o2[:, 1]).all()
     empty = torch.ops.acp.fox_attention_fwd(q[:, :, :0], k, v, c, None, -10.0, None)[0]
     assert empty.shape == (1, 2, 0, 64)

@@ -41,7 +41,7 @@ def test_gradients_match_fp64_reference(dtype, log_eps):
     q, k, v, c = fox_inputs(2, 4, 2, 700, 900, 64, dtype=dtype, strength=0.02, seed=5, **W1_ON_CUDA)
     do = torch.randn_like(q)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, c)]
-    o, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, log_eps, None)
+    o, _, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, log_eps, None)
     o.backward(do)
     ref = [t.detach().double().requires_grad_() for t in (q, k, v, c)]
     ro, _ = fox_attention_reference(*ref)
@@ -56,7 +56,7 @@ def test_gradients_match_fp64_reference(dtype, log_eps):
 
 def test_forward_captures_in_a_cuda_graph_without_host_sync():
     q, k, v, c = fox_inputs(2, 8, 8, 4096, 4096, 128, dtype=torch.bfloat16, **W1_ON_CUDA)
-    eager, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
+    eager, _, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -65,7 +65,7 @@ def test_forward_captures_in_a_cuda_graph_without_host_sync():
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
+        captured, _, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
@@ -74,7 +74,7 @@ def test_forward_captures_in_a_cuda_graph_without_host_sync():
 def test_backward_is_bitwise_reproducible():
     q, k, v, c = fox_inputs(1, 8, 4, 3000, 3000, 128, dtype=torch.bfloat16, seed=2, **W1_ON_CUDA)
     do = torch.randn_like(q)
-    o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
+    o, lse, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -10.0, None)
     g1 = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, None, -10.0, None)
     g2 = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, None, -10.0, None)
     for a, b in zip(g1, g2):
@@ -85,7 +85,7 @@ def test_triton_forward_with_blocked_backward_stays_close():
     q, k, v, c = fox_inputs(1, 4, 2, 1000, 1000, 64, dtype=torch.bfloat16, strength=0.05, seed=3, **W1_ON_CUDA)
     do = torch.randn_like(q)
     scale = 64 ** -0.5
-    o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, scale, -10.0, None)
+    o, lse, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, scale, -10.0, None)
     fast = torch.ops.acp.fox_attention_bwd(do, q, k, v, c, o, lse, scale, -10.0, None)
     plan = dispatch.blocked_plan(q, k, c, scale, -10.0, None)
     slow = blocked.backward(do, q, k, v, c, o, lse, scale, plan)

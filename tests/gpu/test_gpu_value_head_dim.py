@@ -40,7 +40,7 @@ def test_op_forward_and_backward_against_fp64(D, Dv, dtype):
     plan = make_plan(q, k, c, 1 / math.sqrt(D), -10.0, None, bm, bn)
     assert skipped_fraction(plan).max() > 0.3, "the gates must prune at 2k"
     leaves = [t.clone().requires_grad_() for t in (q, k, v, c)]
-    o, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None)
+    o, _, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, -10.0, None)
     assert o.shape == (B, Hq, T, Dv) and not torch.isnan(o).any()
     grads = torch.autograd.grad(o, leaves, do)
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, c)]

@@ -215,7 +215,7 @@ def test_op_gradients_route_to_triton_backward(log_eps):
                                 grad="after_gate")
     assert dispatch.forward_implementation(q, k, v, c) == "triton"      # one coverage rule for both passes
     leaves = [t.clone().requires_grad_() for t in (q, k, v, c)]
-    o, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, log_eps, None)
+    o, _, _, _ = torch.ops.acp.fox_attention_fwd(*leaves, None, log_eps, None)
     o.backward(do)
     _, _, *want = reference_grads(q, k, v, c, do, 1.0 / math.sqrt(32))
     tol = 2e-4 + (0.0 if log_eps is None else 50 * math.exp(log_eps))

@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 import acp_compile  # noqa: F401  (registers torch.ops.acp)
 from acp_compile.kernels import dispatch
 from acp_compile.kernels.fox_triton.configs import FwdConfig
-from acp_compile.kernels.fox_triton.forward import forward, launch_forward
+from acp_compile.kernels.fox_triton.forward import forward, forward_recorded, launch_forward
 from acp_compile.kernels.fox_triton.plan import compute_plan
 from acp_compile.kernels.plan import kept_entries, make_plan
 from acp_compile.kernels.reference import fox_attention_reference
@@ -135,17 +135,20 @@ def test_given_bound_prunes_more_and_stays_inside_eps():
 def test_op_routes_to_triton_under_the_switch(dtype):
     q, k, v, c = fox_inputs(1, 4, 2, 45, 60, 32, dtype=dtype, strength=1.0)
     assert dispatch.forward_implementation(q, k, v, c) == "triton"
-    o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -8.0, None)
-    ro, _ = fox_attention_reference(q, k, v, c)
-    bound = 2 * math.exp(-8.0) * v.double().norm(dim=-1).amax().item() + TOL[dtype]["o"] * 4
-    assert (o.double() - ro).abs().max().item() <= bound
-    direct, _ = forward(q, k, v, c, default_scale(32), -8.0, None)
-    assert torch.equal(o, direct), "the op must run exactly the Triton forward"
+    for certificate in ("online", "paper"):
+        o, lse, _, keep_from = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, -8.0, None, certificate=certificate)
+        ro, _ = fox_attention_reference(q, k, v, c)
+        bound = 2 * math.exp(-8.0) * v.double().norm(dim=-1).amax().item() + TOL[dtype]["o"] * 4
+        assert (o.double() - ro).abs().max().item() <= bound
+        direct, _, direct_keep = forward_recorded(q, k, v, c, default_scale(32), -8.0, None, certificate=certificate)
+        assert torch.equal(o, direct) and torch.equal(keep_from, direct_keep), "the op must run exactly the Triton forward"
+    paper, _ = forward(q, k, v, c, default_scale(32), -8.0, None)
+    assert torch.equal(o, paper), "forward() is the paper rule"
 
 def test_bfloat16_falls_back_to_blocked_under_the_interpreter():
     q, k, v, c = fox_inputs(1, 2, 2, 20, 20, 16, dtype=torch.bfloat16)
     assert dispatch.forward_implementation(q, k, v, c) == "blocked"
-    o, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
+    o, _, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
     ro, _ = fox_attention_reference(q, k, v, c)
     assert (o.double() - ro).abs().max().item() < 3e-2
 

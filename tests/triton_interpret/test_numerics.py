@@ -37,7 +37,7 @@ def test_hard_reset_anywhere_is_exact(pos, reset, second, prune, Tq, seed):
         log_f[..., (pos + 41) % Tk] = reset / 3
     c = torch.cumsum(log_f, -1)
     log_eps = -10.0 if prune else None
-    o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
+    o, lse, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, log_eps, None)
     o64, lse64, dq, dk, dv, dc = reference_grads(q, k, v, c, do)
     assert (o.double() - o64).abs().max() < 2e-5 and (lse.double() - lse64).abs().max() < 2e-5
     grads = op_grads(q, k, v, log_f, do, log_eps=log_eps)
@@ -51,7 +51,7 @@ def test_steep_decay_is_exact():
     q, k, v, _, do = fox_inputs(1, 2, 2, 100, 100, 16, seed=3, grad="before_gate")
     log_f = torch.full((1, 2, 100), -50.0)
     c = torch.cumsum(log_f, -1)
-    o, lse, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
+    o, lse, _, _ = torch.ops.acp.fox_attention_fwd(q, k, v, c, None, None, None)
     o64, lse64, dq, dk, dv, dc = reference_grads(q, k, v, c, do)
     assert (lse.double() - lse64).abs().max() < 2e-6 and (o.double() - o64).abs().max() < 2e-6
     grads = op_grads(q, k, v, log_f, do, log_eps=None)

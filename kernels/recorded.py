@@ -1,0 +1,41 @@
+"""A kept set recorded by a forward, and the tile indices that cover it in another tile partition.
+
+Notation: keep_from (B, Hq, Tq) int32, the first kept key of each row (the forward's fourth output):
+kept(i, j) <=> keep_from[i] <= j <= p_i, p_i = Tk - Tq + i. A partition (block_m, block_n) has
+Mq = ceil(Tq / block_m) query blocks and Nk = ceil(Tk / block_n) key blocks; n_hi(m) is the key block
+of the last position of query block m.
+  start[m] = min(n_hi(m), min_{i in m} keep_from[i] // block_n)       every tile holding a kept entry
+  end[n]   = 1 + max{m : start[m] <= n}, 0 if none                      exclusive query bound of key block n
+When some m' keeps tile (m', n), the largest m with start[m] <= n is >= m' and keeps it too (n_hi grows
+with m), so end[n] is 1 + the last query block keeping n; when none does, end[n] is at most the first
+query block that reaches n, so a loop over [m_lo(n), end[n]) is empty. Query blocks below end[n] need
+not all keep n (c not monotone): the kernels test start[m] <= n per tile, and mask the entries
+j < keep_from[i] inside the tiles they visit, so they compute exactly the recorded set (a superset of
+tiles, never of entries), whatever the forward's partition was. Device ops only, no host sync.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def causal_last_key_block(Tq: int, Tk: int, block_m: int, block_n: int, device=None) -> Tensor:
+    """n_hi (Mq,) int32: the key block of the last position of each query block."""
+    Mq = -(-Tq // block_m)
+    last_row = torch.clamp((torch.arange(Mq, device=device) + 1) * block_m, max=Tq) - 1
+    return ((Tk - Tq + last_row) // block_n).to(torch.int32)
+
+
+def covering_indices(keep_from: Tensor, Tk: int, block_m: int, block_n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(start (B, Hq, Mq), end (B, Hq, Nk), n_hi (Mq,)), int32 contiguous; see the module header."""
+    B, Hq, Tq = keep_from.shape
+    Mq, Nk = -(-Tq // block_m), -(-Tk // block_n)
+    kf = torch.nn.functional.pad(keep_from.to(torch.int64), (0, Mq * block_m - Tq), value=2 ** 40)
+    start = kf.view(B, Hq, Mq, block_m).amin(dim=-1) // block_n                       # (B, Hq, Mq)
+    n_hi = causal_last_key_block(Tq, Tk, block_m, block_n, keep_from.device)
+    start = torch.minimum(start, n_hi.to(torch.int64))                    # the diagonal is always kept
+    m_idx = torch.arange(1, Mq + 1, device=keep_from.device, dtype=torch.int64).expand(B, Hq, Mq)
+    end = torch.zeros((B, Hq, Nk + 1), dtype=torch.int64, device=keep_from.device)
+    end.scatter_reduce_(-1, start.clamp(min=0, max=Nk), m_idx, reduce="amax")
+    end = torch.cummax(end[..., :Nk], dim=-1).values
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous(), n_hi
