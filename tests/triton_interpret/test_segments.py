@@ -83,14 +83,17 @@ def test_forward_and_backward_match_pruned_reference(kind, dtype, poison):
         _close(g, w, TOL[dtype], name)
 
 
-def test_op_eps_bound_and_gradients_padded_and_packed(poison):
-    """Through the op (interpreter switch), valid U: within eps of the dense masked attention."""
+@pytest.mark.parametrize("certificate", ["online", "paper"])
+def test_op_eps_bound_and_gradients_padded_and_packed(poison, certificate):
+    """Through the op (interpreter switch), valid U: within eps of the dense masked attention, under either
+    certificate (the online one runs its stop test with the segment masks inside the Triton tiles)."""
     B, H, T, D = 2, 2, 60, 16
     q, k, v, c, do = fox_inputs(B, H, H, T, T, D, gate="uniform", strength=1.0, qk_scale=0.5, seed=9, grad="after_gate")
     key_mask, doc = segment_inputs("docs_left", B, T, seed=9)
     log_f = torch.diff(c, dim=-1, prepend=torch.zeros_like(c[..., :1]))
     leaves = [t.clone().requires_grad_() for t in (q, k, v, log_f)]
-    o = acp_compile.fox_attention(*leaves, log_eps=-8.0, key_padding_mask=key_mask, document_ids=doc)
+    o = acp_compile.fox_attention(*leaves, log_eps=-8.0, key_padding_mask=key_mask, document_ids=doc,
+                                  certificate=certificate)
     ref = [t.double().clone().requires_grad_() for t in (q, k, v, log_f)]
     ro, _ = fox_attention_reference(*ref[:3], torch.cumsum(ref[3], -1), key_mask=key_mask, doc=doc)
     vmax = v.double().norm(dim=-1).amax().item()
