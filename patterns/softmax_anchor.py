@@ -267,7 +267,7 @@ class SoftmaxMatmulAnchor:
         return FoxMatch(
             anchor=self.name, replace=O, q=q, k=k, v=v,
             c=od.c_builder(proof.key_terms, qk.c_layout, q, qk.group_source),
-            sm_scale=sm_scale, finish=pv.finish, guards=tuple(guards), region=region,
+            sm_scale=sm_scale, finish=pv.finish, guards=tuple(guards) + tuple(proof.guards), region=region,
         )
 
 
