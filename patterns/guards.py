@@ -10,6 +10,8 @@ kind (`GuardedInput.kind`):
   "module_state"  a module buffer, parameter or tensor attribute (a source under L['self']):
                   trusted while it is the same tensor object (weak reference), at the same address,
                   with the same version counter and shape; any change re-verifies it (one device sync).
+  "shape"         a tensor passed to the compiled function of which only the sizes are read (a bias
+                  built from q.size()): keyed by its shape, dtype and device, like a size.
   "data"          any other tensor passed to the compiled function (a padding mask built per
                   call): a fresh tensor can land at the address of an old one with the same
                   version, so nothing about it is cached; its mask is re-verified on every call.
@@ -35,7 +37,7 @@ MAX_CACHED_KEYS = 512
 @dataclass(frozen=True)
 class GuardedInput:
     index: int      # position in the compiled graph's inputs
-    kind: str       # "size" | "module_state" | "data" (module notes)
+    kind: str       # "size" | "shape" | "module_state" | "data" (module notes)
 
 
 def input_kind(source: str | None, example) -> str:
@@ -76,6 +78,8 @@ class MaskGuard:
             if g.kind == "module_state":
                 parts.append((id(x), x.data_ptr(), tp.tensor_version(x), tuple(x.shape), tuple(x.stride()), x.device))
                 tensors.append(x)
+            elif g.kind == "shape":
+                parts.append((tuple(x.shape), x.dtype, x.device))
             else:
                 parts.append(tp.concrete_int(x) if isinstance(x, torch.SymInt) else x)
         return tuple(parts), tensors

@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from acp_compile import _torch_private as tp
+from acp_compile.patterns import graph_utils as gu
 from acp_compile.patterns.context import MatchContext, extract_subgraph
 from acp_compile.patterns.guards import GuardedInput, MaskGuard, input_kind
 from acp_compile.patterns.match import MASK_FILL_MAX, NotProven
@@ -102,14 +103,27 @@ def check_row_shift(value: torch.Tensor, name: str, fills_allowed: bool) -> None
                 "kept entries)")
 
 
-def is_static(ctx: MatchContext, terms: list) -> bool:
-    """The terms read sizes, constants and module state only (no per-call tensor): their exact values
-    can be proven and guarded."""
+def _kinds(ctx: MatchContext, terms: list) -> dict:
+    """How each tensor input of the terms is trusted (patterns/guards.py): a per-call tensor whose sizes
+    alone are read (B, H, T = q.shape) is "shape"; get_attr nodes are "get_attr"."""
+    deps = {d for t in terms for d in ctx.dependencies(t.node, reader=t.reader)}
+    kinds = {}
     for t in terms:
         for n in ctx.tensor_inputs(t.node, reader=t.reader):
-            if n.op == "get_attr" or input_kind(tp.graph_input_source(n), ctx.placeholders.get(n)) == "data":
-                return False
-    return True
+            if n.op == "get_attr":
+                kinds[n] = "get_attr"
+                continue
+            kind = input_kind(tp.graph_input_source(n), ctx.placeholders.get(n))
+            if kind == "data" and all(gu.reads_metadata_only(u) for u in n.users if u in deps):
+                kind = "shape"
+            kinds[n] = kind
+    return kinds
+
+
+def is_static(ctx: MatchContext, terms: list) -> bool:
+    """The terms read sizes, constants and module state only (no per-call tensor's values): their exact
+    values can be proven and guarded."""
+    return all(k not in ("data", "get_attr") for k in _kinds(ctx, terms).values())
 
 
 def prove_static(ctx: MatchContext, terms: list, check: Callable[[list], None], what: str) -> list:
@@ -120,11 +134,10 @@ def prove_static(ctx: MatchContext, terms: list, check: Callable[[list], None], 
     pos = ctx.position
     tensors = sorted({n for t in terms for n in ctx.tensor_inputs(t.node, reader=t.reader)}, key=pos.__getitem__)
     symbols = sorted({n for t in terms for n in ctx.symbol_inputs(t.node, t.reader)}, key=pos.__getitem__)
-    kinds = {}
+    kinds = _kinds(ctx, terms)
     for n in tensors:
-        if n.op == "get_attr":
+        if kinds[n] == "get_attr":
             raise NotProven(f"the {what} reads the module attribute {n.target} (get_attr), which is not guarded")
-        kinds[n] = input_kind(tp.graph_input_source(n), ctx.placeholders.get(n))
         if kinds[n] == "data":
             raise NotProven(f"the {what} reads {n.name}, a tensor passed to the compiled code per call: {_PER_CALL_HINT}")
     check([ctx.evaluate(t.node, reader=t.reader) for t in terms])
