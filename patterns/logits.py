@@ -175,6 +175,12 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
             if _is_fill(x, ctx, v) and isinstance(y, fx.Node):
                 out.masks.append(Mask(cond, True, reader=v))
                 return walk(y, coef, v)
+            if _is_fill(y, ctx, v) and _is_zero(x) or _is_fill(x, ctx, v) and _is_zero(y):
+                # where(keep, 0.0, -inf): an additive mask on its own; a fill that enters negated is not one
+                if tensor_factors(coef) or numeric_coef(coef) <= 0:
+                    raise NotProven(f"{v.name}: an additive -inf mask enters the logits negated or times a tensor")
+                out.masks.append(Mask(cond, _is_fill(x, ctx, v), reader=v))
+                return
             raise NotProven(f"{v.name}: torch.where that does not fill with -inf{_FINITE_FILL_HINT}")
         out.chain.pop()
         out.terms.append(Term(coef, v, reader))
@@ -189,6 +195,10 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
                 raise NotProven(f"{value.name} is written in place by {w.name} before it is read; "
                                 "the pass cannot follow that write (write the logits out of place)")
     return out
+
+
+def _is_zero(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
 
 
 def _computes_from_a_product(node: fx.Node, limit: int = 64) -> bool:
@@ -481,24 +491,37 @@ def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasP
         raise NotProven("the bias depends only on the query position (a per-row shift that softmax ignores, with "
                         "no key-side term): not c_i - c_j")
     key_terms = [(numeric_coef(t.coef), t.node, tensor_factors(t.coef), None) for t in key]
-    if not query and Tq > 1:
-        # One-sided key bias b_j (BLOOM, MPT): c = -b, the row shift b_i cancels under the causal mask.
-        _reversed_gate_check(key_terms)
-        guards += sb.prove_static(ctx, key, lambda values: [sb.check_key_bias(v, t.node.name)
-                                                           for v, t in zip(values, key)], "one-sided key bias")
-        return BiasProof(key_terms + static_terms, guards)
-    factors = [Term([], f, t.reader) for t in query + key for f, _ in tensor_factors(t.coef)]
-    if query and sb.is_static(ctx, query + key) and sb.is_static(ctx, factors):
-        # Both sides from sizes, constants or module state (slope * i - slope * j from two aranges): exact
-        # values. Per-head factors shared by every term factor out; others are evaluated with the terms.
-        factors = [] if _same_factors(query + key) else factors
-        guards += sb.prove_static(ctx, query + key + factors, lambda values: _check_pairing(
-            values[:len(query)], values[len(query):len(query) + len(key)], values[len(query) + len(key):],
-            query, key, bool(factors)), "two-sided bias")
-    else:
-        _prove_pairing_by_stand_ins(ctx, query, key, Tq, Tk)
     _reversed_gate_check(key_terms)
+    # Two groups, each c_i - c_j on its own (then so is their sum): terms from per-call data (a gate), proven
+    # by random stand-ins, and static terms (sizes, constants, module state: ALiBi), proven on exact values.
+    static = [t for t in query + key if sb.is_static(ctx, [t, *_factor_terms(t)])]
+    for part, terms in (("per-call", [t for t in query + key if t not in static]), ("static", static)):
+        q_part, k_part = [t for t in terms if t in query], [t for t in terms if t in key]
+        if not terms:
+            continue
+        if not k_part:
+            raise NotProven(f"the {part} part of the bias depends only on the query position (a per-row shift "
+                            "with no key-side term): not c_i - c_j")
+        if part == "per-call" and (q_part or Tq == 1):
+            _prove_pairing_by_stand_ins(ctx, q_part, k_part, Tq, Tk)
+        elif not q_part:
+            # One-sided key bias b_j (BLOOM, MPT): c = -b, the row shift b_i cancels under the causal mask.
+            guards += sb.prove_static(ctx, k_part, lambda values, k_part=k_part: [
+                sb.check_key_bias(v, t.node.name) for v, t in zip(values, k_part)], "one-sided key bias")
+        else:
+            # Both sides static (slope * i - slope * j from two aranges): exact values. Per-head factors shared
+            # by every term factor out; others are evaluated with the terms.
+            factors = [] if _same_factors(terms) else [f for t in terms for f in _factor_terms(t)]
+            n_q, n_k = len(q_part), len(k_part)
+            guards += sb.prove_static(ctx, q_part + k_part + factors, lambda values, q_part=q_part, k_part=k_part, \
+                                      n_q=n_q, n_k=n_k, with_factors=bool(factors): _check_pairing(
+                values[:n_q], values[n_q:n_q + n_k], values[n_q + n_k:], q_part, k_part, with_factors), "two-sided bias")
     return BiasProof(key_terms + static_terms, guards)
+
+
+def _factor_terms(t: Term) -> list:
+    """The per-head factors of a term, as terms to evaluate (read where the term is read)."""
+    return [Term([], f, t.reader) for f, _ in tensor_factors(t.coef)]
 
 
 def _same_factors(terms: list) -> bool:
