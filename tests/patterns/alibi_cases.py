@@ -185,6 +185,16 @@ class SeparateSides(Module):
         return _causal_fill(s).softmax(-1) @ v
 
 
+class FoxPlusKeyAlibi(Module):
+    """A FoX gate c_i - c_j (from the keys, per call) plus BLOOM's one-sided slope * j: each part is c_i - c_j."""
+    def forward(self, q, k, v):
+        T = q.shape[-2]
+        c = torch.cumsum(F.logsigmoid(k.sum(-1) + 2.0), -1)
+        s = _logits(q, k) + c[..., :, None] - c[..., None, :]
+        s = s + self.slopes.view(1, -1, 1, 1) * torch.arange(T, device=q.device).view(1, 1, 1, T)
+        return _causal_fill(s).softmax(-1) @ v
+
+
 # ------------------------------------------------------------------------------------------ look-alikes
 class NotCausal(Module):
     """-slope * |i - j| with no mask (bidirectional): not causal."""

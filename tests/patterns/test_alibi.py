@@ -14,7 +14,7 @@ import alibi_cases as ac
 
 REWRITTEN = ["TwoSided", "NegAbsDistance", "ClampedInactive", "SlopesInGraph", "BiasBuffer", "FutureMaskWithAlibi",
              "KeyOnly", "MptStyle", "BloomBaddbmm", "SdpaMaskWithAlibi", "LearnableTwoSided", "LearnableKeyOnly",
-             "SeparateSides"]
+             "SeparateSides", "FoxPlusKeyAlibi"]
 DYNAMIC_TRUE = ["TwoSided", "BiasBuffer", "FutureMaskWithAlibi", "KeyOnly", "BloomBaddbmm", "LearnableTwoSided"]
 ROW_SHIFT = "not c_i - c_j on the causal region"
 LEFT_ALONE = {
