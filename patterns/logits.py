@@ -46,6 +46,7 @@ class Term:
     coef: list                 # numeric/symbolic factors
     node: fx.Node
     reader: fx.Node | None = None   # the chain node that reads it (its value is taken there)
+    flat: bool = False         # read below a view of the logits from (N, Tq, Tk) to (B, H, Tq, Tk): N-leading
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Decomposition:
     terms: list = field(default_factory=list)
     masks: list = field(default_factory=list)
     chain: list = field(default_factory=list)       # nodes between top and S (the region)
+    leading_view: fx.Node | None = None             # BLOOM's scores.view(B, H, Tq, Tk) of (B*H, Tq, Tk) logits
 
 
 def _is_masked_value(x: Any) -> bool:
@@ -182,9 +184,21 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
                 out.masks.append(Mask(cond, _is_fill(x, ctx, v), reader=v))
                 return
             raise NotProven(f"{v.name}: torch.where that does not fill with -inf{_FINITE_FILL_HINT}")
+        if is_leading_split(v):
+            # (N, Tq, Tk) logits viewed as (B, H, Tq, Tk) (BLOOM): softmax is per row, so the labels of the
+            # leading dims do not matter as long as the probabilities are viewed back (softmax_anchor checks).
+            if out.leading_view is not None:
+                raise NotProven(f"{v.name}: the logits are reshaped twice")
+            out.leading_view = v
+            below["flat"] = True
+            try:
+                return walk(a[0], coef, v)
+            finally:
+                below["flat"] = False
         out.chain.pop()
-        out.terms.append(Term(coef, v, reader))
+        out.terms.append(Term(coef, v, reader, flat=below["flat"]))
 
+    below = {"flat": False}
     walk(top, [], consumer)
     # Soundness against writes: the walk followed the in-place steps applied to each chain value
     # itself; any other write into its storage before it is read (an item assignment, a write
@@ -195,6 +209,25 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
                 raise NotProven(f"{value.name} is written in place by {w.name} before it is read; "
                                 "the pass cannot follow that write (write the logits out of place)")
     return out
+
+
+def is_leading_split(node: Any) -> bool:
+    """x.view(B, H, Tq, Tk) / reshape of a 3-D x (N, Tq, Tk): the leading dim split, the last two kept."""
+    if not (gu.is_op(node, "reshape") and node.args and isinstance(node.args[0], fx.Node)):
+        return False
+    before, after = gu.shape(node.args[0]), gu.shape(node)
+    return (before is not None and after is not None and len(before) == 3 and len(after) == 4
+            and all(tp.statically_equal(a, b) for a, b in zip(before[-2:], after[-2:])))
+
+
+def is_leading_merge(node: Any, into: tuple) -> bool:
+    """p.view(N, Tq, Tk) / reshape of a 4-D p (B, H, Tq, Tk) to exactly the shape `into`."""
+    if not (gu.is_op(node, "reshape") and node.args and isinstance(node.args[0], fx.Node)):
+        return False
+    before, after = gu.shape(node.args[0]), gu.shape(node)
+    return (before is not None and after is not None and len(before) == 4 and len(after) == 3
+            and len(into) == 3 and all(tp.statically_equal(a, b) for a, b in zip(after, into))
+            and all(tp.statically_equal(a, b) for a, b in zip(before[-2:], after[-2:])))
 
 
 def _is_zero(x: Any) -> bool:

@@ -153,7 +153,9 @@ def _permute_builder(node: Any, labels: str, order: str) -> Any:
 
 def product_inputs(S: fx.Node) -> tuple:
     """(A, B) of A @ B, matmul, bmm, or baddbmm(bias, A, B)."""
-    return (S.args[1], S.args[2]) if gu.is_op(S, "baddbmm") else (S.args[0], S.args[1])
+    if gu.is_op(S, "baddbmm"):                       # torch.baddbmm(bias, A, B) or bias.baddbmm(batch1=A, batch2=B)
+        return gu.arg(S, 1, "batch1"), gu.arg(S, 2, "batch2")
+    return S.args[0], S.args[1]
 
 
 def _grouped_qk(S: fx.Node, out: str, la: str, lb: str, a: Any, b: Any) -> QK:

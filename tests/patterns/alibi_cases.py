@@ -143,6 +143,24 @@ class BloomBaddbmm(Module):
         return torch.bmm(probs, v.reshape(B * n, T, D)).view(B, n, T, D)
 
 
+class BloomHF(Module):
+    """Hugging Face's BLOOM attention: alibi (B*H, 1, T) from an all-ones attention mask's cumsum,
+    alibi.baddbmm(batch1=q, batch2=k^T, beta, alpha) on (B*H, T, D) views, the scores viewed as (B, H, T, T)
+    for the additive finfo.min causal mask and the fp32 softmax, then viewed back for bmm with v."""
+    def forward(self, q, k, v):
+        B, n, T, D = q.shape
+        attention_mask = torch.ones(B, T, device=q.device)
+        arange_tensor = ((attention_mask.cumsum(dim=-1) - 1) * attention_mask)[:, None, :]
+        alibi = (self.slopes[..., None] * arange_tensor).reshape(B * n, 1, T).to(q.dtype)
+        causal = torch.full((T, T), torch.finfo(q.dtype).min, dtype=q.dtype, device=q.device).triu(1)[None, None]
+        q3, k3, v3 = (x.reshape(B * n, T, D) for x in (q, k, v))
+        scores = alibi.baddbmm(batch1=q3, batch2=k3.transpose(-1, -2), beta=1.0, alpha=1.0 / math.sqrt(D))
+        w = scores.view(B, n, T, -1) + causal[:, :, :, :T]
+        probs = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = F.dropout(probs, p=0.0, training=self.training)
+        return torch.bmm(probs.view(B * n, T, -1), v3).view(B, n, T, D)
+
+
 class SdpaMaskWithAlibi(Module):
     """Hugging Face style: ALiBi added into the float attention mask passed to SDPA."""
     def forward(self, q, k, v):

@@ -14,8 +14,8 @@ import alibi_cases as ac
 
 REWRITTEN = ["TwoSided", "NegAbsDistance", "ClampedInactive", "SlopesInGraph", "BiasBuffer", "FutureMaskWithAlibi",
              "KeyOnly", "MptStyle", "BloomBaddbmm", "SdpaMaskWithAlibi", "LearnableTwoSided", "LearnableKeyOnly",
-             "SeparateSides", "FoxPlusKeyAlibi"]
-DYNAMIC_TRUE = ["TwoSided", "BiasBuffer", "FutureMaskWithAlibi", "KeyOnly", "BloomBaddbmm", "LearnableTwoSided"]
+             "SeparateSides", "FoxPlusKeyAlibi", "BloomHF"]
+DYNAMIC_TRUE = ["TwoSided", "BiasBuffer", "FutureMaskWithAlibi", "KeyOnly", "BloomBaddbmm", "BloomHF", "LearnableTwoSided"]
 ROW_SHIFT = "not c_i - c_j on the causal region"
 LEFT_ALONE = {
     "NotCausal": "not causal",
@@ -147,7 +147,7 @@ def test_a_bias_buffer_edited_in_place_is_checked_again():
     assert [r.calls for r in acp_compile.report.sites()] == [1]          # the edited buffer: the original graph
 
 
-@pytest.mark.parametrize("name", ["TwoSided", "KeyOnly", "BloomBaddbmm", "MptStyle"])
+@pytest.mark.parametrize("name", ["TwoSided", "KeyOnly", "BloomBaddbmm", "BloomHF", "MptStyle"])
 def test_bf16_is_as_close_to_fp64_as_eager_bf16(name):
     """bf16 compiled vs bf16 eager, both against fp64 eager: the rewrite is at least about as accurate
     (BLOOM's eager rounds slope * j to bf16 inside the logits; the op keeps c in fp32)."""
