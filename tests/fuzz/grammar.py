@@ -249,7 +249,8 @@ def _norm_reach(d) -> None:
             d["bias"] = "index"
         if d["bias"] not in ("index", "paren", "unsqueeze"):
             d["factor"] = "none"
-    if d["factor"] != "none" and d["write"] in ("q_after", "k_after", "v_after", "c_mul", "c_tail"):
+    if d["factor"] != "none" and (d["write"] in ("q_after", "k_after", "v_after", "c_mul", "c_tail")
+                                  or (d["write"] in MASK_WRITES and d["write_after_use"])):
         d["write"] = "none"    # a parameter makes the graph need grad: a write into a saved tensor fails under any backend
     if d["apply"] in ("set_ellipsis", "set_slices") and d["padding"]:
         d["apply"] = "mf_not"
