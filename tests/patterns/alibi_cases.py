@@ -128,6 +128,24 @@ class MptStyle(Module):
         return torch.softmax(w, dim=-1).to(v.dtype).matmul(v)
 
 
+class MptBuffer(Module):
+    """MPT's layout: the bias (1, H, 1, max_len) = arange(1 - max_len, 1) * slopes kept on the module and sliced
+    to the last T keys, k passed already transposed (B, H, D, T), causal fill with finfo.min."""
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        m = self.max_len
+        self.register_buffer("attn_bias", torch.arange(1 - m, 1).view(1, 1, 1, m) * self.slopes.view(1, -1, 1, 1))
+
+    def forward(self, q, k, v):
+        s_q, s_k = q.shape[-2], k.shape[-2]
+        kt = k.transpose(-2, -1)
+        w = q.matmul(kt) * (1 / math.sqrt(q.shape[-1]))
+        w = w + self.attn_bias[:, :, :, -s_k:]
+        causal = torch.ones(s_k, s_k, dtype=torch.bool, device=q.device).tril()[-s_q:, -s_k:]
+        w = w.masked_fill(~causal.view(1, 1, s_q, s_k), torch.finfo(q.dtype).min)
+        return torch.softmax(w, dim=-1).to(v.dtype).matmul(v)
+
+
 class BloomBaddbmm(Module):
     """BLOOM: alibi (B*H, 1, T) = slopes * positions, baddbmm(alibi, q, k^T, beta=1, alpha=1/sqrt(d)) on
     (B*H, T, D) views, causal fill with finfo.min, softmax in fp32, bmm with v."""

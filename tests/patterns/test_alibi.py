@@ -13,8 +13,8 @@ import acp_compile
 import alibi_cases as ac
 
 REWRITTEN = ["TwoSided", "NegAbsDistance", "ClampedInactive", "SlopesInGraph", "BiasBuffer", "FutureMaskWithAlibi",
-             "KeyOnly", "MptStyle", "BloomBaddbmm", "SdpaMaskWithAlibi", "LearnableTwoSided", "LearnableKeyOnly",
-             "SeparateSides", "FoxPlusKeyAlibi", "BloomHF"]
+             "KeyOnly", "MptStyle", "MptBuffer", "BloomBaddbmm", "BloomHF", "SdpaMaskWithAlibi", "LearnableTwoSided",
+             "LearnableKeyOnly", "SeparateSides", "FoxPlusKeyAlibi"]
 DYNAMIC_TRUE = ["TwoSided", "BiasBuffer", "FutureMaskWithAlibi", "KeyOnly", "BloomBaddbmm", "BloomHF", "LearnableTwoSided"]
 ROW_SHIFT = "not c_i - c_j on the causal region"
 LEFT_ALONE = {
