@@ -214,3 +214,22 @@ def is_default_scale(factors: list, head_dim: Any) -> bool:
         return sympy.simplify(expr * expr * d - 1) == 0 and expr.is_positive is True
     except Exception:
         return False
+
+
+def extract_subgraph(ctx: MatchContext, masks: list, inputs: list) -> fx.Graph:
+    """A standalone graph computing the values of `masks` (anything with .node and .reader: masks,
+    bias terms) as their readers see them, from `inputs` (copies of the graph's nodes, writes into them
+    included), so a run-time check does not depend on the rewritten graph that inductor may change later."""
+    graph = fx.Graph()
+    env: dict = {}
+    for n in inputs:
+        env[n] = graph.placeholder(n.name)
+    deps = sorted({d for m in masks for d in ctx.dependencies(m.node, reader=m.reader)}, key=ctx.position.__getitem__)
+    for n in deps:
+        if n in env:
+            continue
+        if n.op == "placeholder":
+            raise NotProven(f"the mask reads {n.name}, which is not among its guarded inputs")
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(tuple(env[m.node] for m in masks))
+    return graph

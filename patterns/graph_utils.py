@@ -129,3 +129,18 @@ def is_scalar_value(x: Any) -> bool:
         v = fake(x)
         return isinstance(v, (torch.SymInt, torch.SymFloat, int, float)) and not isinstance(v, bool)
     return False
+
+
+_METADATA_METHODS = ("size", "dim", "ndimension", "numel", "nelement", "get_device")
+_METADATA_ATTRIBUTES = ("shape", "dtype", "device", "ndim", "layout", "is_cuda")
+
+
+def reads_metadata_only(node: fx.Node) -> bool:
+    """x.size(), x.shape, x.dim(), x.dtype ... : a call that reads what a tensor is, not its values."""
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    if node.op == "call_function":
+        if node.target is getattr:
+            return len(node.args) == 2 and node.args[1] in _METADATA_ATTRIBUTES
+        return node.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default)
+    return False

@@ -7,9 +7,11 @@ kind (`GuardedInput.kind`):
   "size"          a symbolic size (dynamic shapes): the mask is re-verified once for every new
                   value (cached). A mask built from sizes and module attributes (a sliding window
                   on the module, a prefix length) can be causal at one length and not at another.
-  "module_state"  a module buffer or parameter: trusted while it is the same tensor object (weak
-                  reference), at the same address, with the same version counter and shape; any
-                  change re-verifies it (one device sync).
+  "module_state"  a module buffer, parameter or tensor attribute (a source under L['self']):
+                  trusted while it is the same tensor object (weak reference), at the same address,
+                  with the same version counter and shape; any change re-verifies it (one device sync).
+  "shape"         a tensor passed to the compiled function of which only the sizes are read (a bias
+                  built from q.size()): keyed by its shape, dtype and device, like a size.
   "data"          any other tensor passed to the compiled function (a padding mask built per
                   call): a fresh tensor can land at the address of an old one with the same
                   version, so nothing about it is cached; its mask is re-verified on every call.
@@ -35,14 +37,14 @@ MAX_CACHED_KEYS = 512
 @dataclass(frozen=True)
 class GuardedInput:
     index: int      # position in the compiled graph's inputs
-    kind: str       # "size" | "module_state" | "data" (module notes)
+    kind: str       # "size" | "shape" | "module_state" | "data" (module notes)
 
 
 def input_kind(source: str | None, example) -> str:
     """How a graph input the mask reads is trusted (module notes)."""
     if not isinstance(example, torch.Tensor):
         return "size"
-    if source is not None and ("._buffers[" in source or "._parameters[" in source):
+    if source is not None and ("._buffers[" in source or "._parameters[" in source or source.startswith("L['self']")):
         return "module_state"
     return "data"
 
@@ -54,10 +56,13 @@ class MaskGuard:
     inputs    the graph inputs the mask reads (GuardedInput)
     verify    verify(inputs) -> bool: evaluates the mask on these inputs and checks it is causal
     site      the site's name, for the log line
+    failure   the log line's words when verify says no ({site} is the site); a bias guard
+              (patterns/static_bias.py) says the bias is not c_i - c_j
     """
     inputs: tuple
     verify: Callable[[list], bool]
     site: str
+    failure: str = "the mask of {site} is not causal"
     _verified: dict = field(default_factory=dict)   # key -> weak references of the module state
     _rejected: dict = field(default_factory=dict)
     _warned: bool = False
@@ -73,6 +78,8 @@ class MaskGuard:
             if g.kind == "module_state":
                 parts.append((id(x), x.data_ptr(), tp.tensor_version(x), tuple(x.shape), tuple(x.stride()), x.device))
                 tensors.append(x)
+            elif g.kind == "shape":
+                parts.append((tuple(x.shape), x.dtype, x.device))
             else:
                 parts.append(tp.concrete_int(x) if isinstance(x, torch.SymInt) else x)
         return tuple(parts), tensors
@@ -119,11 +126,11 @@ class MaskGuard:
         try:
             ok = bool(self.verify(inputs))
         except Exception as err:  # noqa: BLE001 - an unverifiable mask is not causal
-            tp.logger().info("acp: re-verifying the mask of %s failed (%s); using the unrewritten graph", self.site, err)
+            tp.logger().info("acp: re-verifying the proof at %s failed (%s); using the unrewritten graph", self.site, err)
         if not ok and not self._warned:
             self._warned = True
             tp.logger().warning(
-                "acp: the mask of %s is not causal for this call (its inputs or sizes changed); such calls run "
-                "the graph without the FoX rewrite", self.site,
+                "acp: %s for this call (its inputs or sizes changed); such calls run the graph without the FoX "
+                "rewrite", self.failure.format(site=self.site),
             )
         return ok

@@ -25,11 +25,11 @@ import torch.fx as fx
 
 from acp_compile import _torch_private as tp
 from acp_compile.patterns import graph_utils as gu
-from acp_compile.patterns.context import MatchContext
+from acp_compile.patterns import static_bias as sb
+from acp_compile.patterns.context import MatchContext, extract_subgraph
 from acp_compile.patterns.guards import GuardedInput, MaskGuard, input_kind
-from acp_compile.patterns.match import NotProven
+from acp_compile.patterns.match import MASK_FILL_MAX, NotProven
 
-MASK_FILL_MAX = -1e9            # a fill value at or below this counts as "masked" (-inf, finfo.min ...)
 _VIEW_METHODS = ("unsqueeze", "view", "reshape", "expand", "float", "half", "bfloat16", "double", "to",
                  "type", "type_as", "contiguous", "squeeze", "transpose", "permute", "movedim", "moveaxis",
                  "swapaxes", "swapdims", "flatten", "unflatten", "view_as", "reshape_as", "expand_as", "t", "clone")
@@ -46,6 +46,7 @@ class Term:
     coef: list                 # numeric/symbolic factors
     node: fx.Node
     reader: fx.Node | None = None   # the chain node that reads it (its value is taken there)
+    flat: bool = False         # read below a view of the logits from (N, Tq, Tk) to (B, H, Tq, Tk): N-leading
 
 
 @dataclass
@@ -54,6 +55,8 @@ class Mask:
     masked_when: bool          # masked where the evaluated mask == masked_when
     additive: bool = False     # the node is an additive 0/-inf tensor
     reader: fx.Node | None = None   # the chain node that reads it
+    fills_only: bool = False   # additive, and a bias matrix: only its fills (<= MASK_FILL_MAX) mask; the finite
+                               # values are the bias (proven by static_bias.check_row_shift)
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Decomposition:
     terms: list = field(default_factory=list)
     masks: list = field(default_factory=list)
     chain: list = field(default_factory=list)       # nodes between top and S (the region)
+    leading_view: fx.Node | None = None             # BLOOM's scores.view(B, H, Tq, Tk) of (B*H, Tq, Tk) logits
 
 
 def _is_masked_value(x: Any) -> bool:
@@ -146,6 +150,11 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
             f = ctx.scalar(y)
             f = y if tp.is_symbolic(f) else f        # a symbolic factor keeps its node (the op may need it)
             return walk(x, coef + [f if gu.is_op(v, "mul") else ("inv", f)], v)
+        if gu.is_op(v, "where") and len(a) == 3 and not any(_is_fill(x, ctx, v) for x in a[1:]) \
+                and not _computes_from_a_product(v):
+            out.chain.pop()                       # a where inside a bias (buckets): a term, proven by value
+            out.terms.append(Term(coef, v, reader))
+            return
         if any(isinstance(f, tuple) and f[0] in ("tensor", "inv_tensor") for f in coef) and (
                 gu.is_op(v, "masked_fill") or gu.is_op(v, "where") or v.target is operator.setitem):
             raise NotProven(f"{v.name}: a tensor factor multiplies the logits after the mask (its sign would decide "
@@ -168,10 +177,28 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
             if _is_fill(x, ctx, v) and isinstance(y, fx.Node):
                 out.masks.append(Mask(cond, True, reader=v))
                 return walk(y, coef, v)
+            if _is_fill(y, ctx, v) and _is_zero(x) or _is_fill(x, ctx, v) and _is_zero(y):
+                # where(keep, 0.0, -inf): an additive mask on its own; a fill that enters negated is not one
+                if tensor_factors(coef) or numeric_coef(coef) <= 0:
+                    raise NotProven(f"{v.name}: an additive -inf mask enters the logits negated or times a tensor")
+                out.masks.append(Mask(cond, _is_fill(x, ctx, v), reader=v))
+                return
             raise NotProven(f"{v.name}: torch.where that does not fill with -inf{_FINITE_FILL_HINT}")
+        if is_leading_split(v):
+            # (N, Tq, Tk) logits viewed as (B, H, Tq, Tk) (BLOOM): softmax is per row, so the labels of the
+            # leading dims do not matter as long as the probabilities are viewed back (softmax_anchor checks).
+            if out.leading_view is not None:
+                raise NotProven(f"{v.name}: the logits are reshaped twice")
+            out.leading_view = v
+            below["flat"] = True
+            try:
+                return walk(a[0], coef, v)
+            finally:
+                below["flat"] = False
         out.chain.pop()
-        out.terms.append(Term(coef, v, reader))
+        out.terms.append(Term(coef, v, reader, flat=below["flat"]))
 
+    below = {"flat": False}
     walk(top, [], consumer)
     # Soundness against writes: the walk followed the in-place steps applied to each chain value
     # itself; any other write into its storage before it is read (an item assignment, a write
@@ -182,6 +209,43 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
                 raise NotProven(f"{value.name} is written in place by {w.name} before it is read; "
                                 "the pass cannot follow that write (write the logits out of place)")
     return out
+
+
+def is_leading_split(node: Any) -> bool:
+    """x.view(B, H, Tq, Tk) / reshape of a 3-D x (N, Tq, Tk): the leading dim split, the last two kept."""
+    if not (gu.is_op(node, "reshape") and node.args and isinstance(node.args[0], fx.Node)):
+        return False
+    before, after = gu.shape(node.args[0]), gu.shape(node)
+    return (before is not None and after is not None and len(before) == 3 and len(after) == 4
+            and all(tp.statically_equal(a, b) for a, b in zip(before[-2:], after[-2:])))
+
+
+def is_leading_merge(node: Any, into: tuple) -> bool:
+    """p.view(N, Tq, Tk) / reshape of a 4-D p (B, H, Tq, Tk) to exactly the shape `into`."""
+    if not (gu.is_op(node, "reshape") and node.args and isinstance(node.args[0], fx.Node)):
+        return False
+    before, after = gu.shape(node.args[0]), gu.shape(node)
+    return (before is not None and after is not None and len(before) == 4 and len(after) == 3
+            and len(into) == 3 and all(tp.statically_equal(a, b) for a, b in zip(after, into))
+            and all(tp.statically_equal(a, b) for a, b in zip(before[-2:], after[-2:])))
+
+
+def _is_zero(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
+
+
+def _computes_from_a_product(node: fx.Node, limit: int = 64) -> bool:
+    """A matrix product among the first `limit` producers of `node` (it may hold the logits)."""
+    seen, stack = set(), [node]
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if any(gu.is_op(n, m) for m in ("matmul", "bmm", "einsum", "baddbmm", "sdpa")):
+            return True
+        stack.extend(n.all_input_nodes)
+    return bool(stack)                   # too far to tell: assume it may
 
 
 _FINITE_FILL_HINT = (" (a finite fill such as -1e4 leaves masked keys a weight of exp(fill - max logit), which is "
@@ -381,11 +445,39 @@ def _concrete_shape(node: fx.Node, ctx: MatchContext) -> tuple[int, ...]:
 
 @dataclass
 class BiasProof:
-    key_terms: list           # (coefficient, node, tensor factors) of the (..., 1, Tk) terms: c = -sum(coef * node * factors)
+    # (coefficient, node, tensor factors, row) per term of c = -sum(coef * node[row] * factors): row None for a
+    # (..., 1, Tk) key term, "last" for a (..., Tq, Tk) static bias whose last query row gives c (static_bias.py)
+    key_terms: list
+    guards: list = field(default_factory=list)     # re-check static biases at new sizes / module states
+
+
+def _is_bias_matrix(t: Term, ctx: MatchContext) -> bool:
+    """A (Tq, Tk) term that is not a 0/-inf mask at the compile-time values (ALiBi, a static decay, a
+    precomputed bias with the causal fill in it). False when it cannot be evaluated now (then it is
+    treated as a mask, whose proof says why not)."""
+    try:
+        value = ctx.evaluate(t.node, reader=t.reader)
+    except NotProven:
+        return False
+    if not isinstance(value, torch.Tensor) or value.dtype == torch.bool:
+        return False
+    return not bool(((value == 0) | (value <= MASK_FILL_MAX)).all())
+
+
+def _reversed_gate_check(key_terms: list) -> None:
+    for coef, node, _, _ in key_terms:
+        if coef > 0 and is_log_gate_cumsum(view_base(node)):
+            raise NotProven("the bias is reversed (c_j - c_i of a cumulative log forget gate): "
+                            "attention would grow with distance, which is not FoX")
 
 
 def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasProof | None:
-    """None when there is no bias at all (plain attention); NotProven when it is not c_i - c_j."""
+    """None when there is no bias at all (plain attention); NotProven when it is not c_i - c_j.
+
+    Terms by shape: (..., Tq, 1) query, (..., 1, Tk) key, (..., Tq, Tk) a mask or a bias matrix.
+    Query and key terms together must pair up as c_i - c_j (random stand-ins for data, exact values for
+    static terms); key terms alone are a one-sided bias and bias matrices a static decay, both proven on
+    exact values under the causal mask (patterns/static_bias.py)."""
     query, key, additive = [], [], []
     for t in dec.terms:
         s = _concrete_shape(t.node, ctx)
@@ -404,25 +496,108 @@ def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasP
             additive.append(t)
         else:
             raise NotProven(f"bias term {t.node.name} of shape {s} does not broadcast to the logits")
+    matrices = [t for t in additive if Tq > 1 and _is_bias_matrix(t, ctx)]
     for t in additive:
-        dec.masks.append(Mask(t.node, True, additive=True, reader=t.reader))
+        dec.masks.append(Mask(t.node, True, additive=True, reader=t.reader, fills_only=t in matrices))
+        if t in matrices:
+            continue
         if tensor_factors(t.coef):
             raise NotProven(f"additive term {t.node.name} is multiplied by a tensor")
         if numeric_coef(t.coef) <= 0:
             raise NotProven(f"additive term {t.node.name} enters the logits with a negative sign")
+    guards, static_terms = [], []
+    for t in matrices:                      # ALiBi, static decays: c = -(the last query row)
+        fills_ok = not tensor_factors(t.coef) and numeric_coef(t.coef) > 0
+        guards += sb.prove_static(ctx, [t], lambda values, t=t, ok=fills_ok: sb.check_row_shift(
+            values[0], t.node.name, ok), "bias matrix")
+        static_terms.append((numeric_coef(t.coef), t.node, tensor_factors(t.coef), "last"))
     if not query and not key:
+        if static_terms:
+            return BiasProof(static_terms, guards)
         for t in additive:                       # plain attention, unless the "mask" is a bias
             try:
                 _masked(Mask(t.node, True, additive=True), ctx.evaluate(t.node, reader=t.reader))
             except NotProven as err:
                 raise NotProven(f"an additive (Tq, Tk) bias that is not c_i - c_j ({err})") from None
         return None
-    if not key or (not query and Tq > 1):
-        # Softmax ignores a per-row term, so a lone c_i would not even matter; the pass still asks
-        # for the c_i - c_j pairing when there are several queries (one query: c_i is a constant).
-        raise NotProven("the bias depends only on the query or only on the key position, not c_i - c_j")
-    # Random stand-ins for the tensors the terms rearrange; the same source gets the same values, so
-    # the sides are compared by value through views, transposes and concatenations.
+    if not key:
+        raise NotProven("the bias depends only on the query position (a per-row shift that softmax ignores, with "
+                        "no key-side term): not c_i - c_j")
+    key_terms = [(numeric_coef(t.coef), t.node, tensor_factors(t.coef), None) for t in key]
+    _reversed_gate_check(key_terms)
+    # Two groups, each c_i - c_j on its own (then so is their sum): terms from per-call data (a gate), proven
+    # by random stand-ins, and static terms (sizes, constants, module state: ALiBi), proven on exact values.
+    static = [t for t in query + key if sb.is_static(ctx, [t, *_factor_terms(t)])]
+    for part, terms in (("per-call", [t for t in query + key if t not in static]), ("static", static)):
+        q_part, k_part = [t for t in terms if t in query], [t for t in terms if t in key]
+        if not terms:
+            continue
+        if not k_part:
+            raise NotProven(f"the {part} part of the bias depends only on the query position (a per-row shift "
+                            "with no key-side term): not c_i - c_j")
+        if part == "per-call" and (q_part or Tq == 1):
+            _prove_pairing_by_stand_ins(ctx, q_part, k_part, Tq, Tk)
+        elif not q_part:
+            # One-sided key bias b_j (BLOOM, MPT): c = -b, the row shift b_i cancels under the causal mask.
+            guards += sb.prove_static(ctx, k_part, lambda values, k_part=k_part: [
+                sb.check_key_bias(v, t.node.name) for v, t in zip(values, k_part)], "one-sided key bias")
+        else:
+            # Both sides static (slope * i - slope * j from two aranges): exact values. Per-head factors shared
+            # by every term factor out; others are evaluated with the terms.
+            factors = [] if _same_factors(terms) else [f for t in terms for f in _factor_terms(t)]
+            n_q, n_k = len(q_part), len(k_part)
+            guards += sb.prove_static(ctx, q_part + k_part + factors, lambda values, q_part=q_part, k_part=k_part, \
+                                      n_q=n_q, n_k=n_k, with_factors=bool(factors): _check_pairing(
+                values[:n_q], values[n_q:n_q + n_k], values[n_q + n_k:], q_part, k_part, with_factors), "two-sided bias")
+    return BiasProof(key_terms + static_terms, guards)
+
+
+def _factor_terms(t: Term) -> list:
+    """The per-head factors of a term, as terms to evaluate (read where the term is read)."""
+    return [Term([], f, t.reader) for f, _ in tensor_factors(t.coef)]
+
+
+def _same_factors(terms: list) -> bool:
+    """Every term has the same per-head factors (then they factor out of the pairing)."""
+    first = sorted((id(f), inv) for f, inv in tensor_factors(terms[0].coef))
+    return all(sorted((id(f), inv) for f, inv in tensor_factors(t.coef)) == first for t in terms)
+
+
+def _check_pairing(q_values: list, k_values: list, f_values: list, query: list, key: list, with_factors: bool) -> None:
+    """Exact values: the sum of the query terms at i == -(the sum of the key terms) at i + off. f_values: the
+    terms' per-head factors in order (when they differ between terms; else left out, as they factor out)."""
+    f_iter = iter(f_values)
+
+    def side(values, terms, squeeze_dim):
+        total = None
+        for val, t in zip(values, terms):
+            val = val.to(torch.float64) * numeric_coef(t.coef)
+            for _, inverse in (tensor_factors(t.coef) if with_factors else ()):
+                f = next(f_iter).to(torch.float64)
+                val = val / f if inverse else val * f
+            total = val if total is None else total + val
+        return total.squeeze(squeeze_dim)
+    q_side = side(q_values, query, -1)
+    k_side = side(k_values, key, -2)
+    _compare_sides(q_side, k_side)
+
+
+def _compare_sides(q_side: torch.Tensor, k_side: torch.Tensor) -> None:
+    """q_side (..., Tq) against -k_side (..., Tk) at the query positions Tk - Tq + i."""
+    Tq, Tk = q_side.shape[-1], k_side.shape[-1]
+    if Tq > Tk:
+        raise NotProven("the bias has more query positions than keys")
+    q_side, k_side = torch.broadcast_tensors(q_side[..., None], k_side[..., None, :])
+    lhs = q_side[..., 0]                           # (..., Tq)
+    rhs = -k_side[..., 0, Tk - Tq:]                # (..., Tq)
+    scale = max(1.0, float(lhs.abs().max())) if lhs.numel() else 1.0
+    if not torch.allclose(lhs, rhs, rtol=1e-5, atol=1e-5 * scale):
+        raise NotProven("the bias is not c_i - c_j (query and key sides differ; a reversed c_j - c_i or an arbitrary bias)")
+
+
+def _prove_pairing_by_stand_ins(ctx: MatchContext, query: list, key: list, Tq: int, Tk: int) -> None:
+    """Random stand-ins for the tensors the terms rearrange; the same source gets the same values, so
+    the sides are compared by value through views, transposes and concatenations."""
     gen = torch.Generator().manual_seed(0)
     leaves: dict = {}
 
@@ -460,18 +635,7 @@ def prove_bias(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int) -> BiasP
 
     k_side = side(key, -2)                        # (..., Tk)
     q_side = side(query, -1) if query else -k_side[..., Tk - Tq:]   # (..., Tq)
-    q_side, k_side = torch.broadcast_tensors(q_side[..., None], k_side[..., None, :])
-    lhs = q_side[..., 0]                           # (..., Tq)
-    rhs = -k_side[..., 0, Tk - Tq:]                # (..., Tq)
-    scale = max(1.0, float(lhs.abs().max()))
-    if not torch.allclose(lhs, rhs, rtol=1e-5, atol=1e-5 * scale):
-        raise NotProven("the bias is not c_i - c_j (query and key sides differ; a reversed c_j - c_i or an arbitrary bias)")
-    key_terms = [(numeric_coef(t.coef), t.node, tensor_factors(t.coef)) for t in key]
-    for coef, node, _ in key_terms:
-        if coef > 0 and is_log_gate_cumsum(view_base(node)):
-            raise NotProven("the bias is reversed (c_j - c_i of a cumulative log forget gate): "
-                            "attention would grow with distance, which is not FoX")
-    return BiasProof(key_terms)
+    _compare_sides(q_side, k_side)
 
 
 def _is_nonpositive_log_gate(node: Any) -> bool:
@@ -501,6 +665,8 @@ def is_log_gate_cumsum(node: Any) -> bool:
 
 def _masked(mask: Mask, value: torch.Tensor) -> torch.Tensor:
     if mask.additive:
+        if mask.fills_only:
+            return value <= MASK_FILL_MAX
         if not bool(((value == 0) | (value <= MASK_FILL_MAX)).all()):
             raise NotProven("an additive (Tq, Tk) term holds values other than 0 and -inf: an arbitrary bias")
         return value <= MASK_FILL_MAX
@@ -609,22 +775,3 @@ def prove_causal(dec: Decomposition, ctx: MatchContext, Tq: int, Tk: int, site: 
         return total is not None and is_causal(total, total.shape[-2], total.shape[-1])
 
     return [MaskGuard(tuple(guarded), verify, site.name)]
-
-
-def extract_subgraph(ctx: MatchContext, masks: list, inputs: list) -> fx.Graph:
-    """A standalone graph computing the masks' values (as their readers see them) from `inputs`
-    (copies of the graph's nodes, writes into them included), so a run-time check does not depend
-    on the rewritten graph that inductor may change later."""
-    graph = fx.Graph()
-    env: dict = {}
-    for n in inputs:
-        env[n] = graph.placeholder(n.name)
-    deps = sorted({d for m in masks for d in ctx.dependencies(m.node, reader=m.reader)}, key=ctx.position.__getitem__)
-    for n in deps:
-        if n in env:
-            continue
-        if n.op == "placeholder":
-            raise NotProven(f"the mask reads {n.name}, which is not among its guarded inputs")
-        env[n] = graph.node_copy(n, lambda a: env[a])
-    graph.output(tuple(env[m.node] for m in masks))
-    return graph

@@ -12,6 +12,8 @@ from typing import Any, Callable, Union
 
 import torch.fx as fx
 
+MASK_FILL_MAX = -1e9            # a fill value at or below this counts as "masked" (-inf, finfo.min ...)
+
 # A graph value the op needs: an existing node, or a builder that emits nodes and returns the last.
 # Builders run with the graph's insertion point just before the replaced node.
 Builder = Callable[[fx.Graph], fx.Node]

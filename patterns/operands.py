@@ -153,7 +153,9 @@ def _permute_builder(node: Any, labels: str, order: str) -> Any:
 
 def product_inputs(S: fx.Node) -> tuple:
     """(A, B) of A @ B, matmul, bmm, or baddbmm(bias, A, B)."""
-    return (S.args[1], S.args[2]) if gu.is_op(S, "baddbmm") else (S.args[0], S.args[1])
+    if gu.is_op(S, "baddbmm"):                       # torch.baddbmm(bias, A, B) or bias.baddbmm(batch1=A, batch2=B)
+        return gu.arg(S, 1, "batch1"), gu.arg(S, 2, "batch2")
+    return S.args[0], S.args[1]
 
 
 def _grouped_qk(S: fx.Node, out: str, la: str, lb: str, a: Any, b: Any) -> QK:
@@ -305,20 +307,24 @@ def as_node(graph: fx.Graph, x: Any) -> fx.Node:
 def c_builder(key_terms: list, layout: str, q_op: Any, group_source: Any = None) -> Callable:
     """c (B, Hq, Tk) fp32 = -(sum of coef * key term).squeeze(-2), broadcast to q's (B, Hq).
 
-    key_terms: (coef, node, tensor factors) with node (..., 1, Tk) in the logits' leading layout and
-    tensor factors [(f, inverse)] of shape (..., 1, 1) (only with layout "4d"); layout as QK.c_layout;
-    q_op: the (memoised) q operand of the op, whose sizes c is expanded to.
+    key_terms: (coef, node, tensor factors, row) with node (..., 1, Tk) in the logits' leading layout, or
+    (..., Tq, Tk) with row "last" (a static bias matrix: its last query row, position Tk-1, holds -c up to a
+    constant; patterns/static_bias.py), and tensor factors [(f, inverse)] of shape (..., 1, 1) (only with
+    layout "4d"); layout as QK.c_layout; q_op: the (memoised) q operand of the op, whose sizes c is expanded to.
+    Built from the graph's own values, so c follows every length and module state the bias does.
     """
-    if layout not in ("4d", "grouped") and any(factors for _, _, factors in key_terms):
+    if layout not in ("4d", "grouped") and any(factors for _, _, factors, _ in key_terms):
         raise NotProven("a per-head factor on the bias of a 3D (bmm) attention")
 
     def build(graph: fx.Graph) -> fx.Node:
         q = as_node(graph, q_op)
         total = None
         lead_dims = 0
-        for coef, node, factors in key_terms:
-            term = node if coef == -1.0 else graph.call_function(operator.mul, (node, -coef))
+        for coef, node, factors, row in key_terms:
             lead_dims = max(lead_dims, len(gu.shape(node)) - 2)
+            if row == "last":
+                node = graph.call_function(operator.getitem, (node, (Ellipsis, slice(-1, None), slice(None))))
+            term = node if coef == -1.0 else graph.call_function(operator.mul, (node, -coef))
             for f, inverse in factors:
                 term = graph.call_function(operator.truediv if inverse else operator.mul, (term, f))
                 lead_dims = max(lead_dims, len(gu.shape(f)) - 2)

@@ -68,7 +68,7 @@ class SdpaAnchor:
             return FoxMatch(
                 anchor=self.name, replace=node, q=q, k=k, v=v,
                 c=od.c_builder(proof.key_terms, "4d", q), sm_scale=sm_scale,
-                guards=tuple(guards), region=tuple(dec.chain),
+                guards=tuple(guards) + tuple(proof.guards), region=tuple(dec.chain),
             )
         except NotProven as err:
             return NearMiss(self.name, node.name, str(err))

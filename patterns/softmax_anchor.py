@@ -67,6 +67,9 @@ def _probability_step(cur: fx.Node, ctx: MatchContext):
             return u, []
         if gu.is_op(u, "dropout") and u.args and u.args[0] is cur:
             return (u, []) if _dropout_is_identity(u) else "dropout with p > 0 in training changes the attention"
+        if u.args and u.args[0] is cur and gu.is_op(u, "reshape") and len(gu.shape(cur) or ()) == 4 \
+                and len(gu.shape(u) or ()) == 3:
+            return u, []           # BLOOM's probabilities viewed back to (B*H, Tq, Tk); _prove checks the pair
         if name == "nan_to_num" and u.args and u.args[0] is cur:
             nan = gu.arg(u, 1, "nan", 0.0)
             return (u, []) if _is_zero(nan) else f"{u.name}: nan_to_num with nan={nan!r} changes the probabilities"
@@ -236,11 +239,17 @@ class SoftmaxMatmulAnchor:
         if dec.qk is None:
             raise NotProven("no q k^T product found below the softmax")
         qk = od.qk_operands(dec.qk, ctx)
+        _check_leading_views(dec, chain, qk)
         S_shape = ctx.shape(dec.qk)
         Tq, Tk = tp.concrete_int(S_shape[-2]), tp.concrete_int(S_shape[-1])
         proof = lg.prove_bias(dec, ctx, Tq, Tk)
         if proof is None:
             return None                                  # plain causal attention: not FoX, left alone
+        if dec.leading_view is not None:
+            flat = {t.node for t in dec.terms if t.flat}
+            if any(node not in flat for _, node, _, _ in proof.key_terms):
+                raise NotProven("a key-side bias is added after the logits were viewed as (B, H, Tq, Tk); add it to "
+                                "the (B*H, Tq, Tk) logits (or baddbmm's bias) instead")
         guards = lg.prove_causal(dec, ctx, Tq, Tk, O)
         pv = od.pv_operands(O, P, qk, ctx)
         raw_factors = qk.factors + dec.qk_coef
@@ -267,8 +276,22 @@ class SoftmaxMatmulAnchor:
         return FoxMatch(
             anchor=self.name, replace=O, q=q, k=k, v=v,
             c=od.c_builder(proof.key_terms, qk.c_layout, q, qk.group_source),
-            sm_scale=sm_scale, finish=pv.finish, guards=tuple(guards), region=region,
+            sm_scale=sm_scale, finish=pv.finish, guards=tuple(guards) + tuple(proof.guards), region=region,
         )
+
+
+def _check_leading_views(dec, chain: list, qk) -> None:
+    """(N, Tq, Tk) logits viewed as (B, H, Tq, Tk) for the mask and softmax, and the probabilities viewed
+    back to exactly (N, Tq, Tk) before the product with v (BLOOM): a relabelling of rows and its inverse,
+    allowed on 3-D products only. Either view alone changes which rows meet which values: refused."""
+    merges = [n for n in chain if gu.is_op(n, "reshape")]
+    split = dec.leading_view
+    if split is None and not merges:
+        return
+    if split is None or len(merges) != 1 or qk.c_layout not in ("flat", "3d") \
+            or not lg.is_leading_merge(merges[0], tuple(gu.shape(split.args[0]))):
+        raise NotProven("the logits or probabilities are reshaped between q k^T and the product with v, and not "
+                        "as (B*H, Tq, Tk) -> (B, H, Tq, Tk) and back")
 
 
 def _scale_argument(raw_factors: list, head_dim):

@@ -28,6 +28,12 @@ alpha_h (c_i - c_j) or temperature dividing the logits before the mask (look-ali
 temperature after the mask); GQA as a 5-D grouped einsum. `expect_rewrite` names the reach positives on plain
 choices, which the pass must rewrite; every program, look-alike or not, must equal eager.
 
+ALiBi and static decays (issue #12 item 1), added to the logits (or SDPA's float mask) with or without the gate
+bias: slope_h * (j - i) from two aranges, -slope_h * |i - j|, the one-sided key forms slope_h * j (BLOOM) and
+arange(1 - T, 1) * slope_h (MPT) (one-sided: alone, or next to a gate bias c_i - c_j), a bias buffer
+(H, 64, 64) sliced to the call, a clamp at -window (inactive while T <= window: the size guard decides); slopes
+2^(-8/H * h) in a buffer. Look-alikes: a log-distance bias, a slope per query row.
+
 Every program is well-defined in eager: each query row keeps at least one key (the diagonal, or key 0 / the
 even keys when padding hides keys), so eager never gives NaN.
 """
@@ -63,9 +69,11 @@ CLEANUPS = ["none", "nan_to_num", "where_isnan", "clone_isnan", "small_zero"]
 FACTORS = ["none", "alpha", "temp", "alpha_one_side", "temp_after_mask"]
 STYLES = ["plain", "hf"]
 GQAS = ["repeat", "sdpa", "grouped", "expand"]
+ALIBIS = ["none", "two_sided", "neg_abs", "key_only", "mpt", "bias_buffer", "clamp_window", "log_distance",
+          "slope_per_row"]
 LOOKALIKES = {"cform": {"views_rolled", "cache_start"}, "cleanup": {"small_zero"},
               "factor": {"alpha_one_side", "temp_after_mask"}, "apply": {"fill_1e4"}, "softmax": {"by_hand"},
-              "write": {"logits_leading"}}
+              "write": {"logits_leading"}, "alibi": {"log_distance", "slope_per_row"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +109,14 @@ class Spec:
     cleanup: str = "none"  # NaN clean-up between the softmax and @ v (CLEANUPS)
     factor: str = "none"   # per-head factor on the decay / temperature (FACTORS)
     style: str = "plain"   # "hf": Hugging Face's eager_attention_forward with the decay in attention_mask
+    alibi: str = "none"    # an ALiBi / static decay term added to the logits (ALIBIS)
 
     @property
     def reach(self) -> list:
         """The reach (issue #11) spellings this program uses, look-alikes marked with '~'."""
         r = []
         for f, v in (("cform", self.cform), ("cleanup", self.cleanup), ("factor", self.factor),
-                     ("apply", self.apply), ("softmax", self.softmax), ("write", self.write)):
+                     ("apply", self.apply), ("softmax", self.softmax), ("write", self.write), ("alibi", self.alibi)):
             if v in LOOKALIKES.get(f, ()):
                 r.append("~" + v)
         if self.cform not in ("plain",) and self.cform not in LOOKALIKES["cform"]:
@@ -128,6 +137,8 @@ class Spec:
             r.append("logsumexp")
         if self.G > 1 and self.gqa in ("grouped", "expand"):
             r.append("gqa_" + self.gqa)
+        if self.alibi != "none" and self.alibi not in LOOKALIKES["alibi"]:
+            r.append("alibi_" + self.alibi)
         return r
 
     @property
@@ -238,12 +249,20 @@ def _norm_reach(d) -> None:
             d["bias"] = "index"
         if d["bias"] not in ("index", "paren", "unsqueeze"):
             d["factor"] = "none"
-    if d["factor"] != "none" and d["write"] in ("q_after", "k_after", "v_after", "c_mul", "c_tail"):
+    if d["factor"] != "none" and (d["write"] in ("q_after", "k_after", "v_after", "c_mul", "c_tail")
+                                  or (d["write"] in MASK_WRITES and d["write_after_use"])):
         d["write"] = "none"    # a parameter makes the graph need grad: a write into a saved tensor fails under any backend
     if d["apply"] in ("set_ellipsis", "set_slices") and d["padding"]:
         d["apply"] = "mf_not"
     if d["gate"] == "arbitrary" and d["bias"] in ("arbitrary", "none"):
         d["gate"] = "logsigmoid"
+    _norm_alibi(d)
+
+
+def _norm_alibi(d) -> None:
+    """ALiBi terms go on 4-D logits (not the HF style, baddbmm's 3-D bias or the grouped 5-D einsum)."""
+    if d["style"] == "hf" or d["product"] == "baddbmm_bias" or (d["gqa"] == "grouped" and d["G"] > 1):
+        d["alibi"] = "none"
 
 
 @st.composite
@@ -277,6 +296,7 @@ def specs(draw, *, max_T=40, max_B=2, max_Hkv=2, max_D=16):
         cleanup=draw(st.sampled_from(CLEANUPS[:1] * 4 + CLEANUPS)),
         factor=draw(st.sampled_from(FACTORS[:1] * 4 + FACTORS)),
         style=draw(st.sampled_from(["plain"] * 7 + ["hf"])),
+        alibi=draw(st.sampled_from(ALIBIS[:1] * 8 + ALIBIS[1:])),
     )
     return _norm(spec)
 
@@ -368,6 +388,7 @@ def render(spec: Spec) -> str:
 
     if hf:
         return _render_hf(s, L, ci, cj)
+    alibi = _alibi_expr(s, add)
 
     # keep mask (Tq, Tk)
     need_mask = s.apply != "none"
@@ -414,6 +435,8 @@ def render(spec: Spec) -> str:
             am = f"({be}).masked_fill(~{K}, float('-inf'))" if be else f"torch.zeros({K}.shape).masked_fill(~{K}, float('-inf'))"
         else:
             am = f"torch.where({K}, {be}, float('-inf'))" if be else f"torch.where({K}, 0.0, float('-inf'))"
+        if alibi is not None:
+            am = f"({am}) + {alibi}" if am is not None else alibi
         if am is not None:
             add(f"am = {am}")
             if s.write == "sdpa_mask_col":
@@ -481,6 +504,8 @@ def render(spec: Spec) -> str:
         elif s.bias == "inplace":
             add(f"s += {ci}")
             add(f"s -= {cj}")
+        if alibi is not None and bias_in_logits:
+            add(f"s = s + {alibi}")
         if s.factor == "temp":
             add("s = s / self.temperature")
         ninf = "float('-inf')"
@@ -545,6 +570,25 @@ def render(spec: Spec) -> str:
     return _finish(s, L)
 
 
+def _alibi_expr(s: Spec, add) -> str | None:
+    """The ALiBi / static decay term over (Tq, Tk) with the queries the last Tq positions; None without one."""
+    if s.alibi == "none":
+        return None
+    add("pos_k = torch.arange(Tk)")
+    add("pos_q = torch.arange(Tq) + (Tk - Tq)")
+    W = "self.window" if s.size_from == "attr" else str(s.W)
+    return {
+        "two_sided": "self.slopes[:, None, None] * (pos_k[None, :] - pos_q[:, None])",
+        "neg_abs": "-self.slopes.view(1, -1, 1, 1) * (pos_q[:, None] - pos_k[None, :]).abs()",
+        "key_only": "self.slopes.view(1, -1, 1, 1) * pos_k.view(1, 1, 1, Tk)",
+        "mpt": "torch.arange(1 - Tk, 1).view(1, 1, 1, Tk) * self.slopes.view(1, -1, 1, 1)",
+        "bias_buffer": "self.alibi[:, Tk - Tq:Tk, :Tk]",
+        "clamp_window": f"self.slopes[:, None, None] * (pos_k[None, :] - pos_q[:, None]).clamp(min=-{W})",
+        "log_distance": "-torch.log1p((pos_q[:, None] - pos_k[None, :]).abs().float())",
+        "slope_per_row": "(pos_k[None, :] - pos_q[:, None]) * (0.5 + pos_q[:, None] / Tk)",
+    }[s.alibi]
+
+
 def _cleanup(s: Spec, add, p="p") -> None:
     if s.cleanup == "nan_to_num":
         add(f"{p} = torch.nan_to_num({p})")
@@ -600,7 +644,10 @@ def _finish(s: Spec, L: list) -> str:
         f"        self.scaling = {s.D} ** -0.5\n"
         "        self.attention_dropout = 0.0\n"
         f"        self.alpha = torch.nn.Parameter(torch.linspace(0.5, 1.5, {Hq}))\n"
-        f"        self.temperature = torch.nn.Parameter(torch.linspace(0.7, 1.3, {Hq}).view(1, {Hq}, 1, 1))\n\n"
+        f"        self.temperature = torch.nn.Parameter(torch.linspace(0.7, 1.3, {Hq}).view(1, {Hq}, 1, 1))\n"
+        f"        self.register_buffer('slopes', torch.tensor([2.0 ** (-8.0 / {Hq} * (h + 1)) for h in range({Hq})]))\n"
+        "        pos = torch.arange(64)\n"
+        "        self.register_buffer('alibi', -self.slopes[:, None, None] * (pos[:, None] - pos[None, :]).abs())\n\n"
         f"    def forward(self, {args}):\n{body}\n"
     )
 
@@ -662,9 +709,12 @@ def calls_for(spec: Spec, seed: int = 0):
 def expect_rewrite(spec: Spec) -> bool:
     """A reach positive on otherwise plain choices: the pass must rewrite it (issue #11), not only stay correct."""
     s = spec
+    biases = ("index", "paren", "unsqueeze", "steps", "inplace") + (("none",) if s.alibi != "none" else ())
     return (bool(s.reach) and not any(r.startswith("~") for r in s.reach)
             and s.write in ("none", "unrelated") and s.variant == "causal" and not s.padding
-            and s.bias in ("index", "paren", "unsqueeze", "steps", "inplace") and s.apply != "none")
+            and s.alibi != "clamp_window"                    # the size guard decides (active past the window)
+            and (s.alibi == "none" or s.product in ("at", "matmul", "einsum", "sdpa"))   # bmm/baddbmm: 3-D views
+            and s.bias in biases and s.apply != "none")
 
 
 def category(spec: Spec) -> str:
