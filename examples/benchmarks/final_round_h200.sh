@@ -32,7 +32,8 @@ bench() {   # tag, T list, variants...; then env assignments after --
 for what in "$@"; do
     step "$what"
     case "$what" in
-        suite) timeout ${SUITE_S:-220} python3 -m pytest tests/gpu -q -p no:cacheprovider -n ${SUITE_WORKERS:-4} --durations=10 \
+        suite) timeout ${SUITE_S:-220} python3 -m pytest tests/gpu -v -rfE --tb=line -p no:cacheprovider -p no:benchmark \
+                   -n ${SUITE_WORKERS:-4} --durations=10 \
                    > "$OUT/gpu_tests.txt" 2>&1; echo "suite rc $?" | tee -a "$OUT/steps.log"; tail -25 "$OUT/gpu_tests.txt" ;;
         retest) timeout ${SUITE_S:-200} python3 -m pytest ${RETEST} -q -p no:cacheprovider -n ${SUITE_WORKERS:-4} \
                    > "$OUT/gpu_retest.txt" 2>&1; echo "retest rc $?" | tee -a "$OUT/steps.log"; tail -25 "$OUT/gpu_retest.txt" ;;

@@ -68,8 +68,10 @@ def run(args, T, mode, device):
     fwd = model if mode == "eager" else torch.compile(model, backend="acp")
 
     def step(ids):
+        # their model returns the per-token loss (reduction="none") and does not shift the labels
+        labels = torch.roll(ids, -1, dims=1)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = fwd(input_ids=ids, labels=ids).loss
+            loss = fwd(input_ids=ids, labels=labels).loss.float().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
