@@ -34,6 +34,8 @@ from acp_compile.kernels.fox_triton.configs import padded_head_dim
 
 MAX_DECODE_QUERIES = 16
 BLOCK_N = 64
+BLOCKS_PER_SPLIT = 16         # key blocks one program walks at most (default_splits)
+MAX_SPLITS = 1024
 
 
 @triton.jit
@@ -114,36 +116,45 @@ def fox_decode_combine_kernel(
     M_IN, L_IN, ACC, O, LSE,
     so_b, so_h, so_t, so_d,
     Hq, Tq, S,
-    HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, S_PAD: tl.constexpr, S_CHUNK: tl.constexpr,
 ):
-    """One program per row (b, h, t): o = sum_s 2^(M_s - M) ACC_s / sum_s 2^(M_s - M) L_s."""
+    """One program per row (b, h, t): o = sum_s 2^(M_s - M) ACC_s / sum_s 2^(M_s - M) L_s, over the S
+    partials in chunks of S_CHUNK (the accumulators of all splits need not fit in registers at once)."""
     row = tl.program_id(0).to(tl.int64)
     b = row // (Hq * Tq)
     h = (row // Tq) % Hq
     t = row % Tq
     offs_s = tl.arange(0, S_PAD)
-    s_ok = offs_s < S
-    m = tl.load(M_IN + row * S + offs_s, mask=s_ok, other=float("-inf"))
-    l_s = tl.load(L_IN + row * S + offs_s, mask=s_ok, other=0.0)
-    m_max = tl.max(m, axis=0)
+    m_all = tl.load(M_IN + row * S + offs_s, mask=offs_s < S, other=float("-inf"))
+    m_max = tl.max(m_all, axis=0)
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.math.exp2(m - m_safe)                                              # (S,)
     offs_dv = tl.arange(0, DV_PAD)
-    acc = tl.load(ACC + (row * S + offs_s)[:, None] * DV_PAD + offs_dv[None, :], mask=s_ok[:, None], other=0.0)
-    num = tl.sum(acc * w[:, None], axis=0)                                   # (DV_PAD,)
-    den = tl.sum(l_s * w, axis=0)
-    tl.store(O + b * so_b + h * so_h + t * so_t + offs_dv * so_d, (num / den).to(O.dtype.element_ty),
+    num = tl.zeros((DV_PAD,), tl.float32)
+    den = tl.zeros((S_CHUNK,), tl.float32)
+    for s0 in range(0, S, S_CHUNK):
+        offs_c = s0 + tl.arange(0, S_CHUNK)
+        ok = offs_c < S
+        m = tl.load(M_IN + row * S + offs_c, mask=ok, other=float("-inf"))
+        w = tl.math.exp2(m - m_safe)                                          # (S_CHUNK,)
+        den += tl.load(L_IN + row * S + offs_c, mask=ok, other=0.0) * w
+        acc = tl.load(ACC + (row * S + offs_c)[:, None] * DV_PAD + offs_dv[None, :], mask=ok[:, None], other=0.0)
+        num += tl.sum(acc * w[:, None], axis=0)
+    total = tl.sum(den, axis=0)
+    tl.store(O + b * so_b + h * so_h + t * so_t + offs_dv * so_d, (num / total).to(O.dtype.element_ty),
              mask=offs_dv < HEAD_DIM_V)
-    tl.store(LSE + row, (m_safe + tl.math.log2(den)) * LN2)
+    tl.store(LSE + row, (m_safe + tl.math.log2(total)) * LN2)
 
 
 def default_splits(B: int, Hkv: int, Tk: int, device: torch.device) -> int:
-    """Splits of the keys per kv head: about four programs per SM over the whole grid, each with at
-    least four key blocks."""
+    """Splits of the keys per kv head: enough programs to fill the GPU (about four per SM over the grid)
+    and at most about BLOCKS_PER_SPLIT key blocks per program, so that when pruning leaves only a few
+    heads' work (the global ones) it is still spread over many programs instead of walking long splits
+    one block after the other."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = max(1, (4 * sms) // max(1, B * Hkv))
-    most = max(1, Tk // (4 * BLOCK_N))
-    return int(min(want, most, 128))
+    blocks = triton.cdiv(Tk, BLOCK_N)
+    fill = triton.cdiv(4 * sms, max(1, B * Hkv))
+    short = triton.cdiv(blocks, BLOCKS_PER_SPLIT)
+    return int(max(1, min(max(fill, short), blocks, MAX_SPLITS)))
 
 
 def decode(q, k, v, c, sm_scale: float, delta=None, splits: int | None = None):
@@ -176,5 +187,6 @@ def decode(q, k, v, c, sm_scale: float, delta=None, splits: int | None = None):
     fox_decode_combine_kernel[(B * Hq * Tq,)](
         m_part, l_part, acc, o, lse, *o.stride(), Hq, Tq, S,
         HEAD_DIM_V=Dv, DV_PAD=dv_pad, S_PAD=max(2, triton.next_power_of_2(S)),
+        S_CHUNK=min(16, max(2, triton.next_power_of_2(S))),
     )
     return o, lse

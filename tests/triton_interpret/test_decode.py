@@ -44,6 +44,14 @@ def test_dense_matches_the_fp64_reference(Tq, Hq, Hkv, Tk, D, Dv):
     torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=2e-3)      # TF32 dots
 
 
+@pytest.mark.parametrize("splits", [None, 21])
+def test_many_splits_merge_in_chunks(splits):
+    """More splits than the combine kernel holds at once (16): the merge walks them in chunks."""
+    q, k, v, c = cache(Tq=2, Hq=2, Hkv=1, Tk=1500, D=16, seed=6)
+    got = acp_compile.fox_decode(q, k, v, c, log_eps=None, splits=splits)
+    torch.testing.assert_close(got.double(), reference(q, k, v, c), atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.parametrize("splits", [1, 4])
 def test_pruned_rows_keep_the_eps_bound(splits):
     q, k, v, c = cache(Tq=2, Tk=400, rate=0.5, seed=3)
