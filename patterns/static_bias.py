@@ -122,8 +122,13 @@ def _kinds(ctx: MatchContext, terms: list) -> dict:
 
 def is_static(ctx: MatchContext, terms: list) -> bool:
     """The terms read sizes, constants and module state only (no per-call tensor's values): their exact
-    values can be proven and guarded."""
-    return all(k not in ("data", "get_attr") for k in _kinds(ctx, terms).values())
+    values can be proven and guarded. A term whose producers are too many to walk (a gate computed from
+    the previous layers of a whole-model graph) is not static: it goes to the per-call group, whose
+    stand-in proof does not walk its producers."""
+    try:
+        return all(k not in ("data", "get_attr") for k in _kinds(ctx, terms).values())
+    except NotProven:
+        return False
 
 
 def prove_static(ctx: MatchContext, terms: list, check: Callable[[list], None], what: str) -> list:
