@@ -89,6 +89,8 @@ def _probability_step(cur: fx.Node, ctx: MatchContext):
                 and use.args[1] is test and _is_zero(use.args[2]) and len(others) == 2 and use in others:
             (nxt,) = [u for u in others if u is not use]
             if ctx.position[test] < ctx.position[use] < ctx.position[nxt]:
+                if any(gu.is_op(nxt, m) for m in _MATMULS) and nxt.args and nxt.args[0] is cur:
+                    return _ChainEnd(nxt, [test, use])     # the cleaned probabilities go straight into @ v
                 return nxt, [test, use]
     if any(gu.is_op(u, m) for u in users for m in _MATMULS):
         return "the attention probabilities are also used elsewhere"
@@ -111,6 +113,14 @@ def _first_within(start: fx.Node, neighbours, hops: int, hit):
                 nxt.append(m)
         frontier = nxt
     return None
+
+
+class _ChainEnd(tuple):
+    """_probability_step's answer when the chain ends at the current node after an in-place clean-up
+    whose helpers it consumed: (the product that reads it, the helpers)."""
+
+    def __new__(cls, product: fx.Node, helpers: list):
+        return super().__new__(cls, (product, helpers))
 
 
 def _over_a_product(softmax: fx.Node) -> bool:
@@ -208,6 +218,10 @@ class SoftmaxMatmulAnchor:
                 break
             if isinstance(step, str):
                 return NearMiss(self.name, node.name, step)
+            if isinstance(step, _ChainEnd):
+                u, helpers = step
+                chain.extend(helpers)
+                break
             cur, helpers = step
             chain.extend(helpers)
             chain.append(cur)

@@ -11,7 +11,7 @@ REWRITTEN = [
     "two_views_transpose", "two_views_einops", "prefill_with_cache", "setitem_mask_ellipsis", "setitem_mask_slices",
     "authors_reference_style", "nan_to_num_after_softmax", "where_isnan_after_softmax", "baddbmm_bias",
     "gpt2_finfo_tensor_fill", "exp_minus_logsumexp", "hf_eager_attention", "per_head_alpha", "per_head_temperature",
-    "gqa_grouped_einsum", "baddbmm_expanded_bias",
+    "gqa_grouped_einsum", "baddbmm_expanded_bias", "clone_setitem_cleanup_into_product",
 ]
 LEFT_ALONE = [
     "two_views_shifted", "cache_queries_from_start", "separate_gates", "clamped_decay", "small_probs_zeroed",
