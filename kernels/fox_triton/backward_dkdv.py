@@ -44,7 +44,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from acp_compile.kernels.fox_triton.common import LOG2E, load_rows, store_rows
+from acp_compile.kernels.fox_triton.common import LOG2E, launch_owns, load_rows, store_rows
 
 
 @triton.jit
@@ -163,12 +163,7 @@ def _dkdv_program(
         c_g = c_g.to(tl.float32)
         span = tl.maximum(span, tl.max(c_g, axis=0) - tl.min(c_g, axis=0))
     span = tl.max(span, axis=0)
-    is_exact = 1 - (span <= C_SPAN_LIMIT).to(tl.int32)                # NaN: exact
-    if EXACT_C:
-        mine = is_exact == 1
-    else:
-        mine = is_exact == 0
-    store_ok = (col_ok.to(tl.int32) * mine.to(tl.int32)) != 0
+    mine, store_ok = launch_owns(span, col_ok, C_SPAN_LIMIT, EXACT_C)
     if EXACT_C:
         # The exact launch is idle for almost every program (W1: all); masking its k, v loads by the
         # mode keeps its idle programs from reading them (0.18 ms at W1 16k unmasked). The one-FMA

@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from acp_compile.kernels.fox_triton.common import LOG2E, load_rows, store_rows
+from acp_compile.kernels.fox_triton.common import LOG2E, launch_owns, load_rows, store_rows
 
 
 @triton.jit
@@ -128,12 +128,7 @@ def _dq_program(
         c_q = tl.load(Cbh + pos_q * sc_t, mask=row_ok, other=c_ref).to(tl.float32)
     # This launch handles the programs of its mode only (configs.C_SPAN_LIMIT): the other launch does
     # the rest, so neither kernel carries a branch around its pipelined loops. A NaN spread is exact.
-    is_exact = 1 - ((tl.max(c_q, axis=0) - tl.min(c_q, axis=0)) <= C_SPAN_LIMIT).to(tl.int32)   # NaN: exact
-    if EXACT_C:
-        mine = is_exact == 1
-    else:
-        mine = is_exact == 0
-    store_ok = (row_ok.to(tl.int32) * mine.to(tl.int32)) != 0
+    mine, store_ok = launch_owns(tl.max(c_q, axis=0) - tl.min(c_q, axis=0), row_ok, C_SPAN_LIMIT, EXACT_C)
     if EXACT_C:
         # idle programs of the exact launch read no q, do (see the dk/dv kernel for the measurements)
         q = load_rows(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :] * sq_d,

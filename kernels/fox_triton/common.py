@@ -37,3 +37,17 @@ def store_rows(ptrs, x, row_ok, offs_d, ROWS_EVEN: tl.constexpr, HEAD_DIM: tl.co
         tl.store(ptrs, x, mask=row_ok[:, None])
     else:
         tl.store(ptrs, x, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def launch_owns(spread, ok, C_SPAN_LIMIT: tl.constexpr, EXACT_C: tl.constexpr):
+    """(mine, store_ok) of a backward program: its launch (one-FMA or exact form, backward.py) owns it
+    when c spreads by at most C_SPAN_LIMIT over the program's fixed block (one-FMA) or by more, or NaN
+    (exact); store_ok = ok & mine, per row or key of the block."""
+    is_exact = 1 - (spread <= C_SPAN_LIMIT).to(tl.int32)                  # NaN: exact
+    if EXACT_C:
+        mine = is_exact == 1
+    else:
+        mine = is_exact == 0
+    store_ok = (ok.to(tl.int32) * mine.to(tl.int32)) != 0
+    return mine, store_ok
