@@ -43,6 +43,8 @@ for what in "$@"; do
         decode) timeout 70 python3 examples/benchmarks/bench_decode.py --out "$OUT" > "$OUT/decode.log" 2>&1; tail -7 "$OUT/decode.log" ;;
         alibi) [ -f examples/benchmarks/bench_alibi.py ] && timeout ${ALIBI_S:-120} python3 examples/benchmarks/bench_alibi.py --out "$OUT" > "$OUT/alibi.log" 2>&1
                tail -8 "$OUT/alibi.log" ;;
+        packed) timeout ${PACKED_S:-120} python3 examples/benchmarks/bench_packed.py --out "$OUT" > "$OUT/packed.log" 2>&1
+                tail -12 "$OUT/packed.log" ;;
         authors) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
                    && PYTHONPATH=/tmp/site timeout ${AUTHORS_S:-150} python3 examples/benchmarks/fox_authors_model.py --src .fox_src/src \
                       --T 16384 --steps 8 --out "$OUT" > "$OUT/authors_model.log" 2>&1
