@@ -39,3 +39,13 @@ def covering_indices(keep_from: Tensor, Tk: int, block_m: int, block_n: int) -> 
     end.scatter_reduce_(-1, start.clamp(min=0, max=Nk), m_idx, reduce="amax")
     end = torch.cummax(end[..., :Nk], dim=-1).values
     return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous(), n_hi
+
+
+def whole_from(keep_from: Tensor, block_m: int, block_n: int) -> Tensor:
+    """whole (B, Hq, Mq) int32 contiguous: the first key block that every row of query block m keeps
+    whole, ceil(max_{i in m} keep_from[i] / block_n). Tiles (m, n) with n >= whole[m] hold no entry
+    j < keep_from[i], so the kernels skip the per-entry mask there (rows past Tq count as 0)."""
+    B, Hq, Tq = keep_from.shape
+    Mq = -(-Tq // block_m)
+    kf = torch.nn.functional.pad(keep_from.to(torch.int64), (0, Mq * block_m - Tq), value=0)
+    return ((kf.view(B, Hq, Mq, block_m).amax(dim=-1) + block_n - 1) // block_n).to(torch.int32).contiguous()

@@ -24,7 +24,8 @@ the same Delta the e_i cancel in the suffix sums except for rows that attend acr
 Which entries: the op hands the backward the kept set its forward recorded, keep_from (B, Hq, Tq)
 int32 (the first kept key of each row, either certificate). Each kernel then gets start/end for its
 own partition from kernels/recorded.py (every tile holding a kept entry, a few device ops, no host
-sync) and masks the entries j < keep_from[i] inside its tiles (RECORDED), so both kernels compute
+sync) and masks the entries j < keep_from[i] inside the tiles the boundary crosses (RECORDED; the
+tiles every row keeps whole, from recorded.whole_from on, skip that mask), so both kernels compute
 exactly the forward's kept set with the forward's lse, whatever the partitions: forward and backward
 agree on every skipped entry, and the gradient is the exact gradient of the forward's pruned attention.
 Without keep_from (a direct call) the paper plan is computed per partition, as described next; the
@@ -65,7 +66,7 @@ from acp_compile.kernels.fox_triton.backward_dkdv import fox_bwd_dkdv_kernel
 from acp_compile.kernels.fox_triton.backward_dq import fox_bwd_dq_kernel
 from acp_compile.kernels.fox_triton.common import LOG2E
 from acp_compile.kernels.fox_triton.configs import c_span_limit, padded_head_dim
-from acp_compile.kernels.recorded import covering_indices
+from acp_compile.kernels.recorded import covering_indices, whole_from
 from acp_compile.kernels.threshold import pruning_enabled
 
 MAX_HEAD_DIM = 256
@@ -214,10 +215,11 @@ def preprocess(do, o, lse, block_m: int = 64):
 
 
 def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: float, cfg: BackwardConfig,
-                exact: bool = False, seg=None, keep_from=None):
+                exact: bool = False, seg=None, keep_from=None, whole=None):
     """dk (B, Hkv, Tk, D), dv (B, Hkv, Tk, Dv) and dc (B, Hq, Tk) fp32, written in place. start/end None: dense.
     keep_from (B, Hq, Tq) int32 contiguous: the forward's recorded kept set, masked per entry (with start/end
-    from kernels/recorded.py for this partition).
+    from kernels/recorded.py for this partition); whole: recorded.whole_from for this partition (computed
+    here when not given).
     Returns Triton's launch handle (its n_regs / n_spills are read by the tuning script)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -226,15 +228,18 @@ def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: fl
     prune = start is not None
     kv_arg, lo_arg = (seg.key_valid.view(torch.uint8), seg.lo) if seg is not None else (delta, delta)
     grid = _persistent_grid(B * Hkv * Nk, q.device) if exact else (B * Hkv, Nk)
+    recorded = prune and keep_from is not None
+    if recorded and whole is None:
+        whole = whole_from(keep_from, bm, bn)
     return fox_bwd_dkdv_kernel[grid](
         q, k, v, c, do, row, delta, start if prune else delta, end if prune else delta,
-        keep_from if keep_from is not None else delta, dk, dv, dc, kv_arg, lo_arg,
+        keep_from if keep_from is not None else delta, whole if recorded else delta, dk, dv, dc, kv_arg, lo_arg,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dk.stride(), *dv.stride(), *dc.stride(),
         Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, sm_scale * LOG2E.value, B * Hkv,
         GROUP=Hq // Hkv, PRUNE=prune, DOT_PRECISION=_dot_precision(q.dtype), HEAD_DIM=D,
         EVEN_M=(Tq % bm == 0), EVEN_N=(Tk % bn == 0), BLOCK_M=bm, BLOCK_N=bn, D_PAD=padded_head_dim(D),
         HEAD_DIM_V=v.shape[3], DV_PAD=padded_head_dim(v.shape[3]), C_SPAN_LIMIT=c_span_limit(), EXACT_C=exact,
-        HAS_SEG=seg is not None, RECORDED=prune and keep_from is not None, PERSISTENT=exact,
+        HAS_SEG=seg is not None, RECORDED=recorded, PERSISTENT=exact,
         num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )
 
@@ -303,12 +308,13 @@ def _backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps, u_bound, cfg: Ba
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dc = torch.empty_like(c, dtype=torch.float32)
     delta, row = preprocess(do, o, lse, cfg.pre_block_m)
-    kv_start = kv_end = q_start = None
+    kv_start = kv_end = q_start = whole = None
     if keep_from is not None:                   # the forward's recorded set, in each kernel's partition
         Tk = k.shape[2]
         keep_from = keep_from.to(torch.int32).contiguous()
         kv_start, kv_end, _ = covering_indices(keep_from, Tk, cfg.kv_block_m, cfg.kv_block_n)
         q_start, _, _ = covering_indices(keep_from, Tk, cfg.q_block_m, cfg.q_block_n)
+        whole = whole_from(keep_from, cfg.kv_block_m, cfg.kv_block_n)
     elif pruning_enabled(log_eps) or seg is not None:     # segments: skip other documents' tiles even dense
         kv_start, kv_end = plan_indices(q, k, c, sm_scale, log_eps, u_bound, cfg.kv_block_m, cfg.kv_block_n, seg)
         if cfg.shares_plan:
@@ -321,7 +327,8 @@ def _backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps, u_bound, cfg: Ba
     # launch would be idle and is not made.
     forms = (True,) if c_span_limit() < 0 else (False, True)
     for exact in forms:
-        launch_dkdv(q, k, v, c, do, row, delta, kv_start, kv_end, dk, dv, dc, sm_scale, cfg, exact, seg, keep_from)
+        launch_dkdv(q, k, v, c, do, row, delta, kv_start, kv_end, dk, dv, dc, sm_scale, cfg, exact, seg, keep_from,
+                    whole)
     for exact in forms:                                   # after dk/dv: dq adds the row term to dc
         launch_dq(q, k, v, c, do, row, delta, q_start, dq, dc, sm_scale, cfg, exact, seg, keep_from)
     return dq, dk, dv, dc if c.dtype == torch.float32 else dc.to(c.dtype)

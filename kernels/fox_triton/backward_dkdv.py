@@ -37,6 +37,8 @@ Tq % BLOCK_M == 0 and Tk % BLOCK_N == 0 (no row masks), GQA group, pruning on or
 Recorded kept set (RECORDED, with PRUNE; kernels/recorded.py): KEEP (B, Hq, Tq) int32 holds the first
 kept key of each row as the forward recorded it; start and end come from it for this kernel's partition,
 and every entry j < KEEP[i] is masked (p = 0), so the kernel computes exactly the forward's kept set.
+WHOLE (B, Hq, Mq) int32: the first key block that every row of query block m keeps whole; only the
+tiles below it (those the boundary crosses, one or two per query block) load KEEP and mask per entry.
 Offsets: batch and head offsets are int64, so B * H * T * D above 2**31 works.
 """
 from __future__ import annotations
@@ -50,7 +52,7 @@ from acp_compile.kernels.fox_triton.common import LOG2E, launch_owns, load_rows,
 @triton.jit
 def _dkdv_tiles(
     dk, dv, dc, k, v, c_k, c_ref, offs_n, n,
-    Q, DO, C, LSE2, DELTA, START, KEEP,
+    Q, DO, C, LSE2, DELTA, START, KEEP, WHOLE,
     sq_t, sq_d, sdo_t, sdo_d, sc_t,
     m_lo, m_hi, Tq, q_shift, qk_scale,
     PRUNE: tl.constexpr, RECORDED: tl.constexpr, MASKED: tl.constexpr, EVEN_M: tl.constexpr, EXACT_C: tl.constexpr,
@@ -96,8 +98,9 @@ def _dkdv_tiles(
             lo_q = tl.load(LO + offs_m + q_shift, mask=row_ok, other=0)       # (BM,)
             sT = tl.where(kv_ok[:, None] & (offs_n[:, None] >= lo_q[None, :]), sT, float("-inf"))
         if RECORDED:                                            # keys the forward did not keep
-            keep_from = tl.load(KEEP + offs_m, mask=row_ok, other=0)           # (BM,) int32
-            sT = tl.where(offs_n[:, None] >= keep_from[None, :], sT, float("-inf"))
+            if tl.load(WHOLE + m) > n:                          # only a tile the boundary crosses
+                keep_from = tl.load(KEEP + offs_m, mask=row_ok, other=0)       # (BM,) int32
+                sT = tl.where(offs_n[:, None] >= keep_from[None, :], sT, float("-inf"))
         pT = tl.math.exp2(sT)                                                # (BN, BM)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)        # (BN, BM)
@@ -110,7 +113,7 @@ def _dkdv_tiles(
 @triton.jit
 def _dkdv_program(
     bhk, n,
-    Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, DK, DV, DC, KV, LO,
+    Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, DK, DV, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -196,14 +199,14 @@ def _dkdv_program(
             c_k = (c_k - c_ref) * LOG2E                         # (BN,) log2 units
         dk, dv, dc = _dkdv_tiles(
             dk, dv, dc, k, v, c_k, c_ref, offs_n, n, Qbh, DObh, Cbh, LSE2 + bh * Tq, DELTA + bh * Tq,
-            START + bh * Mq, KEEP + bh * Tq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_lo, m_mid, Tq, q_shift,
+            START + bh * Mq, KEEP + bh * Tq, WHOLE + bh * Mq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_lo, m_mid, Tq, q_shift,
             qk_scale, PRUNE=PRUNE, RECORDED=RECORDED, MASKED=True, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
             HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
             kv_ok=kv_ok, LO=lo_b, HAS_SEG=HAS_SEG,
         )
         dk, dv, dc = _dkdv_tiles(
             dk, dv, dc, k, v, c_k, c_ref, offs_n, n, Qbh, DObh, Cbh, LSE2 + bh * Tq, DELTA + bh * Tq,
-            START + bh * Mq, KEEP + bh * Tq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_mid, m_end, Tq, q_shift,
+            START + bh * Mq, KEEP + bh * Tq, WHOLE + bh * Mq, sq_t, sq_d, sdo_t, sdo_d, sc_t, m_mid, m_end, Tq, q_shift,
             qk_scale, PRUNE=PRUNE, RECORDED=RECORDED, MASKED=False, EVEN_M=EVEN_M, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION,
             HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
             kv_ok=kv_ok, LO=lo_b, HAS_SEG=HAS_SEG,
@@ -219,7 +222,7 @@ def _dkdv_program(
 
 @triton.jit
 def fox_bwd_dkdv_kernel(
-    Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, DK, DV, DC, KV, LO,
+    Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, DK, DV, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -241,7 +244,7 @@ def fox_bwd_dkdv_kernel(
         for t in range(tl.program_id(0), BHK * Nk, tl.num_programs(0)):
             _dkdv_program(
                 t % BHK, t // BHK,
-                Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
+                Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
                 sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t, sdo_b, sdo_h, sdo_t, sdo_d, sdk_b,
                 sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d, sdc_b, sdc_h, sdc_t, Hq, Hkv, Tq, Tk, Mq, Nk,
                 sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N,
@@ -250,7 +253,7 @@ def fox_bwd_dkdv_kernel(
     else:
         _dkdv_program(
             tl.program_id(0), tl.program_id(1),
-            Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
+            Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
             sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t, sdo_b, sdo_h, sdo_t, sdo_d, sdk_b,
             sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d, sdc_b, sdc_h, sdc_t, Hq, Hkv, Tq, Tk, Mq, Nk,
             sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N,

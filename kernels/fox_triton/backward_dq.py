@@ -23,6 +23,8 @@ Shapes: q, k, dq (., D) with HEAD_DIM = D padded to D_PAD; v, do (., Dv) with HE
 DV_PAD (Dv may differ from D). Recorded kept set (RECORDED, with PRUNE; kernels/recorded.py): KEEP (B, Hq, Tq) int32 holds the first
 kept key of each row as the forward recorded it; start comes from it for this kernel's partition, and
 every entry j < KEEP[i] is masked (p = 0), so the kernel computes exactly the forward's kept set.
+Only the key blocks below n_whole = ceil(max_i KEEP[i] / BLOCK_N) (the one or two the boundary crosses)
+carry that mask; the full tiles from n_whole on are kept whole by every row and run without it.
 Offsets: batch and head offsets are int64.
 """
 from __future__ import annotations
@@ -153,8 +155,11 @@ def _dq_program(
         lo_q = 0
     if RECORDED:
         keep_from = tl.load(KEEP + bh64 * Tq + offs_m, mask=row_ok, other=0)   # (BM,) int32
+        # key blocks from n_whole on are kept whole by every row: no per-entry mask there
+        n_whole = tl.minimum(tl.maximum((tl.max(keep_from, axis=0) + BLOCK_N - 1) // BLOCK_N, n_start), n_full)
     else:
         keep_from = tl.zeros((BLOCK_M,), tl.int32)
+        n_whole = n_start
     Kb = K + b * sk_b + hk * sk_h
     Vb = V + b * sv_b + hk * sv_h
     dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
@@ -163,8 +168,14 @@ def _dq_program(
         r = c_q
     else:
         r = (c_q - c_ref) * LOG2E - lse2                       # (BM,) row term, log2 units
+    if RECORDED:                                           # the one or two tiles the boundary crosses
+        dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, sk_t, sk_d,
+                           sv_t, sv_d, sc_t, n_start, n_whole, Tk, qk_scale, keep_from, RECORDED=True, MASKED=False,
+                           KEYS_EVEN=True, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
+                           BLOCK_N=BLOCK_N, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
+                           KVb=KVb, lo_q=lo_q, HAS_SEG=HAS_SEG)
     dq, rs = _dq_tiles(dq, rs, q, do, r, lse2, delta, pos_q, Kb, Vb, Cbh, c_ref, sk_t, sk_d,
-                       sv_t, sv_d, sc_t, n_start, n_full, Tk, qk_scale, keep_from, RECORDED=RECORDED, MASKED=False,
+                       sv_t, sv_d, sc_t, n_whole, n_full, Tk, qk_scale, keep_from, RECORDED=False, MASKED=False,
                        KEYS_EVEN=True, EXACT_C=EXACT_C, DOT_PRECISION=DOT_PRECISION, HEAD_DIM=HEAD_DIM,
                        BLOCK_N=BLOCK_N, D_PAD=D_PAD, HEAD_DIM_V=HEAD_DIM_V, DV_PAD=DV_PAD,
                        KVb=KVb, lo_q=lo_q, HAS_SEG=HAS_SEG)
