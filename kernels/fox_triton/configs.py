@@ -33,6 +33,7 @@ class FwdConfig:
     tma: bool = False     # tensor-descriptor (TMA) loads/stores where the GPU and the strides allow
     heads_fastest: bool = False   # launch order: grid (B * Hq, Mq) instead of (Mq, Hq, B)
     newest_first: bool = False    # visit key blocks from the diagonal back instead of from start[m]
+    cert_chunk: int = 1           # online certificate: key blocks visited between two stop tests
 
 
 # (padded head dim upper bound, element bytes) -> config; the first row whose bound >= D_PAD wins.
@@ -116,3 +117,13 @@ C_SPAN_LIMIT = 16.0
 def c_span_limit() -> float:
     value = os.environ.get("ACP_C_SPAN_LIMIT")
     return C_SPAN_LIMIT if value is None else float(value)
+
+
+def cert_chunk(config: FwdConfig) -> int:
+    """Key blocks the certified forward visits between two stop tests: config.cert_chunk, or the
+    ACP_CERT_CHUNK environment variable (a positive int; for measurements)."""
+    value = os.environ.get("ACP_CERT_CHUNK")
+    chunk = config.cert_chunk if value is None else int(value)
+    if chunk < 1:
+        raise ValueError(f"ACP_CERT_CHUNK must be a positive int, got {value!r}")
+    return chunk

@@ -37,7 +37,7 @@ Online certificate (CERT=True, DESIGN.md 1.1; fox_triton/certificate.py holds th
   A (B, Hq, Tq) fp32 a_i = scale ||q_i||, AHI (B, Hq) its max, CMIN, PHI (B, Hq, Nk) fp32 prefixes
   (kernels/certificate.py). The program visits the diagonal tiles [n_full, n_hi] newest first, then
   key blocks n_full - 1, n_full - 2, ... while cert_must_visit(n) (a `while` on a per-program
-  scalar), and stores the boundary where it stopped, n, into START (B, Hq, Mq) int32 (an output here;
+  scalar, which tests after every CERT_CHUNK blocks: configs.cert_chunk), and stores the boundary where it stopped, n, into START (B, Hq, Mq) int32 (an output here;
   an input when PRUNE). The visiting order is newest first whatever config.newest_first says.
 
 Compile-time specialisation: head dims D, Dv and their power-of-two paddings, dtype (through the pointers),
@@ -55,7 +55,7 @@ from torch import Tensor
 from acp_compile.kernels.certificate import CertStats, cert_stats, keep_from_rows
 from acp_compile.kernels.fox_triton.certificate import cert_must_visit
 from acp_compile.kernels.fox_triton.common import LN2, LOG2E
-from acp_compile.kernels.fox_triton.configs import FwdConfig, c_span_limit, forward_config, padded_head_dim
+from acp_compile.kernels.fox_triton.configs import FwdConfig, c_span_limit, cert_chunk, forward_config, padded_head_dim
 from acp_compile.kernels.fox_triton.plan import compute_plan, num_blocks
 from acp_compile.kernels.layout import empty_like_last
 from acp_compile.kernels.threshold import pruning_enabled
@@ -164,7 +164,7 @@ def _attend_certified(
     sk_t, sk_d, sv_t, sv_d, sc_t, row_c, cq, a_t, row_ok, CMIN_BH, PHI_BH, log_eps,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, EXACT_C: tl.constexpr,
-    kv_base, lo_q, HAS_SEG: tl.constexpr,
+    kv_base, lo_q, HAS_SEG: tl.constexpr, CERT_CHUNK: tl.constexpr,
 ):
     """Diagonal tiles newest first, then full key blocks newest first until the certificate holds;
     returns (acc, l_i, m_i, n) with n the first kept key block. row_c: the row term of lse (c[p_i] -
@@ -177,10 +177,14 @@ def _attend_certified(
     lse_vis = (m_i + tl.math.log2(l_i)) * LN2 + row_c
     go = cert_must_visit(n, a_t, cq, lse_vis, row_ok, CMIN_BH, PHI_BH, log_eps, BLOCK_N)
     while go:
-        n -= 1
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n, pos, c_ref,
-                                      qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V,
-                                      DV_PAD, BLOCK_N, False, USE_TMA, EXACT_C, kv_base, lo_q, HAS_SEG)
+        # CERT_CHUNK blocks per test: a `for` the compiler can pipeline (loads of the next tile issued
+        # while this one computes), at the price of at most CERT_CHUNK - 1 blocks past the stop point
+        steps = tl.minimum(n, CERT_CHUNK)
+        for i in range(0, steps):
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n - 1 - i, pos, c_ref,
+                                          qk_scale2, Tk, sk_t, sk_d, sv_t, sv_d, sc_t, HEAD_DIM, D_PAD, HEAD_DIM_V,
+                                          DV_PAD, BLOCK_N, False, USE_TMA, EXACT_C, kv_base, lo_q, HAS_SEG)
+        n -= steps
         lse_vis = (m_i + tl.math.log2(l_i)) * LN2 + row_c
         go = cert_must_visit(n, a_t, cq, lse_vis, row_ok, CMIN_BH, PHI_BH, log_eps, BLOCK_N)
     return acc, l_i, m_i, n
@@ -198,7 +202,7 @@ def _fox_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRUNE: tl.constexpr, EVEN_M: tl.constexpr, TQ_LT_TK: tl.constexpr,
     USE_TMA: tl.constexpr, HEADS_FASTEST: tl.constexpr, NEWEST_FIRST: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
-    HAS_SEG: tl.constexpr, CERT: tl.constexpr,
+    HAS_SEG: tl.constexpr, CERT: tl.constexpr, CERT_CHUNK: tl.constexpr,
 ):
     if HEADS_FASTEST:                             # grid (B * Hq, Mq): every head's heaviest block first
         bh = tl.program_id(0)
@@ -278,13 +282,13 @@ def _fox_fwd_kernel(
             acc, l_i, m_i, n_stop = _attend_certified(
                 acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n_full, n_hi, pos, cq, qk_scale2, Tk,
                 sk_t, sk_d, sv_t, sv_d, sc_t, row_c, cq, a_t, row_ok, CMIN + bh64 * Nk, PHI + bh64 * Nk, log_eps,
-                HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N, USE_TMA, True, kv_base, lo_q, HAS_SEG)
+                HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N, USE_TMA, True, kv_base, lo_q, HAS_SEG, CERT_CHUNK)
         else:
             row_c = cq - c_first
             acc, l_i, m_i, n_stop = _attend_certified(
                 acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, n_full, n_hi, pos, c_first, qk_scale2, Tk,
                 sk_t, sk_d, sv_t, sv_d, sc_t, row_c, cq, a_t, row_ok, CMIN + bh64 * Nk, PHI + bh64 * Nk, log_eps,
-                HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N, USE_TMA, False, kv_base, lo_q, HAS_SEG)
+                HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N, USE_TMA, False, kv_base, lo_q, HAS_SEG, CERT_CHUNK)
         tl.store(START + bh64 * Mq + m, n_stop.to(tl.int32))
     elif exact:
         acc, l_i, m_i = _attend_all(acc, l_i, m_i, q, k_src, v_src, b, hk, c_base, lo, n_full, n_diag, n_hi, pos, cq,
@@ -377,7 +381,7 @@ def launch_forward(
         Hq, Tq, Tk, Mq, nk, float(sm_scale) * LOG2E.value, float(log_eps if log_eps is not None else 0.0),
         GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=d_pad, HEAD_DIM_V=Dv, DV_PAD=dv_pad, BLOCK_M=bm, BLOCK_N=bn,
         PRUNE=prune, EVEN_M=(Tq % bm == 0), TQ_LT_TK=(Tq < Tk), USE_TMA=use_tma, HEADS_FASTEST=config.heads_fastest, NEWEST_FIRST=config.newest_first,
-        C_SPAN_LIMIT=c_span_limit(), HAS_SEG=seg is not None, CERT=cert is not None,
+        C_SPAN_LIMIT=c_span_limit(), HAS_SEG=seg is not None, CERT=cert is not None, CERT_CHUNK=cert_chunk(config),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return o, lse

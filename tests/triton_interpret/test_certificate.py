@@ -25,6 +25,7 @@ from helpers import default_scale, fox_inputs
 SMALL = FwdConfig(32, 16, 4, 1)
 TALL = FwdConfig(16, 32, 4, 1)
 TMA = FwdConfig(32, 16, 4, 1, True)     # tensor descriptors (the Hopper D = 128 rows use them)
+CHUNK = FwdConfig(32, 16, 4, 1, cert_chunk=2)     # stop test after every second key block
 MIXED = BackwardConfig(16, 32, 32, 16, 4, 1, 4, 1, 32)     # neither kernel's partition is the forward's
 TOL = {torch.float32: 3e-5, torch.float16: 4e-3}
 
@@ -61,7 +62,7 @@ def run_forward(q, k, v, c, log_eps, cfg):
 
 
 @pytest.mark.usefixtures("poison")
-@pytest.mark.parametrize("cfg", [SMALL, TALL, TMA], ids=["32x16", "16x32", "tma"])
+@pytest.mark.parametrize("cfg", [SMALL, TALL, TMA, CHUNK], ids=["32x16", "16x32", "tma", "chunk2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES, ids=lambda s: "B{}Hq{}Hkv{}Tq{}Tk{}D{}-{}-{}".format(*s))
 def test_forward_is_the_recorded_set_and_drops_at_most_eps(case, dtype, cfg):
