@@ -6,6 +6,7 @@ Mq = ceil(Tq / block_m) query blocks and Nk = ceil(Tk / block_n) key blocks; n_h
 of the last position of query block m.
   start[m] = min(n_hi(m), min_{i in m} keep_from[i] // block_n)       every tile holding a kept entry
   end[n]   = 1 + max{m : start[m] <= n}, 0 if none                      exclusive query bound of key block n
+             (= #{m : smin[m] <= n}, smin the suffix minimum of start: a sorted search, no scatter)
 When some m' keeps tile (m', n), the largest m with start[m] <= n is >= m' and keeps it too (n_hi grows
 with m), so end[n] is 1 + the last query block keeping n; when none does, end[n] is at most the first
 query block that reaches n, so a loop over [m_lo(n), end[n]) is empty. Query blocks below end[n] need
@@ -34,10 +35,12 @@ def covering_indices(keep_from: Tensor, Tk: int, block_m: int, block_n: int) -> 
     start = kf.view(B, Hq, Mq, block_m).amin(dim=-1) // block_n                       # (B, Hq, Mq)
     n_hi = causal_last_key_block(Tq, Tk, block_m, block_n, keep_from.device)
     start = torch.minimum(start, n_hi.to(torch.int64))                    # the diagonal is always kept
-    m_idx = torch.arange(1, Mq + 1, device=keep_from.device, dtype=torch.int64).expand(B, Hq, Mq)
-    end = torch.zeros((B, Hq, Nk + 1), dtype=torch.int64, device=keep_from.device)
-    end.scatter_reduce_(-1, start.clamp(min=0, max=Nk), m_idx, reduce="amax")
-    end = torch.cummax(end[..., :Nk], dim=-1).values
+    # end[n] = 1 + max{m : start[m] <= n}: with the suffix minimum smin[m] = min_{m' >= m} start[m']
+    # (non-decreasing in m) that is the number of m with smin[m] <= n, a sorted search. (A scatter-max
+    # into end[] cost 95 us at W1 16k on the H200: every query block of a head hits a few slots.)
+    smin = torch.flip(torch.cummin(torch.flip(start, dims=(-1,)), dim=-1).values, dims=(-1,)).contiguous()
+    ns = torch.arange(Nk, device=keep_from.device, dtype=torch.int64).expand(B, Hq, Nk).contiguous()
+    end = torch.searchsorted(smin, ns, right=True)
     return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous(), n_hi
 
 

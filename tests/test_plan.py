@@ -185,3 +185,21 @@ def test_covering_indices_visit_every_recorded_entry_in_any_partition(Tq, extra,
     assert not (tiles_needed & ~dq_view).any()
     assert not (tiles_needed & ~dkdv_view).any()
     assert (start >= 0).all() and (end <= Mq).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_covering_end_is_one_past_the_last_query_block_starting_at_or_before_each_key_block(seed):
+    """end[n] = 1 + max{m : start[m] <= n} (0 if none), checked by brute force on random kept sets."""
+    from acp_compile.kernels.recorded import covering_indices
+    g = torch.Generator().manual_seed(seed)
+    Tq = int(torch.randint(1, 90, (1,), generator=g))
+    Tk = Tq + int(torch.randint(0, 40, (1,), generator=g))
+    bm, bn = (8, 16, 32)[seed % 3], (16, 8, 32)[seed % 3]
+    pos = torch.arange(Tk - Tq, Tk)
+    keep_from = (torch.rand(2, 3, Tq, generator=g) * (pos + 1)).floor().to(torch.int32)
+    start, end, _ = covering_indices(keep_from, Tk, bm, bn)
+    for b in range(2):
+        for h in range(3):
+            for n in range(end.shape[-1]):
+                ms = [m for m in range(start.shape[-1]) if start[b, h, m] <= n]
+                assert end[b, h, n] == (1 + max(ms) if ms else 0), (b, h, n)

@@ -40,6 +40,23 @@ for what in "$@"; do
         bench) bench old 16384 ours_dense ours_acp30 ours_auto sdpa_cudnn --
                bench new "2048 16384" ours_dense ours_acp30 ours_auto ours_online ours_online_norms sdpa_cudnn --
                tail -3 "$OUT/bench.jsonl" | cut -c1-300 ;;
+        chunk) bench old 16384 ours_acp30 sdpa_cudnn --
+               bench new_c1 16384 ours_dense ours_acp30 ours_auto ours_online sdpa_cudnn -- ACP_CERT_CHUNK=1
+               bench new_c2 "2048 16384" ours_online sdpa_cudnn -- ACP_CERT_CHUNK=2
+               bench new_c4 "16384 32768" ours_online ours_acp30 sdpa_cudnn -- ACP_CERT_CHUNK=4
+               grep -h '"T": 16384' "$OUT/bench.jsonl" | cut -c1-250 ;;
+        profile) for var in ${PROFILE_VARIANTS:-ours_acp30}; do
+                   PYTHONPATH=/tmp/before_shim timeout 90 python3 examples/benchmarks/profile_attention.py --variant $var \
+                       --bench-dir .before/examples/benchmarks --tag old_$var >> "$OUT/profile.jsonl" 2>"$OUT/profile_old.err"
+                   timeout 90 python3 examples/benchmarks/profile_attention.py --variant $var --tag new_$var \
+                       >> "$OUT/profile.jsonl" 2>"$OUT/profile_new.err"
+                   timeout 90 python3 examples/benchmarks/profile_attention.py --variant $var --tag norec_$var --no-recorded \
+                       >> "$OUT/profile.jsonl" 2>"$OUT/profile_norec.err"
+               done
+               grep -v 'at::native\|Memcpy' "$OUT/profile.jsonl" | cut -c1-260 ;;
+        host) timeout 120 python3 examples/benchmarks/bench_host_overhead.py --profile > "$OUT/host_overhead.txt" 2>&1
+              timeout 60 python3 -m pytest tests/gpu/test_gpu_no_host_sync.py -q -p no:cacheprovider --tb=short > "$OUT/no_sync.txt" 2>&1
+              grep '^{' "$OUT/host_overhead.txt"; tail -15 "$OUT/no_sync.txt" ;;
         decode) timeout 70 python3 examples/benchmarks/bench_decode.py --out "$OUT" > "$OUT/decode.log" 2>&1; tail -7 "$OUT/decode.log" ;;
         alibi) [ -f examples/benchmarks/bench_alibi.py ] && timeout ${ALIBI_S:-120} python3 examples/benchmarks/bench_alibi.py --out "$OUT" > "$OUT/alibi.log" 2>&1
                tail -8 "$OUT/alibi.log" ;;
