@@ -113,7 +113,7 @@ def _dkdv_tiles(
 @triton.jit
 def _dkdv_program(
     bhk, n,
-    Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, DK, DV, DC, KV, LO,
+    Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, MODE, ANY, DK, DV, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -125,7 +125,7 @@ def _dkdv_program(
     Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, qk_scale,
     GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, HAS_SEG: tl.constexpr,
     RECORDED: tl.constexpr,
 ):
@@ -156,17 +156,11 @@ def _dkdv_program(
     m_full = (tl.maximum((n + 1) * BLOCK_N - 1 - q_shift, 0) + BLOCK_M - 1) // BLOCK_M
     m_full = tl.maximum(m_full, m_lo)
 
-    # This launch handles the programs of its mode only (configs.C_SPAN_LIMIT; exact when c spreads by
-    # more than the limit over this key block in any head of the group): the other launch does the
-    # rest, so neither kernel carries a branch around its pipelined loops. A NaN spread is exact.
-    span = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for g in range(GROUP):
-        Cg = C + b * sc_b + (hk * GROUP + g) * sc_h
-        c_g = tl.load(Cg + offs_n * sc_t, mask=col_ok, other=tl.load(Cg + n * BLOCK_N * sc_t))
-        c_g = c_g.to(tl.float32)
-        span = tl.maximum(span, tl.max(c_g, axis=0) - tl.min(c_g, axis=0))
-    span = tl.max(span, axis=0)
-    mine, store_ok = launch_owns(span, col_ok, C_SPAN_LIMIT, EXACT_C)
+    # This launch handles the programs of its mode only (MODE (B, Hkv, Nk) int8 from backward.exact_modes:
+    # exact when c spreads by more than configs.C_SPAN_LIMIT over this key block in any head of the
+    # group, or is NaN); the other launch does the rest, so neither kernel carries a branch around its
+    # pipelined loops.
+    mine, store_ok = launch_owns(tl.load(MODE + bhk * Nk + n), col_ok, EXACT_C)
     if EXACT_C:
         # The exact launch is idle for almost every program (W1: all); masking its k, v loads by the
         # mode keeps its idle programs from reading them (0.18 ms at W1 16k unmasked). The one-FMA
@@ -222,7 +216,7 @@ def _dkdv_program(
 
 @triton.jit
 def fox_bwd_dkdv_kernel(
-    Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, DK, DV, DC, KV, LO,
+    Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, MODE, ANY, DK, DV, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -234,28 +228,29 @@ def fox_bwd_dkdv_kernel(
     Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, qk_scale, BHK,
     GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, HAS_SEG: tl.constexpr,
     RECORDED: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """Grid (BHK = B * Hkv, Nk): one program per tile. PERSISTENT (the exact launch): a 1-D grid of a few
     programs that walk all BHK * Nk tiles, batch-head fastest (see backward_dq.fox_bwd_dq_kernel)."""
     if PERSISTENT:
-        for t in range(tl.program_id(0), BHK * Nk, tl.num_programs(0)):
+        # ANY (1,) int32: 1 when some program is exact, else the walk is empty (the usual case)
+        for t in range(tl.program_id(0), tl.load(ANY) * (BHK * Nk), tl.num_programs(0)):
             _dkdv_program(
                 t % BHK, t // BHK,
-                Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
+                Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, MODE, ANY, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
                 sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t, sdo_b, sdo_h, sdo_t, sdo_d, sdk_b,
                 sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d, sdc_b, sdc_h, sdc_t, Hq, Hkv, Tq, Tk, Mq, Nk,
                 sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N,
-                D_PAD, C_SPAN_LIMIT, EXACT_C, HEAD_DIM_V, DV_PAD, HAS_SEG, RECORDED,
+                D_PAD, EXACT_C, HEAD_DIM_V, DV_PAD, HAS_SEG, RECORDED,
             )
     else:
         _dkdv_program(
             tl.program_id(0), tl.program_id(1),
-            Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
+            Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, MODE, ANY, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
             sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t, sdo_b, sdo_h, sdo_t, sdo_d, sdk_b,
             sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d, sdc_b, sdc_h, sdc_t, Hq, Hkv, Tq, Tk, Mq, Nk,
             sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N,
-            D_PAD, C_SPAN_LIMIT, EXACT_C, HEAD_DIM_V, DV_PAD, HAS_SEG, RECORDED,
+            D_PAD, EXACT_C, HEAD_DIM_V, DV_PAD, HAS_SEG, RECORDED,
         )

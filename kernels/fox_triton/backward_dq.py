@@ -86,7 +86,7 @@ def _dq_tiles(
 @triton.jit
 def _dq_program(
     bh, m_idx,
-    Q, K, V, C, DO, LSE2, DELTA, START, KEEP, DQ, DC, KV, LO,
+    Q, K, V, C, DO, LSE2, DELTA, START, KEEP, MODE, ANY, DQ, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -97,7 +97,7 @@ def _dq_program(
     Hq, Tq, Tk, Mq, sm_scale, qk_scale,
     GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, HAS_SEG: tl.constexpr,
     RECORDED: tl.constexpr,
 ):
@@ -128,9 +128,10 @@ def _dq_program(
         lse2 = tl.load(LSE2 + bh64 * Tq + offs_m, mask=row_ok, other=float("inf"))   # rows past Tq: p = 0
         delta = tl.load(DELTA + bh64 * Tq + offs_m, mask=row_ok, other=0.0)
         c_q = tl.load(Cbh + pos_q * sc_t, mask=row_ok, other=c_ref).to(tl.float32)
-    # This launch handles the programs of its mode only (configs.C_SPAN_LIMIT): the other launch does
-    # the rest, so neither kernel carries a branch around its pipelined loops. A NaN spread is exact.
-    mine, store_ok = launch_owns(tl.max(c_q, axis=0) - tl.min(c_q, axis=0), row_ok, C_SPAN_LIMIT, EXACT_C)
+    # This launch handles the programs of its mode only (MODE (B, Hq, Mq) int8 from backward.exact_modes:
+    # exact when c spreads by more than configs.C_SPAN_LIMIT over the block's rows, or is NaN); the other
+    # launch does the rest, so neither kernel carries a branch around its pipelined loops.
+    mine, store_ok = launch_owns(tl.load(MODE + bh64 * Mq + m), row_ok, EXACT_C)
     if EXACT_C:
         # idle programs of the exact launch read no q, do (see the dk/dv kernel for the measurements)
         q = load_rows(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :] * sq_d,
@@ -196,7 +197,7 @@ def _dq_program(
 
 @triton.jit
 def fox_bwd_dq_kernel(
-    Q, K, V, C, DO, LSE2, DELTA, START, KEEP, DQ, DC, KV, LO,
+    Q, K, V, C, DO, LSE2, DELTA, START, KEEP, MODE, ANY, DQ, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -207,7 +208,7 @@ def fox_bwd_dq_kernel(
     Hq, Tq, Tk, Mq, sm_scale, qk_scale, BH,
     GROUP: tl.constexpr, PRUNE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, C_SPAN_LIMIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     EXACT_C: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, HAS_SEG: tl.constexpr,
     RECORDED: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
@@ -216,21 +217,22 @@ def fox_bwd_dq_kernel(
     (W1: all), and an idle tile of a per-tile grid still costs a CTA of this register-heavy kernel
     (0.08-0.1 ms per launch at W1 16k on the H200); walking costs a load of c per idle tile."""
     if PERSISTENT:
-        for t in range(tl.program_id(0), BH * Mq, tl.num_programs(0)):
+        # ANY (1,) int32: 1 when some program is exact, else the walk is empty (the usual case)
+        for t in range(tl.program_id(0), tl.load(ANY) * (BH * Mq), tl.num_programs(0)):
             _dq_program(
                 t % BH, t // BH,
-                Q, K, V, C, DO, LSE2, DELTA, START, KEEP, DQ, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t,
+                Q, K, V, C, DO, LSE2, DELTA, START, KEEP, MODE, ANY, DQ, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t,
                 sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t, sdo_b, sdo_h, sdo_t, sdo_d, sdq_b, sdq_h,
                 sdq_t, sdq_d, sdc_b, sdc_h, sdc_t, Hq, Tq, Tk, Mq, sm_scale, qk_scale, GROUP, PRUNE,
-                DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N, D_PAD, C_SPAN_LIMIT, EXACT_C,
+                DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N, D_PAD, EXACT_C,
                 HEAD_DIM_V, DV_PAD, HAS_SEG, RECORDED,
             )
     else:
         _dq_program(
             tl.program_id(0), tl.program_id(1),
-            Q, K, V, C, DO, LSE2, DELTA, START, KEEP, DQ, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t,
+            Q, K, V, C, DO, LSE2, DELTA, START, KEEP, MODE, ANY, DQ, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t,
             sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t, sdo_b, sdo_h, sdo_t, sdo_d, sdq_b, sdq_h,
             sdq_t, sdq_d, sdc_b, sdc_h, sdc_t, Hq, Tq, Tk, Mq, sm_scale, qk_scale, GROUP, PRUNE,
-            DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N, D_PAD, C_SPAN_LIMIT, EXACT_C,
+            DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N, D_PAD, EXACT_C,
             HEAD_DIM_V, DV_PAD, HAS_SEG, RECORDED,
         )

@@ -40,13 +40,12 @@ def store_rows(ptrs, x, row_ok, offs_d, ROWS_EVEN: tl.constexpr, HEAD_DIM: tl.co
 
 
 @triton.jit
-def launch_owns(spread, ok, C_SPAN_LIMIT: tl.constexpr, EXACT_C: tl.constexpr):
+def launch_owns(is_exact, ok, EXACT_C: tl.constexpr):
     """(mine, store_ok) of a backward program: its launch (one-FMA or exact form, backward.py) owns it
-    when c spreads by at most C_SPAN_LIMIT over the program's fixed block (one-FMA) or by more, or NaN
-    (exact); store_ok = ok & mine, per row or key of the block."""
-    is_exact = 1 - (spread <= C_SPAN_LIMIT).to(tl.int32)                  # NaN: exact
+    when the program's mode flag is_exact (0 or 1, from backward.exact_modes) matches EXACT_C;
+    store_ok = ok & mine, per row or key of the block."""
     if EXACT_C:
-        mine = is_exact == 1
+        mine = is_exact != 0
     else:
         mine = is_exact == 0
     store_ok = (ok.to(tl.int32) * mine.to(tl.int32)) != 0

@@ -39,8 +39,10 @@ class FwdConfig:
 # (padded head dim upper bound, element bytes) -> config; the first row whose bound >= D_PAD wins.
 HOPPER_FWD = (
     (32, 2, FwdConfig(128, 64, 4, 3)),        # D <= 32: not measured (GPU-tested)
-    (64, 2, FwdConfig(128, 128, 8, 3, False, False, True)),   # D = 64: not swept; D=128's best shape
-    (128, 2, FwdConfig(128, 128, 8, 3, True, False, True)),   # measured: 4.84 ms dense / 1.85 ms ACP at W1 16k
+    (64, 2, FwdConfig(128, 128, 8, 3, False, False, True, cert_chunk=2)),   # D = 64: not swept; D=128's best shape
+    # measured: 4.84 ms dense / 1.85 ms ACP at W1 16k; cert_chunk 2 (online fwd+bwd 8.81 ms against 9.02
+    # for 1 and 8.90 for 4, fwd 2.59 / 2.85 / 2.50 ms; examples/results/cert_chunk_h200.jsonl)
+    (128, 2, FwdConfig(128, 128, 8, 3, True, False, True, cert_chunk=2)),
     (256, 2, FwdConfig(64, 64, 4, 2)),
     (64, 4, FwdConfig(64, 64, 4, 2)),
     (128, 4, FwdConfig(64, 32, 4, 2)),
