@@ -57,6 +57,19 @@ for what in "$@"; do
         host) timeout 120 python3 examples/benchmarks/bench_host_overhead.py --profile > "$OUT/host_overhead.txt" 2>&1
               timeout 60 python3 -m pytest tests/gpu/test_gpu_no_host_sync.py -q -p no:cacheprovider --tb=short > "$OUT/no_sync.txt" 2>&1
               grep '^{' "$OUT/host_overhead.txt"; tail -15 "$OUT/no_sync.txt" ;;
+        final) bench old 16384 ours_dense ours_acp30 ours_auto sdpa_cudnn --
+               bench new "2048 16384 32768" ours_dense ours_acp30 ours_online sdpa_cudnn --
+               python3 - "$OUT/bench.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"variant"' in l]
+ref = {(r["tag"], r["T"]): r for r in rows if r["variant"] == "sdpa_cudnn"}
+for r in rows:
+    c = ref.get((r["tag"], r["T"]))
+    if c and r["variant"] != "sdpa_cudnn":
+        print(f'{r["tag"]:6s} T={r["T"]:6d} {r["variant"]:12s} fwd {r["fwd_ms"]:.3f} ms x{r["fwd_ms"] / c["fwd_ms"]:.3f}  '
+              f'fwd+bwd {r["fwdbwd_ms"]:.3f} ms x{r["fwdbwd_ms"] / c["fwdbwd_ms"]:.3f}')
+PY
+               ;;
         decode) timeout 70 python3 examples/benchmarks/bench_decode.py --out "$OUT" > "$OUT/decode.log" 2>&1; tail -7 "$OUT/decode.log" ;;
         alibi) [ -f examples/benchmarks/bench_alibi.py ] && timeout ${ALIBI_S:-120} python3 examples/benchmarks/bench_alibi.py --out "$OUT" > "$OUT/alibi.log" 2>&1
                tail -8 "$OUT/alibi.log" ;;
