@@ -52,3 +52,17 @@ def whole_from(keep_from: Tensor, block_m: int, block_n: int) -> Tensor:
     Mq = -(-Tq // block_m)
     kf = torch.nn.functional.pad(keep_from.to(torch.int64), (0, Mq * block_m - Tq), value=0)
     return ((kf.view(B, Hq, Mq, block_m).amax(dim=-1) + block_n - 1) // block_n).to(torch.int32).contiguous()
+
+
+def recorded_aligned(keep_from: Tensor, block_m: int, block_n: int) -> Tensor:
+    """(1,) int32 on the device, 1 when keep_from holds one value per block_m rows and that value is a
+    multiple of block_n: then the covering tiles of this partition are exactly the recorded set (a tile
+    is kept whole or not at all) and no entry needs a mask. True for the Triton forward's own sets when
+    the partition nests in its tiles (its keep_from is start * its block_n over block_m rows)."""
+    B, Hq, Tq = keep_from.shape
+    Mq = -(-Tq // block_m)
+    kf = keep_from.to(torch.int64)
+    hi = torch.nn.functional.pad(kf, (0, Mq * block_m - Tq), value=-1).view(B, Hq, Mq, block_m).amax(dim=-1)
+    lo = torch.nn.functional.pad(kf, (0, Mq * block_m - Tq), value=2 ** 40).view(B, Hq, Mq, block_m).amin(dim=-1)
+    ok = (hi == lo) & (hi % block_n == 0)
+    return ok.all().to(torch.int32).reshape(1)

@@ -66,7 +66,7 @@ from acp_compile.kernels.fox_triton.backward_dkdv import fox_bwd_dkdv_kernel
 from acp_compile.kernels.fox_triton.backward_dq import fox_bwd_dq_kernel
 from acp_compile.kernels.fox_triton.common import LOG2E
 from acp_compile.kernels.fox_triton.configs import c_span_limit, padded_head_dim
-from acp_compile.kernels.recorded import covering_indices, whole_from
+from acp_compile.kernels.recorded import covering_indices, recorded_aligned, whole_from
 from acp_compile.kernels.threshold import pruning_enabled
 
 MAX_HEAD_DIM = 256
@@ -250,11 +250,15 @@ def preprocess(do, o, lse, block_m: int = 64):
 
 
 def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: float, cfg: BackwardConfig,
-                exact: bool = False, seg=None, keep_from=None, whole=None, modes=None):
+                exact: bool = False, seg=None, keep_from=None, whole=None, modes=None, mask_entries: bool = True,
+                active=None):
     """dk (B, Hkv, Tk, D), dv (B, Hkv, Tk, Dv) and dc (B, Hq, Tk) fp32, written in place. start/end None: dense.
     keep_from (B, Hq, Tq) int32 contiguous: the forward's recorded kept set, masked per entry (with start/end
     from kernels/recorded.py for this partition); whole: recorded.whole_from for this partition (computed
     here when not given); modes: exact_modes(...) of this call (computed here when not given).
+    mask_entries False: the kernel takes the covering tiles as the kept set (right when recorded_aligned).
+    active (1,) int32: the launch runs only where it is nonzero (default: the exact launch when some
+    program is exact, the one-FMA launch always).
     Returns Triton's launch handle (its n_regs / n_spills are read by the tuning script)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -263,13 +267,15 @@ def launch_dkdv(q, k, v, c, do, row, delta, start, end, dk, dv, dc, sm_scale: fl
     prune = start is not None
     kv_arg, lo_arg = (seg.key_valid.view(torch.uint8), seg.lo) if seg is not None else (delta, delta)
     grid = _persistent_grid(B * Hkv * Nk, q.device) if exact else (B * Hkv, Nk)
-    recorded = prune and keep_from is not None
+    recorded = prune and keep_from is not None and mask_entries
     if recorded and whole is None:
         whole = whole_from(keep_from, bm, bn)
     modes = exact_modes(c, Tq, Hkv, cfg) if modes is None else modes
+    if active is None:
+        active = modes.kv_any if exact else torch.ones(1, dtype=torch.int32, device=q.device)
     return fox_bwd_dkdv_kernel[grid](
         q, k, v, c, do, row, delta, start if prune else delta, end if prune else delta,
-        keep_from if keep_from is not None else delta, whole if recorded else delta, modes.kv, modes.kv_any,
+        keep_from if keep_from is not None else delta, whole if recorded else delta, modes.kv, active,
         dk, dv, dc, kv_arg, lo_arg,
         *q.stride(), *k.stride(), *v.stride(), *c.stride(), *do.stride(), *dk.stride(), *dv.stride(), *dc.stride(),
         Hq, Hkv, Tq, Tk, Mq, Nk, sm_scale, sm_scale * LOG2E.value, B * Hkv,
@@ -366,8 +372,17 @@ def _backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps, u_bound, cfg: Ba
     forms = (True,) if c_span_limit() < 0 else (False, True)
     modes = exact_modes(c, q.shape[2], k.shape[1], cfg)
     for exact in forms:
-        launch_dkdv(q, k, v, c, do, row, delta, kv_start, kv_end, dk, dv, dc, sm_scale, cfg, exact, seg, keep_from,
-                    whole, modes)
+        args = (q, k, v, c, do, row, delta, kv_start, kv_end, dk, dv, dc, sm_scale, cfg, exact, seg, keep_from, whole,
+                modes)
+        if exact or keep_from is None:
+            launch_dkdv(*args)
+        else:
+            # The per-entry mask of a recorded set costs the dk/dv kernel registers (it spills) even where no
+            # tile needs it; when the set is aligned to this partition (the Triton forward's own sets on
+            # the H200 rows) the launch without it runs, else the one with it: chosen on the device.
+            aligned = recorded_aligned(keep_from, cfg.kv_block_m, cfg.kv_block_n)
+            launch_dkdv(*args, mask_entries=False, active=aligned)
+            launch_dkdv(*args, mask_entries=True, active=1 - aligned)
     for exact in forms:                                   # after dk/dv: dq adds the row term to dc
         launch_dq(q, k, v, c, do, row, delta, q_start, dq, dc, sm_scale, cfg, exact, seg, keep_from, modes)
     return dq, dk, dv, dc if c.dtype == torch.float32 else dc.to(c.dtype)

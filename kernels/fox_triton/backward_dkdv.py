@@ -113,7 +113,7 @@ def _dkdv_tiles(
 @triton.jit
 def _dkdv_program(
     bhk, n,
-    Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, MODE, ANY, DK, DV, DC, KV, LO,
+    Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, MODE, ACTIVE, DK, DV, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -208,15 +208,18 @@ def _dkdv_program(
         tl.store(DC + b * sdc_b + h * sdc_h + offs_n * sdc_t, dc, mask=store_ok)
 
     dk = dk * sm_scale
-    store_rows(DK + b * sdk_b + hk * sdk_h + offs_n[:, None] * sdk_t + offs_d[None, :] * sdk_d,
-               dk.to(DK.dtype.element_ty), store_ok, offs_d, False, HEAD_DIM, D_PAD)
-    store_rows(DV + b * sdv_b + hk * sdv_h + offs_n[:, None] * sdv_t + offs_dv[None, :] * sdv_d,
-               dv.to(DV.dtype.element_ty), store_ok, offs_dv, False, HEAD_DIM_V, DV_PAD)
+    # A scalar branch on the program's mode, then stores specialised on EVEN_N: stores masked by a
+    # per-key mode vector made this kernel spill (176 bytes of stack for sm_90; kernel_registers.py).
+    if mine:
+        store_rows(DK + b * sdk_b + hk * sdk_h + offs_n[:, None] * sdk_t + offs_d[None, :] * sdk_d,
+                   dk.to(DK.dtype.element_ty), col_ok, offs_d, EVEN_N, HEAD_DIM, D_PAD)
+        store_rows(DV + b * sdv_b + hk * sdv_h + offs_n[:, None] * sdv_t + offs_dv[None, :] * sdv_d,
+                   dv.to(DV.dtype.element_ty), col_ok, offs_dv, EVEN_N, HEAD_DIM_V, DV_PAD)
 
 
 @triton.jit
 def fox_bwd_dkdv_kernel(
-    Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, MODE, ANY, DK, DV, DC, KV, LO,
+    Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, MODE, ACTIVE, DK, DV, DC, KV, LO,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -234,21 +237,23 @@ def fox_bwd_dkdv_kernel(
 ):
     """Grid (BHK = B * Hkv, Nk): one program per tile. PERSISTENT (the exact launch): a 1-D grid of a few
     programs that walk all BHK * Nk tiles, batch-head fastest (see backward_dq.fox_bwd_dq_kernel)."""
+    # ACTIVE (1,) int32: 0 when this launch has nothing to do (its programs return at once): the exact
+    # launch when no program is exact, and one of the two one-FMA launches of a recorded kept set
+    # (backward.py: with or without the per-entry mask, chosen on the device by recorded_aligned)
     if PERSISTENT:
-        # ANY (1,) int32: 1 when some program is exact, else the walk is empty (the usual case)
-        for t in range(tl.program_id(0), tl.load(ANY) * (BHK * Nk), tl.num_programs(0)):
+        for t in range(tl.program_id(0), tl.load(ACTIVE) * (BHK * Nk), tl.num_programs(0)):
             _dkdv_program(
                 t % BHK, t // BHK,
-                Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, MODE, ANY, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
+                Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, MODE, ACTIVE, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
                 sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t, sdo_b, sdo_h, sdo_t, sdo_d, sdk_b,
                 sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d, sdc_b, sdc_h, sdc_t, Hq, Hkv, Tq, Tk, Mq, Nk,
                 sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N,
                 D_PAD, EXACT_C, HEAD_DIM_V, DV_PAD, HAS_SEG, RECORDED,
             )
-    else:
+    elif tl.load(ACTIVE) != 0:
         _dkdv_program(
             tl.program_id(0), tl.program_id(1),
-            Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, MODE, ANY, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
+            Q, K, V, C, DO, LSE2, DELTA, START, END, KEEP, WHOLE, MODE, ACTIVE, DK, DV, DC, KV, LO, sq_b, sq_h, sq_t, sq_d, sk_b,
             sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sc_b, sc_h, sc_t, sdo_b, sdo_h, sdo_t, sdo_d, sdk_b,
             sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d, sdc_b, sdc_h, sdc_t, Hq, Hkv, Tq, Tk, Mq, Nk,
             sm_scale, qk_scale, GROUP, PRUNE, DOT_PRECISION, HEAD_DIM, EVEN_M, EVEN_N, BLOCK_M, BLOCK_N,

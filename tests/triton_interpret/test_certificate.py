@@ -140,3 +140,26 @@ def test_backward_exact_for_any_per_row_kept_set(case, cfg):
     for gt, w, name in zip(got, want, ("dq", "dk", "dv", "dc")):
         err = (gt.double() - w).abs().max().item()
         assert err <= 3e-4 * max(1.0, w.abs().max().item()), f"{name}: {err:.3g}"
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda s: "B{}Hq{}Hkv{}Tq{}Tk{}D{}-{}-{}".format(*s))
+def test_backward_of_a_nested_partition_runs_without_entry_masks_and_is_exact(case):
+    """Backward tiles that nest in the forward's (16 x 16 in 32 x 16): the recorded set is aligned, the
+    dk/dv launch without the per-entry mask runs (recorded_aligned = 1), and the gradient is still that
+    of exactly the recorded set."""
+    from acp_compile.kernels.recorded import recorded_aligned
+    nested = BackwardConfig(16, 16, 32, 16, 4, 1, 4, 1, 16)
+    q, k, v, c = inputs(*case, torch.float32)
+    scale, o, lse, keep_from = run_forward(q, k, v, c, -6.0, SMALL)
+    assert recorded_aligned(keep_from, nested.kv_block_m, nested.kv_block_n).item() == 1
+    assert (keep_from > 0).any(), "the case must prune"
+    do = torch.randn_like(q)
+    got = backward(do, q, k, v, c, o, lse, scale, -6.0, None, nested, keep_from=keep_from)
+    leaves = [t.double().requires_grad_() for t in (q, k, v, c)]
+    ro, _ = fox_attention_reference(*leaves, sm_scale=scale, keep=recorded_entries(keep_from, k.shape[2]))
+    want = torch.autograd.grad(ro, leaves, do.double())
+    for g, w, name in zip(got, want, ("dq", "dk", "dv", "dc")):
+        assert not torch.isnan(g).any(), f"{name} not written"
+        err = (g.double() - w).abs().max().item()
+        assert err <= 3e-4 * max(1.0, w.abs().max().item()), f"{name}: {err:.3g}"
