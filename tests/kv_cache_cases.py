@@ -66,7 +66,9 @@ def certified_first(s, cache: FoxKVCache, n: int, slack: float) -> torch.Tensor:
     P, G = cache.P, cache.G
     c = torch.cumsum(s["log_f"][..., :n].double(), dim=-1).cpu()                   # (B, Hq, n)
     newest = (n - 1) // P
-    delta = cache.delta_evict.double().cpu().view(cache.Hkv, G)
+    # the threshold from first principles (not the cache's own delta_evict): log eps - log N - 2U
+    u = torch.as_tensor(s["u_bound"], dtype=torch.float64).expand(s["Hq"])
+    delta = (cache.log_eps - math.log(cache.capacity) - 2 * u).view(cache.Hkv, G)
     first = torch.zeros(s["B"], s["Hkv"], dtype=torch.long)
     for b in range(s["B"]):
         for hk in range(s["Hkv"]):
