@@ -189,3 +189,14 @@ def test_reference_helper_sees_everything():
     want = torch.softmax(logits, -1) @ s["v"].double()
     torch.testing.assert_close(o, want)
     assert eps_bound(s, -10.0) > 0
+
+
+def test_strided_inputs_as_a_model_makes_them():
+    """(B, T, H, D) projections viewed as (B, H, T, D) and a transposed log f, as a model hands them over (GQA)."""
+    s = make_stream(B=2, Hq=6, Hkv=2, T=140, seed=15)
+    for name in ("q", "k", "v", "log_f"):
+        s[name] = s[name].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not s[name].is_contiguous()
+    caches = [new_cache(s, True), new_cache(s, False)]
+    drive(s, caches, 21, 110, check=_oracle_check(s))
+    assert int(caches[0].first.max()) > 0

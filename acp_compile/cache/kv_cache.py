@@ -194,11 +194,11 @@ class FoxKVCache(nn.Module):
         c = self.c_last[..., None] + torch.cumsum(log_f.float(), dim=-1)           # (B, Hq, T)
         g = torch.arange(G, device=dev).view(1, 1, G, 1).expand(B, Hkv, G, T)
         self.c_pool.index_put_((phys[:, :, None, :].expand(B, Hkv, G, T), g, off[:, :, None, :].expand(B, Hkv, G, T)),
-                               c.view(B, Hkv, G, T))
+                               c.reshape(B, Hkv, G, T))
         self.c_last.copy_(c[..., -1])
         self.k_norm_max.copy_(torch.maximum(self.k_norm_max, torch.linalg.vector_norm(k.float(), dim=-1).amax(-1)))
         bad = ~(torch.isfinite(log_f) & (log_f <= 0))                              # NaN, +inf, -inf, > 0
-        self.gate_ok.logical_and_(~bad.view(B, Hkv, G * T).any(-1))
+        self.gate_ok.logical_and_(~bad.reshape(B, Hkv, G * T).any(-1))
         self.length.add_(T)
         if self.sync_checks and not _is_compiling():
             self._eager_checks()
