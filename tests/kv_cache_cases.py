@@ -95,7 +95,7 @@ def drive(s, caches, T0: int, steps: int, step_tokens: int = 1, log_eps: float =
     """Prefill T0 tokens, then `steps` steps of step_tokens tokens; after each, every cache's output is
     compared with the fp64 reference within the eps bound (+ fp tolerance). check(n, caches) runs after each
     step. Returns the worst error of each cache."""
-    rounding = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}.get(s["q"].dtype, 2e-3 if s["q"].is_cuda else 1e-4)
+    rounding = {torch.bfloat16: 1.6e-2, torch.float16: 5e-3}.get(s["q"].dtype, 2e-3 if s["q"].is_cuda else 1e-4)
     tol = eps_bound(s, log_eps) + rounding                # output rounding (bf16: 2^-9 of |o| <= ~4), TF32 dots
     worst = [0.0] * len(caches)
     sl = lambda x, a, b: x[:, :, a:b]  # noqa: E731
