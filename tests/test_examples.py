@@ -151,3 +151,26 @@ def test_w2_table_and_ratios():
     table = bench_w2.markdown_table(results)
     assert "| 16k (2) | acp | 150.0k | 40.0 | 60% | 10.900 | ok |" in table
     assert "out of memory" in table
+
+
+def test_generate_cli_compares_paged_eviction_and_the_dense_baseline(capsys):
+    """The CI version of `python examples/generate.py --compare`: three runs, tokens/s and cache bytes
+    printed; eviction never holds more pages than the cache without it."""
+    runs = generate.main(["--config", "tiny", "--tokens", "12", "--compare", "--prompt", "x" * 70])
+    out = capsys.readouterr().out
+    assert "eviction on" in out and "eviction off" in out and "dense baseline" in out and "tokens/s" in out
+    on, off, dense = runs
+    assert on["tokens_per_s"] > 0 and off["tokens_per_s"] > 0 and dense["tokens_per_s"] > 0
+    assert on["in_use"] <= off["in_use"] and on["tokens"].shape == dense["tokens"].shape == (1, 82)
+
+
+def test_bench_generate_smoke_writes_json(tmp_path):
+    import bench_generate
+    r = bench_generate.main(["--smoke", "--tokens", "24", "--record-every", "8", "--out", str(tmp_path)])
+    saved = __import__("json").loads((tmp_path / "generate.json").read_text())
+    assert [v["variant"] for v in saved["variants"]] == ["evict", "no_evict", "dense"]
+    for v in saved["variants"]:
+        assert "error" not in v, v
+        assert v["tokens_generated"] == 24 and v["last_logits_finite"] and not v["overflow"]
+        assert [p["context"] for p in v["points"]] == [32 + 11, 32 + 19, 32 + 24]
+    assert saved["meta"]["torch"] == torch.__version__ and r["meta"]["date"]
