@@ -70,6 +70,10 @@ for r in rows:
               f'fwd+bwd {r["fwdbwd_ms"]:.3f} ms x{r["fwdbwd_ms"] / c["fwdbwd_ms"]:.3f}')
 PY
                ;;
+        generate) timeout ${GENERATE_S:-200} python3 examples/benchmarks/bench_generate.py --out "$OUT/generate" --budget-s $(( ${GENERATE_S:-200} - 15 )) \
+                     > "$OUT/generate.log" 2>&1; echo "generate rc $?"; tail -8 "$OUT/generate.log" ;;
+        w1) bench old 16384 ours_acp30 sdpa_cudnn --
+            bench new 16384 ours_dense ours_acp30 ours_online sdpa_cudnn -- ;;
         decode) timeout 70 python3 examples/benchmarks/bench_decode.py --out "$OUT" > "$OUT/decode.log" 2>&1; tail -7 "$OUT/decode.log" ;;
         alibi) [ -f examples/benchmarks/bench_alibi.py ] && timeout ${ALIBI_S:-120} python3 examples/benchmarks/bench_alibi.py --out "$OUT" > "$OUT/alibi.log" 2>&1
                tail -8 "$OUT/alibi.log" ;;
