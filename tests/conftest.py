@@ -19,6 +19,11 @@ settings.register_profile(
 settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
+# Under pytest-xdist (the README's `-n 2`) each worker is one process per core: one intra-op thread each,
+# so two workers do not oversubscribe the CPU.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def poison():
