@@ -265,7 +265,11 @@ class SoftmaxMatmulAnchor:
             if any(node not in flat for _, node, _, _ in proof.key_terms):
                 raise NotProven("a key-side bias is added after the logits were viewed as (B, H, Tq, Tk); add it to "
                                 "the (B*H, Tq, Tk) logits (or baddbmm's bias) instead")
-        top = sm.args[0] if gu.is_op(sm, "softmax") else _log_normalised(sm)[0]
+        if gu.is_op(sm, "softmax"):
+            top = gu.effective_value(sm.args[0], sm, ctx.position)      # after att.masked_fill_(...) in place
+        else:
+            s_node, sub, _ = _log_normalised(sm)
+            top = gu.effective_value(s_node, sub, ctx.position)
         seg = _prove_segments(dec, ctx, Tq, Tk, tuple(S_shape), top, sm, chain, O)
         guards = seg.guards if seg is not None else lg.prove_causal(dec, ctx, Tq, Tk, O)
         pv = od.pv_operands(O, P, qk, ctx)

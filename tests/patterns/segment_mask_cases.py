@@ -147,3 +147,10 @@ def alibi_with_padding_only(q, k, v, fg, pad):           # ALiBi-style decay wit
     rel = torch.arange(T)[None, :] - torch.arange(T)[:, None]
     s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + 0.5 * rel
     return s.masked_fill(~pad[:, None, None, :], NEG).softmax(-1) @ v
+
+
+def pad_inplace_fill(q, k, v, fg, pad):                  # masked_fill_ in place on the logits, then the softmax
+    keep = causal(q.shape[-2], k.shape[-2]) & pad[:, None, None, :]
+    s = logits(q, k, fg)
+    s.masked_fill_(keep.logical_not(), NEG)
+    return s.float().softmax(-1) @ v

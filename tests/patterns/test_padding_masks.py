@@ -55,6 +55,7 @@ DATA = {
     "pad_safe_softmax": lambda T, n: _pad(T, n),
     "pad_from_token_ids": lambda T, n: _pad(T, n).long() * torch.randint(1, 50, (B, T)),
     "pad_gqa_repeat": lambda T, n: _pad(T, n),
+    "pad_inplace_fill": lambda T, n: _pad(T, n),
     "doc_eq": lambda T, n: _doc(T, n, contiguous=n % 2 == 0),
     "doc_ne_3d": lambda T, n: _doc(T, n, contiguous=n % 2 == 1),
     "doc_and_pad": lambda T, n: (_doc(T, n, contiguous=True), _pad(T, n)),
