@@ -89,8 +89,11 @@ def emit_fox_attention(gm: fx.GraphModule, match: FoxMatch, config: ACPConfig, s
 
 def _take_rows(graph: fx.Graph, x: fx.Node, index: fx.Node, ndim: int) -> fx.Node:
     """x (B, H, T[, D]) gathered along T by index (B, T): x[b, h, index[b, t]]."""
+    # torch.gather with the index expanded, not take_along_dim: the latter's fake implementation specialises
+    # symbolic sizes (a recompile per length under dynamic=True)
     idx = graph.call_function(operator.getitem, (index, (slice(None), None, slice(None)) + ((None,) if ndim == 4 else ())))
-    return graph.call_function(torch.take_along_dim, (x, idx), {"dim": 2})
+    idx = graph.call_method("expand_as", (idx, x))
+    return graph.call_function(torch.gather, (x, 2, idx))
 
 
 def _sorted_by_document(graph, q, k, v, c, key_mask, doc):
@@ -101,7 +104,7 @@ def _sorted_by_document(graph, q, k, v, c, key_mask, doc):
     q, k, v = (_take_rows(graph, x, perm, 4) for x in (q, k, v))
     c = _take_rows(graph, c, perm, 3)
     if key_mask is not None:
-        key_mask = graph.call_function(torch.take_along_dim, (key_mask, perm), {"dim": 1})
+        key_mask = graph.call_function(torch.gather, (key_mask, 1, perm))
     return q, k, v, c, key_mask, doc_sorted, inverse
 
 

@@ -195,8 +195,8 @@ class _Tracker:
         self.tainted[n] = False          # cycles cannot happen in a DAG; guards the recursion
         if n.op == "placeholder":
             out = n in self.data_roots
-        elif gu.reads_metadata_only(n) or not isinstance(gu.fake(n), torch.Tensor):
-            out = False
+        elif gu.reads_metadata_only(n):
+            out = False                  # a size, a dtype: not the data (a number computed from data stays tainted)
         else:
             out = any(self.is_tainted(a) for a in n.all_input_nodes)
         self.tainted[n] = out
@@ -376,7 +376,7 @@ def _effective_fills(dec, top: fx.Node, softmax_dtype, ctx) -> list:
             f = ctx.evaluate(f, reader=m.reader)
             f = float(f.reshape(())) if isinstance(f, torch.Tensor) else float(f)
         t = torch.tensor(float(f), dtype=torch.float64)
-        out_val = gu.fake(m.reader)
+        out_val = gu.fake(m.reader.args[0] if m.reader.target is operator.setitem else m.reader)
         chain = [out_val.dtype] + list(reversed(seen[m.reader])) if isinstance(out_val, torch.Tensor) else []
         for dt in chain + ([softmax_dtype] if softmax_dtype is not None else []):
             t = t.to(dt)

@@ -34,8 +34,14 @@ arange(1 - T, 1) * slope_h (MPT) (one-sided: alone, or next to a gate bias c_i -
 (H, 64, 64) sliced to the call, a clamp at -window (inactive while T <= window: the size guard decides); slopes
 2^(-8/H * h) in a buffer. Look-alikes: a log-distance bias, a slope per query row.
 
+Packed documents (issue #12 item 3): per-call ids doc (B, T) compared in the graph, doc[:, None, :, None] ==
+doc[:, None, None, :] (or != into the hide mask), combined with the causal mask and the padding; ids sorted on some
+calls and coming back after other ids on others (the graph's relation is equality, not runs).
+`expect_segments_rewrite` names the padded and packed programs on plain choices, which the pass must rewrite.
+
 Every program is well-defined in eager: each query row keeps at least one key (the diagonal, or key 0 / the
-even keys when padding hides keys), so eager never gives NaN.
+even keys when padding hides keys; with documents, padding hides an odd key only when the even key before it is
+in the same document), so eager never gives NaN.
 """
 from __future__ import annotations
 
@@ -701,14 +707,19 @@ def make_inputs(spec: Spec, T: int, n: int, seed: int = 0):
     # even heads decay slowly (a wrong window or prefix shows as an O(1) error), odd heads fast
     fg = torch.randn(spec.B, Hq, T, generator=g) * 0.5 + torch.tensor([3.0, -1.0] * Hq)[:Hq, None]
     args = [q, k, v, fg]
+    doc = None
+    if spec.docs:                                            # ids that come back after others: equality, not runs
+        doc = (torch.randint(0, 3 if n % 2 else 1000, (spec.B, T), generator=g).sort(-1).values
+               if n % 4 == 0 else torch.randint(0, 3, (spec.B, T), generator=g))
     if spec.padding:
         pad = torch.ones(spec.B, T, dtype=torch.bool)
         if n % 2 == 1:                                       # odd keys hidden at random on odd calls
             pad[:, 1::2] = torch.rand(spec.B, T // 2, generator=g) > 0.4
+            if doc is not None:                              # only where the even key before is in the same document
+                pad[:, 1::2] |= doc[:, 1::2] != doc[:, 0:(T // 2) * 2:2]
         args.append(pad)
-    if spec.docs:                                            # ids that come back after others: equality, not runs
-        args.append(torch.randint(0, 3 if n % 2 else 1000, (spec.B, T), generator=g).sort(-1).values
-                    if n % 4 == 0 else torch.randint(0, 3, (spec.B, T), generator=g))
+    if doc is not None:
+        args.append(doc)
     return args
 
 

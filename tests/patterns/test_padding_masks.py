@@ -106,6 +106,8 @@ def run_case(name, dynamic, lengths=LENGTHS, shapes=None, **options):
         saw_empty_row |= bool(torch.isnan(want).any()) or name in ("pad_finfo_min", "pad_safe_softmax")
     sites, misses = rewrites()
     assert sites >= 1 and not misses, f"{name}: {sites} sites, near-misses {[str(m) for m in misses]}"
+    if dynamic is True:                                   # one compile serves every length (no size specialised)
+        assert sites == 1, f"{name}: compiled {sites} times under dynamic=True"
     served = sum(r.calls for r in acp_compile.report.sites())
     assert served == len(lengths), f"{name}: the op served {served} of {len(lengths)} calls"
 
