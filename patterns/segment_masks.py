@@ -378,8 +378,12 @@ def _effective_fills(dec, top: fx.Node, softmax_dtype, ctx) -> list:
         t = torch.tensor(float(f), dtype=torch.float64)
         out_val = gu.fake(m.reader.args[0] if m.reader.target is operator.setitem else m.reader)
         chain = [out_val.dtype] + list(reversed(seen[m.reader])) if isinstance(out_val, torch.Tensor) else []
-        for dt in chain + ([softmax_dtype] if softmax_dtype is not None else []):
+        for n_cast, dt in enumerate(chain + ([softmax_dtype] if softmax_dtype is not None else [])):
+            finite = bool(torch.isfinite(t))
             t = t.to(dt)
+            if n_cast == 0 and finite and not bool(torch.isfinite(t)):
+                # masked_fill raises on such a value in eager; where() would fill -inf: not guessed here
+                raise NotProven(f"the fill {float(f):g} does not fit the logits' dtype {dt}")
         fills.append(float(t))
     return fills
 
