@@ -154,3 +154,14 @@ def pad_inplace_fill(q, k, v, fg, pad):                  # masked_fill_ in place
     s = logits(q, k, fg)
     s.masked_fill_(keep.logical_not(), NEG)
     return s.float().softmax(-1) @ v
+
+
+class BufferCausalPad(torch.nn.Module):                  # nanoGPT's causal buffer sliced to T, with padding
+    def __init__(self, n=64):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(n, n, dtype=torch.bool)).view(1, 1, n, n))
+
+    def forward(self, q, k, v, fg, pad):
+        T = q.shape[-2]
+        keep = self.bias[:, :, :T, :T] & pad[:, None, None, :]
+        return logits(q, k, fg).masked_fill(keep == 0, NEG).softmax(-1) @ v

@@ -201,3 +201,28 @@ def test_bf16_fill_of_the_logits_dtype():
     got, want = compiled(*args, pad), fn(*args, pad)
     assert rewrites()[0] == 1
     _same(got.float(), want.float(), "bf16", rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["auto", "dynamic"])
+def test_causal_buffer_with_padding_and_buffer_edit(dynamic):
+    """The static part in a module buffer: proven with the padding, re-checked when the buffer changes; an edit that
+    opens future keys makes those calls run the original graph (equal to eager either way)."""
+    eager, model = sc.BufferCausalPad(), sc.BufferCausalPad()
+    compiled = compile_fn(model, dynamic)
+    acp_compile.report.reset()
+    for n, T in enumerate((16, 23, 9, 23)):
+        if n == 3:
+            for m in (eager, model):
+                m.bias[..., 5] = True                          # key 5 visible to every row, also earlier ones
+        args, pad = _qkvf(T, n), _pad(T, n)
+        got, got_g = _call(compiled, args, pad)
+        want, want_g = _call(eager, args, pad)
+        _same(got, want, f"T={T}")
+        for a, b in zip(got_g, want_g):
+            _same(a, b, f"gradient at T={T}", rtol=1e-3, atol=1e-4)
+    assert rewrites()[0] >= 1
+    assert sum(r.calls for r in acp_compile.report.sites()) == 3      # the edited call ran the original graph
+
+
+def test_one_token_decode_with_padding():
+    run_case("pad_and_causal", None, lengths=(16, 20), shapes={"Tq": 1})
