@@ -92,14 +92,6 @@ class SegmentProof:
     guards: list = field(default_factory=list)
 
 
-class _NoData(Exception):
-    """The masks read no per-call data: the ordinary proof applies."""
-
-
-def _target(n: fx.Node) -> Any:
-    return n.target
-
-
 def _is_elementwise(n: fx.Node) -> bool:
     if n.op == "call_function":
         if n.target is torch.where and len(n.args) + len(n.kwargs) < 3:
@@ -557,17 +549,16 @@ def _guards(ctx, masks, leaves, leaf_nodes, check) -> list:
                 for i in indices]
         if "gm" not in cell:
             cell["gm"] = fx.GraphModule(torch.nn.Module(), graph)
-        Tq_Tk = {}
-
         def evaluate(values):
             with torch.no_grad():
                 return list(cell["gm"](*args, *[values[n] for n in order]))
         try:
-            # sizes at this call: from the first evaluation's broadcast shape
+            # sizes at this call from the masks' broadcast shape (leaves are size 1 here; an axis the static part
+            # lacks is one along which nothing varies, and a query axis of 1 with several queries was refused at
+            # compile time: a row-constant mask is not causal)
             probe = evaluate({lf.node: torch.ones((1,) * lf.ndim, dtype=torch.bool) for lf in leaves})
             shape = torch.broadcast_shapes(*[p.shape for p in probe])
-            Tq_Tk["v"] = (shape[-2], shape[-1])
-            c = _combination_check(leaves, masks, *Tq_Tk["v"])
+            c = _combination_check(leaves, masks, shape[-2], shape[-1])
             c(evaluate)
             return tuple(c.causal_values) == tuple(check.causal_values)
         except NotProven:
