@@ -47,15 +47,30 @@ def emit_fox_attention(gm: fx.GraphModule, match: FoxMatch, config: ACPConfig, s
         sm_scale = match.sm_scale
         if callable(sm_scale) and not isinstance(sm_scale, fx.Node):
             sm_scale = sm_scale(graph)                 # a symbolic scale, emitted as a graph value
+        key_mask = _operand(graph, match.key_mask) if match.key_mask is not None else None
+        doc = _operand(graph, match.doc_ids) if match.doc_ids is not None else None
+        v_orig = v
+        inverse = None
+        if doc is not None:
+            # The graph compares ids for equality anywhere in the row; the op sees runs of equal ids. A stable
+            # sort by id makes every id one run and keeps positions in order within it: exact for any ids.
+            q, k, v, c, key_mask, doc, inverse = _sorted_by_document(graph, q, k, v, c, key_mask, doc)
         q_norm = k_norm = None
         if config.certificate == "online" and config.op_log_eps is not None:
             q_norm, k_norm = emit_norm_stats(graph, q, k)
         out = graph.call_function(
             torch.ops.acp.fox_attention_fwd.default,
-            (q, k, v, c, sm_scale, config.op_log_eps, None),
+            (q, k, v, c, sm_scale, config.op_log_eps, None, key_mask, doc),
             {"certificate": config.certificate, "q_norm": q_norm, "k_norm": k_norm},
         )
         o = graph.call_function(operator.getitem, (out, 0))
+        if inverse is not None:
+            o = _take_rows(graph, o, inverse, 4)
+        if match.empty_rows in ("nan", "mean"):
+            lse = graph.call_function(operator.getitem, (out, 1))
+            if inverse is not None:
+                lse = _take_rows(graph, lse, inverse, 3)
+            o = _empty_rows(graph, o, lse, v_orig, q, match.empty_rows)
         if config.report:
             anchor = find_anchor(gm, match.replace)
             zero = graph.call_function(
@@ -70,6 +85,50 @@ def emit_fox_attention(gm: fx.GraphModule, match: FoxMatch, config: ACPConfig, s
     match.replace.replace_all_uses_with(value)
     erase_dead(graph, (match.replace, *match.region))
     return value
+
+
+def _take_rows(graph: fx.Graph, x: fx.Node, index: fx.Node, ndim: int) -> fx.Node:
+    """x (B, H, T[, D]) gathered along T by index (B, T): x[b, h, index[b, t]]."""
+    # torch.gather with the index expanded, not take_along_dim: the latter's fake implementation specialises
+    # symbolic sizes (a recompile per length under dynamic=True)
+    idx = graph.call_function(operator.getitem, (index, (slice(None), None, slice(None)) + ((None,) if ndim == 4 else ())))
+    idx = graph.call_method("expand_as", (idx, x))
+    return graph.call_function(torch.gather, (x, 2, idx))
+
+
+def _sorted_by_document(graph, q, k, v, c, key_mask, doc):
+    srt = graph.call_function(torch.sort, (doc,), {"dim": -1, "stable": True})
+    doc_sorted = graph.call_function(operator.getitem, (srt, 0))
+    perm = graph.call_function(operator.getitem, (srt, 1))
+    inverse = graph.call_function(torch.argsort, (perm,), {"dim": -1})
+    q, k, v = (_take_rows(graph, x, perm, 4) for x in (q, k, v))
+    c = _take_rows(graph, c, perm, 3)
+    if key_mask is not None:
+        key_mask = graph.call_function(torch.gather, (key_mask, 1, perm))
+    return q, k, v, c, key_mask, doc_sorted, inverse
+
+
+def _empty_rows(graph: fx.Graph, o: fx.Node, lse: fx.Node, v: fx.Node, q: fx.Node, how: str) -> fx.Node:
+    """Rows with no visible key (the op's lse is -inf there, its o 0) as eager computes them:
+    "nan": softmax over all -inf logits is NaN; eager's v gets a NaN gradient (0 x NaN) in every batch element
+           holding such a row, reproduced by a fill v.sum() * w with w = NaN there and 0 elsewhere;
+    "mean": a finite fill makes the row's softmax uniform over all Tk keys: the mean of v (per kv head,
+           repeated to the query heads)."""
+    empty = graph.call_function(operator.eq, (lse, float("-inf")))                     # (B, Hq, Tq)
+    where = graph.call_function(operator.getitem, (empty, (Ellipsis, None)))
+    if how == "nan":
+        anywhere = graph.call_function(torch.any, (graph.call_method("flatten", (empty, 1)),), {"dim": -1})
+        w = graph.call_function(torch.where, (anywhere, float("nan"), 0.0))
+        total = graph.call_function(torch.sum, (v,), {"dim": (1, 2, 3)})
+        fill = graph.call_function(operator.mul, (total, graph.call_method("to", (w, total))))
+        fill = graph.call_function(operator.getitem, (fill, (slice(None), None, None, None)))
+    else:
+        mean = graph.call_method("mean", (v, -2), {"keepdim": True})                   # (B, Hkv, 1, Dv)
+        group = graph.call_function(operator.floordiv, (graph.call_method("size", (q, 1)),
+                                                        graph.call_method("size", (v, 1))))
+        fill = graph.call_function(torch.repeat_interleave, (mean, group), {"dim": 1})
+    fill = graph.call_method("to", (fill, o))
+    return graph.call_function(torch.where, (where, fill, o))
 
 
 def erase_dead(graph: fx.Graph, nodes) -> None:

@@ -57,6 +57,9 @@ class Mask:
     reader: fx.Node | None = None   # the chain node that reads it
     fills_only: bool = False   # additive, and a bias matrix: only its fills (<= MASK_FILL_MAX) mask; the finite
                                # values are the bias (proven by static_bias.check_row_shift)
+    fill: Any = None           # the fill value (a number or a node) of a mask that replaces logits
+    replaces: bool = False     # masked entries are replaced by `fill` (masked_fill, where, item assignment), so no
+                               # gradient reaches the logits there; False for additive masks
 
 
 @dataclass
@@ -163,19 +166,19 @@ def decompose(top: fx.Node, consumer: fx.Node, ctx: MatchContext, allow_qk: bool
             fill = gu.arg(v, 2, "value")
             if not _is_fill(fill, ctx, v):
                 raise NotProven(f"{v.name}: masked_fill with {_describe(fill)}, not -inf{_FINITE_FILL_HINT}")
-            out.masks.append(Mask(gu.arg(v, 1, "mask"), True, reader=v))
+            out.masks.append(Mask(gu.arg(v, 1, "mask"), True, reader=v, fill=fill, replaces=True))
             return walk(a[0], coef, v)
         if v.op == "call_function" and v.target is operator.setitem:
             mask = _item_assignment_mask(v, ctx)
-            out.masks.append(Mask(mask, True, reader=v))
+            out.masks.append(Mask(mask, True, reader=v, fill=v.args[2], replaces=True))
             return walk(a[0], coef, v)
         if gu.is_op(v, "where") and len(a) == 3:
             cond, x, y = a
             if _is_fill(y, ctx, v) and isinstance(x, fx.Node) and not _is_fill(x, ctx, v):
-                out.masks.append(Mask(cond, False, reader=v))
+                out.masks.append(Mask(cond, False, reader=v, fill=y, replaces=True))
                 return walk(x, coef, v)
             if _is_fill(x, ctx, v) and isinstance(y, fx.Node):
-                out.masks.append(Mask(cond, True, reader=v))
+                out.masks.append(Mask(cond, True, reader=v, fill=x, replaces=True))
                 return walk(y, coef, v)
             if _is_fill(y, ctx, v) and _is_zero(x) or _is_fill(x, ctx, v) and _is_zero(y):
                 # where(keep, 0.0, -inf): an additive mask on its own; a fill that enters negated is not one

@@ -31,6 +31,7 @@ class FoxMatch:
     finish       maps the op's o node (B, Hq, Tq, D) to the replaced node's value; None: o itself
     guards       runtime checks (patterns.guards.RuntimeGuard) that keep the proof true at call time
     region       nodes the rewrite makes dead; erased when they have no users left (optional)
+    key_mask, doc_ids, empty_rows   padded batches and packed documents (patterns/segment_masks.py)
     """
     anchor: str
     replace: fx.Node
@@ -42,6 +43,11 @@ class FoxMatch:
     finish: Callable[[fx.Graph, fx.Node], fx.Node] | None = None
     guards: tuple = ()
     region: tuple = field(default_factory=tuple)
+    key_mask: Operand | None = None     # (B, Tk) bool, True = the key may be seen (padded batches)
+    doc_ids: Operand | None = None      # (B, Tk) integer document ids compared for equality (any order:
+                                        # emit sorts each row so that every id is one run, patterns/segment_masks.py)
+    empty_rows: str | None = None       # rows with no visible key: None / "zero" (the op's 0), "nan" (eager's
+                                        # softmax over -inf fills), "mean" (a finite fill: uniform over all keys)
 
 
 @dataclass(frozen=True)

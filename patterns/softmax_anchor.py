@@ -18,6 +18,7 @@ from acp_compile import _torch_private as tp
 from acp_compile.patterns import graph_utils as gu
 from acp_compile.patterns import logits as lg
 from acp_compile.patterns import operands as od  # od: operand builders
+from acp_compile.patterns import segment_masks as sg
 from acp_compile.patterns.context import MatchContext, is_default_scale
 from acp_compile.patterns.dtypes import cast_operand, operand_cast
 from acp_compile.patterns.match import FoxMatch, NearMiss, NotProven
@@ -264,7 +265,13 @@ class SoftmaxMatmulAnchor:
             if any(node not in flat for _, node, _, _ in proof.key_terms):
                 raise NotProven("a key-side bias is added after the logits were viewed as (B, H, Tq, Tk); add it to "
                                 "the (B*H, Tq, Tk) logits (or baddbmm's bias) instead")
-        guards = lg.prove_causal(dec, ctx, Tq, Tk, O)
+        if gu.is_op(sm, "softmax"):
+            top = gu.effective_value(sm.args[0], sm, ctx.position)      # after att.masked_fill_(...) in place
+        else:
+            s_node, sub, _ = _log_normalised(sm)
+            top = gu.effective_value(s_node, sub, ctx.position)
+        seg = _prove_segments(dec, ctx, Tq, Tk, tuple(S_shape), top, sm, chain, O)
+        guards = seg.guards if seg is not None else lg.prove_causal(dec, ctx, Tq, Tk, O)
         pv = od.pv_operands(O, P, qk, ctx)
         raw_factors = qk.factors + dec.qk_coef
         factors = lg.scale_factors(raw_factors)
@@ -291,7 +298,27 @@ class SoftmaxMatmulAnchor:
             anchor=self.name, replace=O, q=q, k=k, v=v,
             c=od.c_builder(proof.key_terms, qk.c_layout, q, qk.group_source),
             sm_scale=sm_scale, finish=pv.finish, guards=tuple(guards) + tuple(proof.guards), region=region,
+            key_mask=sg.key_mask_builder(seg.key_leaves) if seg is not None and seg.key_leaves else None,
+            doc_ids=seg.doc_ids if seg is not None else None,
+            empty_rows=seg.empty_rows if seg is not None else None,
         )
+
+
+def _prove_segments(dec, ctx: MatchContext, Tq: int, Tk: int, S_shape: tuple, top: fx.Node, sm: fx.Node,
+                    chain: list, O: fx.Node):
+    """The padded-batch / packed-document proof (patterns/segment_masks.py) when the masks read per-call data;
+    None when they do not, or when it fails but the ordinary proof (a per-call check on the CPU) holds."""
+    cleaned = any(_target_name(n) in ("isnan", "nan_to_num") or (_target_name(n) in ("ne", "__ne__") and len(n.args) == 2
+                  and n.args[0] is n.args[1]) for n in chain if n.op in ("call_function", "call_method"))
+    softmax_dtype = sm.kwargs.get("dtype") if gu.is_op(sm, "softmax") else None
+    try:
+        return sg.prove_segments(dec, ctx, Tq, Tk, S_shape, top, softmax_dtype, cleaned)
+    except NotProven as err:
+        try:
+            lg.prove_causal(dec, ctx, Tq, Tk, O)
+        except NotProven:
+            raise err from None
+        return None
 
 
 def _check_leading_views(dec, chain: list, qk) -> None:

@@ -34,8 +34,14 @@ arange(1 - T, 1) * slope_h (MPT) (one-sided: alone, or next to a gate bias c_i -
 (H, 64, 64) sliced to the call, a clamp at -window (inactive while T <= window: the size guard decides); slopes
 2^(-8/H * h) in a buffer. Look-alikes: a log-distance bias, a slope per query row.
 
+Packed documents (issue #12 item 3): per-call ids doc (B, T) compared in the graph, doc[:, None, :, None] ==
+doc[:, None, None, :] (or != into the hide mask), combined with the causal mask and the padding; ids sorted on some
+calls and coming back after other ids on others (the graph's relation is equality, not runs).
+`expect_segments_rewrite` names the padded and packed programs on plain choices, which the pass must rewrite.
+
 Every program is well-defined in eager: each query row keeps at least one key (the diagonal, or key 0 / the
-even keys when padding hides keys), so eager never gives NaN.
+even keys when padding hides keys; with documents, padding hides an odd key only when the even key before it is
+in the same document), so eager never gives NaN.
 """
 from __future__ import annotations
 
@@ -110,6 +116,7 @@ class Spec:
     factor: str = "none"   # per-head factor on the decay / temperature (FACTORS)
     style: str = "plain"   # "hf": Hugging Face's eager_attention_forward with the decay in attention_mask
     alibi: str = "none"    # an ALiBi / static decay term added to the logits (ALIBIS)
+    docs: bool = False     # packed documents: per-call ids doc (B, T), same-document mask doc_i == doc_j in the graph
 
     @property
     def reach(self) -> list:
@@ -252,8 +259,11 @@ def _norm_reach(d) -> None:
     if d["factor"] != "none" and (d["write"] in ("q_after", "k_after", "v_after", "c_mul", "c_tail")
                                   or (d["write"] in MASK_WRITES and d["write_after_use"])):
         d["write"] = "none"    # a parameter makes the graph need grad: a write into a saved tensor fails under any backend
-    if d["apply"] in ("set_ellipsis", "set_slices") and d["padding"]:
+    if d["apply"] in ("set_ellipsis", "set_slices") and (d["padding"] or d["docs"]):
         d["apply"] = "mf_not"
+    if d["docs"] and (d["cache"] or d["style"] == "hf" or d["product"] == "baddbmm_bias"
+                      or (d["gqa"] == "grouped" and d["G"] > 1) or d["apply"] == "none"):
+        d["docs"] = False              # document ids need Tq == Tk and 4-D (B, H, T, T) logits
     if d["gate"] == "arbitrary" and d["bias"] in ("arbitrary", "none"):
         d["gate"] = "logsigmoid"
     _norm_alibi(d)
@@ -297,6 +307,7 @@ def specs(draw, *, max_T=40, max_B=2, max_Hkv=2, max_D=16):
         factor=draw(st.sampled_from(FACTORS[:1] * 4 + FACTORS)),
         style=draw(st.sampled_from(["plain"] * 7 + ["hf"])),
         alibi=draw(st.sampled_from(ALIBIS[:1] * 8 + ALIBIS[1:])),
+        docs=draw(st.sampled_from([False] * 4 + [True])),
     )
     return _norm(spec)
 
@@ -416,7 +427,12 @@ def render(spec: Spec) -> str:
             add("hide = hide | ~pad[:, None, None, :]")
         else:
             add("kp = keep & pad[:, None, None, :]")
-    K = "kp" if (need_mask and s.padding and s.apply != "mf_triu") else "keep"
+    if need_mask and s.docs:
+        if s.apply == "mf_triu":
+            add("hide = hide | (doc[:, None, :, None] != doc[:, None, None, :])")
+        else:
+            add(f"kp = {'kp' if s.padding else 'keep'} & (doc[:, None, :, None] == doc[:, None, None, :])")
+    K = "kp" if (need_mask and (s.padding or s.docs) and s.apply != "mf_triu") else "keep"
     if s.apply in ("additive",) or (sdpa and s.sdpa_mask == "plus_additive" and need_mask):
         add(f"m = torch.zeros({K}.shape).masked_fill(~{K}, float('-inf'))")
 
@@ -632,7 +648,7 @@ def _finish(s: Spec, L: list) -> str:
     else:
         add("return o")
 
-    args = "q, k, v, fg, pad" if s.padding else "q, k, v, fg"
+    args = "q, k, v, fg" + (", pad" if s.padding else "") + (", doc" if s.docs else "")
     body = "\n".join("        " + line for line in L)
     Hq = s.Hkv * s.G
     return (
@@ -691,18 +707,26 @@ def make_inputs(spec: Spec, T: int, n: int, seed: int = 0):
     # even heads decay slowly (a wrong window or prefix shows as an O(1) error), odd heads fast
     fg = torch.randn(spec.B, Hq, T, generator=g) * 0.5 + torch.tensor([3.0, -1.0] * Hq)[:Hq, None]
     args = [q, k, v, fg]
+    doc = None
+    if spec.docs:                                            # ids that come back after others: equality, not runs
+        doc = (torch.randint(0, 3 if n % 2 else 1000, (spec.B, T), generator=g).sort(-1).values
+               if n % 4 == 0 else torch.randint(0, 3, (spec.B, T), generator=g))
     if spec.padding:
         pad = torch.ones(spec.B, T, dtype=torch.bool)
         if n % 2 == 1:                                       # odd keys hidden at random on odd calls
             pad[:, 1::2] = torch.rand(spec.B, T // 2, generator=g) > 0.4
+            if doc is not None:                              # only where the even key before is in the same document
+                pad[:, 1::2] |= doc[:, 1::2] != doc[:, 0:(T // 2) * 2:2]
         args.append(pad)
+    if doc is not None:
+        args.append(doc)
     return args
 
 
 def calls_for(spec: Spec, seed: int = 0):
     """(number of calls, make_args): each length once; with padding, four calls per length (all-ones and padded
     in turn, each pad a fresh tensor, so a new pad can land at the address of an earlier verified one)."""
-    seq = [T for T in spec.lengths for _ in range(4 if spec.padding else 1)]
+    seq = [T for T in spec.lengths for _ in range(4 if spec.padding or spec.docs else 1)]
     return len(seq), (lambda n: make_inputs(spec, seq[n], n, seed))
 
 
@@ -717,6 +741,17 @@ def expect_rewrite(spec: Spec) -> bool:
             and s.bias in biases and s.apply != "none")
 
 
+def expect_segments_rewrite(spec: Spec) -> bool:
+    """A padded or packed batch (issue #12 items 2 and 3) on plain choices: the masks replace logits last before
+    the softmax, so the pass must rewrite it."""
+    s = spec
+    return ((s.padding or s.docs) and not s.reach and s.write in ("none", "unrelated") and s.variant == "causal"
+            and s.product in ("at", "matmul", "einsum") and s.apply in ("mf_not", "mf_inplace", "where", "mf_triu")
+            and s.bias in ("index", "paren", "unsqueeze", "steps", "inplace") and s.alibi == "none"
+            and s.style == "plain" and s.gqa == "repeat" and s.softmax in ("method", "torch", "F", "fp32")
+            and not (s.docs and s.cache))
+
+
 def category(spec: Spec) -> str:
     """The family a wrong program belongs to (to deduplicate findings)."""
     if spec.reach:
@@ -725,6 +760,8 @@ def category(spec: Spec) -> str:
         return f"write-mask-{spec.write}"
     if spec.write not in ("none", "unrelated"):
         return f"write-{spec.write}"
+    if spec.docs:
+        return "document-ids"
     if spec.padding:
         return "padding-input"
     if spec.variant != "causal":

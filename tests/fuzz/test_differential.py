@@ -25,7 +25,7 @@ import time
 
 from hypothesis import HealthCheck, Phase, given, settings
 
-from fuzz.grammar import build, calls_for, category, expect_rewrite, specs
+from fuzz.grammar import build, calls_for, category, expect_rewrite, expect_segments_rewrite, specs
 from fuzz.harness import record_finding, run_and_compare
 
 PROFILE = os.environ.get("ACP_FUZZ_PROFILE", "ci")
@@ -86,7 +86,7 @@ def test_differential_fuzz():
         setting = (f"dynamic={spec.dynamic}, log_eps={spec.log_eps}, lengths={spec.lengths}, B={spec.B}, "
                    f"Hkv={spec.Hkv}, G={spec.G}, D={spec.D}, Dv={spec.Dv}, grads={spec.grads}, "
                    f"padding={spec.padding} (tests/fuzz/grammar.py make_inputs)")
-        if expect_rewrite(spec):                     # a reach positive on plain choices must be rewritten
+        if expect_rewrite(spec) or expect_segments_rewrite(spec):   # plain positives must be rewritten
             stats["positives"] += 1
             stats["positives_rewritten"] += out.rewritten > 0
             if out.rewritten == 0 and not out.wrong:
