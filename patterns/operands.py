@@ -304,13 +304,17 @@ def as_node(graph: fx.Graph, x: Any) -> fx.Node:
     return x if isinstance(x, fx.Node) else x(graph)
 
 
-def c_builder(key_terms: list, layout: str, q_op: Any, group_source: Any = None) -> Callable:
+def c_builder(key_terms: list, layout: str, q_op: Any, group_source: Any = None,
+              flatten: frozenset = frozenset()) -> Callable:
     """c (B, Hq, Tk) fp32 = -(sum of coef * key term).squeeze(-2), broadcast to q's (B, Hq).
 
     key_terms: (coef, node, tensor factors, row) with node (..., 1, Tk) in the logits' leading layout, or
     (..., Tq, Tk) with row "last" (a static bias matrix: its last query row, position Tk-1, holds -c up to a
     constant; patterns/static_bias.py), and tensor factors [(f, inverse)] of shape (..., 1, 1) (only with
     layout "4d"); layout as QK.c_layout; q_op: the (memoised) q operand of the op, whose sizes c is expanded to.
+    flatten (layout "flat"): key-term nodes of shape (B, H, 1, Tk) added after the (B*H, Tq, Tk) logits were
+    viewed as (B, H, Tq, Tk), with both leading sizes those of the view: reshaped to (B*H, 1, Tk), row b*H + h,
+    the view's own relabelling, before they are summed with the flat terms.
     Built from the graph's own values, so c follows every length and module state the bias does.
     """
     if layout not in ("4d", "grouped") and any(factors for _, _, factors, _ in key_terms):
@@ -325,12 +329,17 @@ def c_builder(key_terms: list, layout: str, q_op: Any, group_source: Any = None)
             if row == "last":
                 node = graph.call_function(operator.getitem, (node, (Ellipsis, slice(-1, None), slice(None))))
             term = node if coef == -1.0 else graph.call_function(operator.mul, (node, -coef))
+            if node in flatten:
+                term = graph.call_method("reshape", (term, -1, 1, _size(graph, node, -1)))
             for f, inverse in factors:
                 term = graph.call_function(operator.truediv if inverse else operator.mul, (term, f))
                 lead_dims = max(lead_dims, len(gu.shape(f)) - 2)
             total = term if total is None else graph.call_function(operator.add, (total, term))
         c = graph.call_method("squeeze", (total, -2))                      # (lead..., Tk)
-        lead = gu.shape(key_terms[0][1])[:-2] if layout == "flat" else (None,) * lead_dims
+        if layout == "flat" and key_terms[0][1] in flatten:
+            lead = (None,)                                                # (B*H, 1, Tk): not 1 wide
+        else:
+            lead = gu.shape(key_terms[0][1])[:-2] if layout == "flat" else (None,) * lead_dims
         qb, qh = _size(graph, q, 0), _size(graph, q, 1)
         if layout == "flat":
             if len(lead) == 1 and lead[0] != 1:

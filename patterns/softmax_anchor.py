@@ -260,11 +260,15 @@ class SoftmaxMatmulAnchor:
         proof = lg.prove_bias(dec, ctx, Tq, Tk)
         if proof is None:
             return None                                  # plain causal attention: not FoX, left alone
+        flatten = frozenset()
         if dec.leading_view is not None:
             flat = {t.node for t in dec.terms if t.flat}
-            if any(node not in flat for _, node, _, _ in proof.key_terms):
-                raise NotProven("a key-side bias is added after the logits were viewed as (B, H, Tq, Tk); add it to "
-                                "the (B*H, Tq, Tk) logits (or baddbmm's bias) instead")
+            after_view = {node for _, node, _, _ in proof.key_terms if node not in flat}
+            if after_view and (qk.c_layout != "flat" or not all(_full_view_term(n, dec.leading_view) for n in after_view)):
+                raise NotProven("a key-side bias is added after the logits were viewed as (B, H, Tq, Tk) and is not "
+                                "(B, H, 1, Tk) with the view's own B and H; add it to the (B*H, Tq, Tk) logits (or "
+                                "baddbmm's bias) instead")
+            flatten = frozenset(after_view)
         if gu.is_op(sm, "softmax"):
             top = gu.effective_value(sm.args[0], sm, ctx.position)      # after att.masked_fill_(...) in place
         else:
@@ -296,7 +300,7 @@ class SoftmaxMatmulAnchor:
         region = tuple(chain) + tuple(dec.chain) + (dec.qk,)
         return FoxMatch(
             anchor=self.name, replace=O, q=q, k=k, v=v,
-            c=od.c_builder(proof.key_terms, qk.c_layout, q, qk.group_source),
+            c=od.c_builder(proof.key_terms, qk.c_layout, q, qk.group_source, flatten),
             sm_scale=sm_scale, finish=pv.finish, guards=tuple(guards) + tuple(proof.guards), region=region,
             key_mask=sg.key_mask_builder(seg.key_leaves) if seg is not None and seg.key_leaves else None,
             doc_ids=seg.doc_ids if seg is not None else None,
@@ -337,6 +341,21 @@ def _segments_verified_on(ctx: MatchContext) -> None:
         raise NotProven(f"a padded or packed batch on {sorted(devices - {'cpu'})}: this rewrite is not yet verified "
                         f"on GPUs (its GPU test failed); left as it is. {SEGMENTS_ON_GPU_ENV}=1 enables it for "
                         "verification")
+
+
+def _full_view_term(node: fx.Node, view: fx.Node) -> bool:
+    """node is (B, H, 1, Tk) with B and H the very sizes of the view (B*H, Tq, Tk) -> (B, H, Tq, Tk): equal ints,
+    or the same symbolic expressions; a broadcast (1 or another size) is not flattened."""
+    s, v = gu.shape(node), gu.shape(view)
+    if s is None or v is None or len(s) != 4 or len(v) != 4 or not (isinstance(s[2], int) and s[2] == 1):
+        return False
+    for a, b in zip(s[:2], v[:2]):
+        if isinstance(a, int) and isinstance(b, int):
+            if a != b or a == 1:
+                return False
+        elif isinstance(a, int) or isinstance(b, int) or str(a) != str(b):
+            return False
+    return True
 
 
 def _check_leading_views(dec, chain: list, qk) -> None:

@@ -287,3 +287,28 @@ def baddbmm_expanded_bias(q, k, v, fg):
     bias = bias.expand(B * H, T, T)
     s = torch.baddbmm(bias, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2), alpha=D ** -0.5)
     return torch.bmm(s.softmax(-1), v.reshape(B * H, T, D)).view(B, H, T, D)
+
+
+def bmm_then_view_with_gate_after_view(q, k, v, fg):
+    """Logits from a 3-D bmm viewed as (B, H, Tq, Tk), the gate added in place after the view on both sides,
+    then viewed back to (B*H, Tq, Tk) for the product with v (the fuzzer's BLOOM-like spelling)."""
+    B, H, T, D = q.shape
+    c = torch.cumsum(F.logsigmoid(fg), dim=-1)
+    s = torch.bmm(q.reshape(-1, T, D), k.reshape(-1, T, D).transpose(1, 2)).view(B, H, T, T) * D ** -0.5
+    s += c[..., :, None]
+    s -= c[..., None, :]
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    p = s.softmax(-1)
+    return torch.bmm(p.reshape(-1, T, T), v.reshape(-1, T, v.shape[-1])).view(B, H, T, -1)
+
+
+def bmm_then_view_with_broadcast_key_term(q, k, v, fg):
+    """Look-alike: the key-side term after the view is (1, H, 1, Tk), shared by every batch row (a broadcast the
+    flattening does not cover), so it is refused with the view's reason."""
+    B, H, T, D = q.shape
+    c = torch.cumsum(F.logsigmoid(fg[:1]), dim=-1)
+    s = torch.bmm(q.reshape(-1, T, D), k.reshape(-1, T, D).transpose(1, 2)).view(B, H, T, T) * D ** -0.5
+    s = s + c[..., :, None] - c[..., None, :]
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    p = s.softmax(-1)
+    return torch.bmm(p.reshape(-1, T, T), v.reshape(-1, T, v.shape[-1])).view(B, H, T, -1)
