@@ -142,6 +142,9 @@ def train_one(run: str, s: TrainSettings, corpus=None, save: Path | None = None)
     if RUNS[run][0] == "acp":
         from acp_compile import report
         report.reset()
+        # A fresh Dynamo cache, so the counts below are this run's rewrites: code compiled earlier in the
+        # same process (another model of the same classes) would otherwise be reused without the pass running.
+        torch.compiler.reset()
         counts_before = acp_counts()
     result = RunResult(name=run)
     bar = tqdm(total=s.steps, desc=run, disable=not s.progress, file=sys.stderr, mininterval=0.5,
