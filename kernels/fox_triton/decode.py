@@ -39,6 +39,34 @@ MAX_SPLITS = 1024
 
 
 @triton.jit
+def block_kept(c_q, c_k, vis, delta, row_ok, PRUNE: tl.constexpr):
+    """Scalar: the key block must be computed. With PRUNE, it is skipped only when its largest decay over
+    the visible keys is below delta for every real row (a NaN decay keeps it, so NaN spreads as in eager)."""
+    if PRUNE:
+        decay = tl.max(tl.where(vis, c_q[:, None] - c_k, float("-inf")), axis=1)        # (R,)
+        below = (decay < delta) | (row_ok == 0)
+        keep = tl.min(below.to(tl.int32), axis=0) == 0
+    else:
+        keep = True
+    return keep
+
+
+@triton.jit
+def attend_keys(q, k, v, c_q, c_k, vis, m_i, l_i, acc, qk_scale):
+    """One key block into the running (m_i, l_i, acc) of the rows (online softmax, log2 units)."""
+    qk = tl.dot(q, tl.trans(k))                                           # (R, N)
+    s = qk * qk_scale + (c_q[:, None] - c_k) * LOG2E
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)                # rows with nothing visible yet
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def fox_decode_split_kernel(
     Q, K, V, C, DELTA, M_OUT, L_OUT, ACC,
     sq_b, sq_h, sq_t, sq_d,
@@ -68,6 +96,8 @@ def fox_decode_split_kernel(
     row_idx = ((b * Hkv + hk) * GROUP + g) * Tq + t                          # (R,) flat (b, h, t)
     if PRUNE:
         delta = tl.load(DELTA + row_idx, mask=row_ok, other=float("-inf"))   # (R,) nats
+    else:
+        delta = tl.zeros((BLOCK_R,), tl.float32)                             # not read
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, DV_PAD), tl.float32)
@@ -82,29 +112,12 @@ def fox_decode_split_kernel(
         key_ok = (offs_n >= k_lo) & (offs_n < k_hi)
         vis = row_ok[:, None] & key_ok[None, :] & (offs_n[None, :] <= pos[:, None])   # (R, BN)
         c_k = tl.load(Cb[:, None] + offs_n[None, :] * sc_t, mask=vis, other=0.0).to(tl.float32)
-        if PRUNE:
-            # largest decay of each row over the block's visible keys; the block is skipped only when it is
-            # provably below every real row's delta (a NaN decay keeps it, so NaN spreads as in eager)
-            decay = tl.max(tl.where(vis, c_q[:, None] - c_k, float("-inf")), axis=1)        # (R,)
-            below = (decay < delta) | (row_ok == 0)
-            keep = tl.min(below.to(tl.int32), axis=0) == 0
-        else:
-            keep = True
-        if keep:
+        if block_kept(c_q, c_k, vis, delta, row_ok, PRUNE):
             k = tl.load(Kb + offs_n[:, None] * sk_t + offs_d[None, :] * sk_d,
                         mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)   # (BN, D_PAD)
             v = tl.load(Vb + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d,
                         mask=key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
-            qk = tl.dot(q, tl.trans(k))                                       # (R, BN)
-            s = qk * qk_scale + (c_q[:, None] - c_k) * LOG2E                 # log2 units
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)            # rows with nothing visible yet
-            alpha = tl.math.exp2(m_i - m_safe)
-            p = tl.math.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = attend_keys(q, k, v, c_q, c_k, vis, m_i, l_i, acc, qk_scale)
     out = row_idx * S + split
     tl.store(M_OUT + out, m_i, mask=row_ok)                                  # log2 units
     tl.store(L_OUT + out, l_i, mask=row_ok)

@@ -24,9 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from acp_compile.kernels.fox_triton.common import LOG2E
 from acp_compile.kernels.fox_triton.configs import padded_head_dim
-from acp_compile.kernels.fox_triton.decode import BLOCKS_PER_SPLIT, MAX_SPLITS, fox_decode_combine_kernel
+from acp_compile.kernels.fox_triton.decode import (
+    BLOCKS_PER_SPLIT, MAX_SPLITS, attend_keys, block_kept, fox_decode_combine_kernel,
+)
 
 
 @triton.jit
@@ -64,6 +65,8 @@ def fox_decode_paged_split_kernel(
     row_idx = ((b * Hkv + hk) * GROUP + g) * Tq + t                          # (R,) flat (b, h, t)
     if PRUNE:
         delta = tl.load(DELTA + row_idx, mask=row_ok, other=float("-inf"))
+    else:
+        delta = tl.zeros((BLOCK_R,), tl.float32)                             # not read
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, DV_PAD), tl.float32)
@@ -78,28 +81,13 @@ def fox_decode_paged_split_kernel(
         vis = row_ok[:, None] & (offs_n[None, :] <= pos[:, None])            # (R, P)
         c_k = tl.load(CP + phys * sc_p + g[:, None] * sc_g + offs_p[None, :] * sc_t, mask=vis,
                       other=0.0).to(tl.float32)
-        if PRUNE:
-            decay = tl.max(tl.where(vis, c_q[:, None] - c_k, float("-inf")), axis=1)        # (R,)
-            below = (decay < delta) | (row_ok == 0)
-            keep = tl.min(below.to(tl.int32), axis=0) == 0
-        else:
-            keep = True
-        if keep:
+        if block_kept(c_q, c_k, vis, delta, row_ok, PRUNE):
             # slots past `length` are never loaded (a reused page may hold an evicted key's data there)
             k = tl.load(KP + phys * sk_p + offs_p[:, None] * sk_t + offs_d[None, :] * sk_d,
                         mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)   # (P, D_PAD)
             v = tl.load(VP + phys * sv_p + offs_p[:, None] * sv_t + offs_dv[None, :] * sv_d,
                         mask=key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
-            qk = tl.dot(q, tl.trans(k))                                       # (R, P)
-            s = qk * qk_scale + (c_q[:, None] - c_k) * LOG2E                 # log2 units
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_safe)
-            p = tl.math.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = attend_keys(q, k, v, c_q, c_k, vis, m_i, l_i, acc, qk_scale)
     out = row_idx * S + split
     tl.store(M_OUT + out, m_i, mask=row_ok)
     tl.store(L_OUT + out, l_i, mask=row_ok)
