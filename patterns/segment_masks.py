@@ -83,6 +83,13 @@ class Leaf:
     equal: bool = True          # doc: == (True) or != (False)
     ids: fx.Node | None = None  # doc: the (B, T) integer node compared
 
+    def constant(self, value: bool) -> torch.Tensor:
+        """The leaf held at one value, as a (1, .., 1) bool tensor on the leaf's own device: the rest of the mask
+        (a causal mask built with device=q.device, say) lives there, and a CPU probe would not combine with it."""
+        fake = gu.fake(self.node)
+        device = fake.device if isinstance(fake, torch.Tensor) else None
+        return torch.full((1,) * self.ndim, value, dtype=torch.bool, device=device)
+
 
 @dataclass
 class SegmentProof:
@@ -488,7 +495,7 @@ def _combination_check(leaves: list, masks: list, Tq: int, Tk: int):
     def check(evaluate) -> None:
         causal = []
         for combo in itertools.product((True, False), repeat=len(leaves)):
-            values = {lf.node: torch.full((1,) * lf.ndim, val, dtype=torch.bool) for lf, val in zip(leaves, combo)}
+            values = {lf.node: lf.constant(val) for lf, val in zip(leaves, combo)}
             total = None
             for m, val in zip(masks, evaluate(values)):
                 if not isinstance(val, torch.Tensor):
@@ -556,7 +563,7 @@ def _guards(ctx, masks, leaves, leaf_nodes, check) -> list:
             # sizes at this call from the masks' broadcast shape (leaves are size 1 here; an axis the static part
             # lacks is one along which nothing varies, and a query axis of 1 with several queries was refused at
             # compile time: a row-constant mask is not causal)
-            probe = evaluate({lf.node: torch.ones((1,) * lf.ndim, dtype=torch.bool) for lf in leaves})
+            probe = evaluate({lf.node: lf.constant(True) for lf in leaves})
             shape = torch.broadcast_shapes(*[p.shape for p in probe])
             c = _combination_check(leaves, masks, shape[-2], shape[-1])
             c(evaluate)
