@@ -1,4 +1,4 @@
-"""Registers and spill stack of the backward kernels for sm_90, compiled on a machine without a GPU.
+"""Registers and spill stack of the backward and decode kernels for sm_90, compiled on a machine without a GPU.
 
   TRITON_DEFAULT_FP_FUSION=1 python examples/benchmarks/kernel_registers.py [--before <tree>]
 
@@ -24,7 +24,9 @@ from triton.compiler import ASTSource
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "DK": "*bf16", "DV": "*bf16", "DQ": "*bf16",
             "C": "*fp32", "LSE2": "*fp32", "DELTA": "*fp32", "DC": "*fp32", "ROW": "*fp32", "START": "*i32",
-            "END": "*i32", "KEEP": "*i32", "WHOLE": "*i32", "MODE": "*i8", "ANY": "*i32", "ACTIVE": "*i32", "KV": "*u8", "LO": "*i32"}
+            "END": "*i32", "KEEP": "*i32", "WHOLE": "*i32", "MODE": "*i8", "ANY": "*i32", "ACTIVE": "*i32", "KV": "*u8", "LO": "*i32",
+            "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC": "*fp32", "KP": "*bf16", "VP": "*bf16", "CP": "*fp32",
+            "TABLE": "*i64", "FIRST": "*i64", "LEN": "*i64"}
 
 
 def resources(fn, constexprs: dict, num_warps: int, num_stages: int) -> dict:
@@ -67,6 +69,14 @@ def main():
               resources(fox_bwd_dkdv_kernel, dict(common, BLOCK_M=64, BLOCK_N=128, RECORDED=recorded), 8, 3))
         print("dq 128x64, 8 warps, 3 stages, recorded", recorded,
               resources(fox_bwd_dq_kernel, dict(common, BLOCK_M=128, BLOCK_N=64, RECORDED=recorded), 8, 3))
+    from acp_compile.kernels.fox_triton.decode import fox_decode_split_kernel
+    from acp_compile.kernels.fox_triton.decode_paged import fox_decode_paged_split_kernel
+    dec = dict(GROUP=1, HEAD_DIM=128, D_PAD=128, HEAD_DIM_V=128, DV_PAD=128, BLOCK_R=16)
+    for prune in (False, True):
+        print("decode split, 4 warps, 2 stages, prune", prune,
+              resources(fox_decode_split_kernel, dict(dec, BLOCK_N=64, PRUNE=prune), 4, 2))
+        print("paged decode split, 4 warps, 2 stages, prune", prune,
+              resources(fox_decode_paged_split_kernel, dict(dec, PAGE=64, PRUNE=prune), 4, 2))
     if args.before:
         spec = importlib.util.spec_from_file_location(
             "before_dkdv", os.path.join(args.before, "kernels", "fox_triton", "backward_dkdv.py"))

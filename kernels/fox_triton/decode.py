@@ -17,7 +17,8 @@ Notation (one batch element b, kv head hk, its G = Hq / Hkv query heads):
 
 Grid (B * Hkv, S): program (bhk, s) walks the key blocks of split s (flash-decoding: the keys are
 divided among S programs per kv head so the GPU is busy whichever heads are global), newest first,
-and writes its partial row maximum M, sum L (exp of s - M) and accumulator ACC (unnormalised) to a
+down to the oldest kept block of the split (found in a first pass over c alone; the walk itself has no
+branch, so its loads pipeline), and writes its partial row maximum M, sum L (exp of s - M) and accumulator ACC (unnormalised) to a
 workspace; fox_decode_combine_kernel then merges the S partials of each row. Splits with no kept
 block write M = -inf, L = 0, ACC = 0. Offsets: batch and head offsets are int64.
 """
@@ -106,18 +107,29 @@ def fox_decode_split_kernel(
     n_blocks = tl.cdiv(k_hi - k_lo, BLOCK_N)
     Kb = K + b * sk_b + hk * sk_h
     Vb = V + b * sv_b + hk * sv_h
-    for i in range(0, n_blocks):
+    # Pass 1 (PRUNE): c alone, to find the oldest kept block; pass 2 walks every block from the newest down
+    # to it without a branch, so the loads of k and v are pipelined as in the dense kernel. The blocks
+    # pass 2 computes are a superset of the kept ones (a skippable block between two kept ones is
+    # computed too), which only lowers the dropped mass.
+    n_run = n_blocks
+    if PRUNE:
+        n_run = 0
+        for i in range(0, n_blocks):
+            offs_n = k_hi - (i + 1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            vis = row_ok[:, None] & (offs_n >= k_lo)[None, :] & (offs_n[None, :] <= pos[:, None])
+            c_k = tl.load(Cb[:, None] + offs_n[None, :] * sc_t, mask=vis, other=0.0).to(tl.float32)
+            n_run = tl.where(block_kept(c_q, c_k, vis, delta, row_ok, PRUNE), i + 1, n_run)
+    for i in range(0, n_run):
         n0 = k_hi - (i + 1) * BLOCK_N                                        # newest block first
         offs_n = n0 + tl.arange(0, BLOCK_N)                                  # (BN,) key positions
         key_ok = (offs_n >= k_lo) & (offs_n < k_hi)
         vis = row_ok[:, None] & key_ok[None, :] & (offs_n[None, :] <= pos[:, None])   # (R, BN)
         c_k = tl.load(Cb[:, None] + offs_n[None, :] * sc_t, mask=vis, other=0.0).to(tl.float32)
-        if block_kept(c_q, c_k, vis, delta, row_ok, PRUNE):
-            k = tl.load(Kb + offs_n[:, None] * sk_t + offs_d[None, :] * sk_d,
-                        mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)   # (BN, D_PAD)
-            v = tl.load(Vb + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d,
-                        mask=key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
-            m_i, l_i, acc = attend_keys(q, k, v, c_q, c_k, vis, m_i, l_i, acc, qk_scale)
+        k = tl.load(Kb + offs_n[:, None] * sk_t + offs_d[None, :] * sk_d,
+                    mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)       # (BN, D_PAD)
+        v = tl.load(Vb + offs_n[:, None] * sv_t + offs_dv[None, :] * sv_d,
+                    mask=key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+        m_i, l_i, acc = attend_keys(q, k, v, c_q, c_k, vis, m_i, l_i, acc, qk_scale)
     out = row_idx * S + split
     tl.store(M_OUT + out, m_i, mask=row_ok)                                  # log2 units
     tl.store(L_OUT + out, l_i, mask=row_ok)

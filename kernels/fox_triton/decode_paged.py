@@ -13,7 +13,7 @@ Notation (batch element b, kv head hk, its G = Hq / Hkv query heads, rows r = g 
   delta (B, Hq, Tq) fp32: the ACP threshold of each row, as in decode.py (-inf: dense).
 
 Grid (B * Hkv, S), static: split s covers logical pages [s * pps, (s + 1) * pps) and walks those that are
-live (>= first, <= the page of length - 1), newest first, so the launch depends on the cache's capacity,
+live (>= first, <= the page of length - 1), newest first, down to the oldest kept one (two passes, as decode.py), so the launch depends on the cache's capacity,
 never on its current length (CUDA graphs replay it as it is). Partials merge in decode.py's combine kernel.
 """
 from __future__ import annotations
@@ -73,7 +73,18 @@ def fox_decode_paged_split_kernel(
     first = tl.load(FIRST + b * Hkv + hk).to(tl.int64)
     lo = tl.maximum(split * pages_per_split, first)
     hi = tl.minimum((split + 1) * pages_per_split, (length - 1) // PAGE + 1)   # one past the newest page
-    for i in range(0, hi - lo):
+    # two passes as in decode.py: c alone down to the oldest kept page, then every page down to it, branch-free
+    n_run = hi - lo
+    if PRUNE:
+        n_run = hi - hi                                                      # 0, of the bounds' type
+        for i in range(0, hi - lo):
+            lp = hi - 1 - i
+            phys = tl.load(Tb + lp * st_l).to(tl.int64)
+            vis = row_ok[:, None] & ((lp * PAGE + offs_p)[None, :] <= pos[:, None])
+            c_k = tl.load(CP + phys * sc_p + g[:, None] * sc_g + offs_p[None, :] * sc_t, mask=vis,
+                          other=0.0).to(tl.float32)
+            n_run = tl.where(block_kept(c_q, c_k, vis, delta, row_ok, PRUNE), i + 1, n_run)
+    for i in range(0, n_run):
         lp = hi - 1 - i                                                      # newest page first
         phys = tl.load(Tb + lp * st_l).to(tl.int64)
         offs_n = lp * PAGE + offs_p                                          # (P,) key positions
@@ -81,13 +92,12 @@ def fox_decode_paged_split_kernel(
         vis = row_ok[:, None] & (offs_n[None, :] <= pos[:, None])            # (R, P)
         c_k = tl.load(CP + phys * sc_p + g[:, None] * sc_g + offs_p[None, :] * sc_t, mask=vis,
                       other=0.0).to(tl.float32)
-        if block_kept(c_q, c_k, vis, delta, row_ok, PRUNE):
-            # slots past `length` are never loaded (a reused page may hold an evicted key's data there)
-            k = tl.load(KP + phys * sk_p + offs_p[:, None] * sk_t + offs_d[None, :] * sk_d,
-                        mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)   # (P, D_PAD)
-            v = tl.load(VP + phys * sv_p + offs_p[:, None] * sv_t + offs_dv[None, :] * sv_d,
-                        mask=key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
-            m_i, l_i, acc = attend_keys(q, k, v, c_q, c_k, vis, m_i, l_i, acc, qk_scale)
+        # slots past `length` are never loaded (a reused page may hold an evicted key's data there)
+        k = tl.load(KP + phys * sk_p + offs_p[:, None] * sk_t + offs_d[None, :] * sk_d,
+                    mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)       # (P, D_PAD)
+        v = tl.load(VP + phys * sv_p + offs_p[:, None] * sv_t + offs_dv[None, :] * sv_d,
+                    mask=key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+        m_i, l_i, acc = attend_keys(q, k, v, c_q, c_k, vis, m_i, l_i, acc, qk_scale)
     out = row_idx * S + split
     tl.store(M_OUT + out, m_i, mask=row_ok)
     tl.store(L_OUT + out, l_i, mask=row_ok)

@@ -89,3 +89,21 @@ def test_bad_arguments_say_what_is_expected():
         acp_compile.fox_decode(q, k, v, c[:, :, 1:])
     with pytest.raises(ValueError, match="k_norm_max"):
         acp_compile.fox_decode(q, k, v, c, k_norm_max=torch.ones(3))
+
+
+def test_an_old_kept_block_behind_skipped_ones():
+    """c not monotone: a block far back rises to the query's c (its decay is 0) behind blocks far below the
+    threshold. The walk computes every block down to the oldest kept one (the skippable ones between them too,
+    which only lowers the dropped mass), so the result is the reference's within eps, and NaN planted in the
+    blocks older than the kept one is never read."""
+    q, k, v, c = cache(Hq=2, Hkv=1, Tk=640, rate=2.0, seed=7)
+    c[:, -1] = c[:, 0]                                                    # both heads decay steeply
+    c[:, :, 128:192] = c[:, :, -1:]                                       # keys 128..191: no decay at all
+    v[:, :, :64] = float("nan")
+    k[:, :, :64] = float("nan")
+    got = acp_compile.fox_decode(q, k, v, c, log_eps=-10.0, u_bound=10.0, splits=2).double()
+    assert not torch.isnan(got).any()
+    want = reference(q, k[:, :, 64:], v[:, :, 64:], c[..., 64:])
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    far = reference(q, k[:, :, 192:], v[:, :, 192:], c[..., 192:])
+    assert (far - want).abs().max() > 1e-2                                # the old block matters: it was kept
