@@ -5,8 +5,8 @@ launches: what decode steps, small batches and many-layer models pay per attenti
 
 For dense, online (default) and paper ACP, forward alone and forward + backward: the median host time of
 one call (time.perf_counter around the call, GPU synchronised before each repetition) and, with
---profile, the 25 functions with the most cumulative time under cProfile for the online forward +
-backward. JSON lines on stdout.
+--profile, the 30 functions with the most cumulative and own time under cProfile for the online forward +
+backward, and torch.profiler's table of ops and kernels per mode. JSON lines on stdout.
 """
 from __future__ import annotations
 
@@ -66,9 +66,19 @@ def main():
             acp_compile.fox_attention(*leaves, **kw).backward(do)
         prof.disable()
         torch.cuda.synchronize()
-        out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
-        print(out.getvalue())
+        for order in ("cumulative", "tottime"):
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats(order).print_stats(30)
+            print(out.getvalue())
+        # what each call launches: kernels and CPU-side aten ops, counted with torch.profiler
+        from torch.profiler import ProfilerActivity, profile
+        for name, kw in MODES.items():
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                for _ in range(5):
+                    acp_compile.fox_attention(*leaves, **kw).backward(do)
+                torch.cuda.synchronize()
+            print(f"== {name}: per forward + backward (5 calls)")
+            print(p.key_averages().table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60))
 
 
 if __name__ == "__main__":
