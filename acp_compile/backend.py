@@ -26,8 +26,9 @@ from acp_compile import _torch_private as tp
 from acp_compile import compilations
 from acp_compile.config import ACPConfig
 from acp_compile.patterns.rewrite import NearMissError, copy_graph_module, rewrite_graph
-from acp_compile.third_party import register_known_fox_functions
-from acp_compile.third_party_layers import register_known_layer_functions
+from acp_compile.import_hook import call_after_import
+from acp_compile.third_party import KNOWN_FOX_FUNCTIONS, register_known_fox_functions
+from acp_compile.third_party_layers import KNOWN_LAYER_FUNCTIONS, register_known_layer_functions
 
 tp.register_torch_log()
 # Known third-party FoX functions (fla, the FoX authors') already imported by the model's code are
@@ -36,6 +37,19 @@ tp.register_torch_log()
 # traced as plain PyTorch the same way (third_party_layers.py).
 register_known_fox_functions()
 register_known_layer_functions()
+
+
+def _register_third_party() -> None:
+    register_known_fox_functions()
+    register_known_layer_functions()
+
+
+# A FoX library imported after this module (acp_compile imported first, then the model built, then
+# torch.compile) is registered as soon as it is imported: registering in the backend entry below comes
+# too late for the first frame, which Dynamo has traced by then (its fused norms then graph-break into
+# their own kernels).
+call_after_import({k.module for k in KNOWN_FOX_FUNCTIONS} | {k.module for k in KNOWN_LAYER_FUNCTIONS},
+                  _register_third_party)
 log = tp.logger()
 
 def acp(gm: fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | None = None,

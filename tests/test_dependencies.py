@@ -7,7 +7,7 @@
     op layer            ops, report_op: kernels and the foundation
     patterns/ (pass)    patterns, the op layer and the foundation; never kernels, the API, the report,
                         the backend or the decorator
-    top                 api, generation, backend, decorator, report, module_names, pruning_map, compilations, third_party: anything
+    top                 api, generation, backend, decorator, report, module_names, pruning_map, compilations, third_party, import_hook: anything
 Private torch modules (torch._dynamo, torch._inductor, ...) are imported by _torch_private only.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ FOUNDATION = {"acp_compile._torch_private", "acp_compile.config", "acp_compile.c
 OP_LAYER = {"acp_compile.ops", "acp_compile.report_op"}
 TOP = {"acp_compile", "acp_compile.api", "acp_compile.backend", "acp_compile.decorator", "acp_compile.report",
        "acp_compile.pruning_map", "acp_compile.compilations", "acp_compile.third_party",
-       "acp_compile.third_party_layers", "acp_compile.module_names", "acp_compile.generation",
+       "acp_compile.third_party_layers", "acp_compile.import_hook", "acp_compile.module_names", "acp_compile.generation",
        "acp_compile.cache", "acp_compile.cache.kv_cache", "acp_compile.cache.paged_decode", "acp_compile.cache.bounds"}
 PRIVATE_TORCH = ("torch._dynamo", "torch._inductor", "torch._logging", "torch._guards", "torch._subclasses",
                  "torch.fx.experimental", "torch._higher_order_ops", "torch._functorch")

@@ -434,3 +434,34 @@ def test_fla_norms_and_swiglu_compile_on_cpu_under_acp():
     a, b = z.chunk(2, -1)
     torch.testing.assert_close(out, ref_glu_linear(a, b, W, None, True), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h, h_ref)
+
+
+def test_a_library_imported_after_acp_compile_is_traced_as_the_equivalent_from_the_first_frame(tmp_path):
+    """acp_compile imported first, the model's library imported after it, then torch.compile: the functions are
+    registered when their module is imported (acp_compile/import_hook.py), so the first frame Dynamo traces
+    already sees the equivalent (registering in the backend entry alone came after that frame was traced, and
+    its fused norms graph-broke into their own kernels). A real import of a stand-in package from a folder."""
+    name = f"{AUTHORS}.layernorm"
+    if any(m == "forgetting_transformer" or m.startswith("forgetting_transformer.") for m in sys.modules):
+        pytest.skip("the authors' package (or a stand-in) is imported already")
+    folder = tmp_path.joinpath(*name.split(".")[:-1])
+    folder.mkdir(parents=True)
+    for level in range(len(name.split(".")) - 1):
+        tmp_path.joinpath(*name.split(".")[:level + 1], "__init__.py").write_text("")
+    folder.joinpath("layernorm.py").write_text(
+        "def rms_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False):\n"
+        "    return x * 0.0 + 100.0   # not a norm: shows when this code runs\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import importlib
+        module = importlib.import_module(name)
+        fn = compiled(lambda x, w: module.rms_norm(x, w, None, eps=1e-6) * 2.0)
+        x, w = torch.randn(3, 16), torch.rand(16) + 0.5
+        got = fn(x, w)
+        torch.testing.assert_close(got, ref_norm(x, w, None, None, 1e-6, True)[0] * 2.0)
+        assert counters["acp"]["layer_substituted"] >= 1
+        torch.testing.assert_close(module.rms_norm(x, w, None), torch.full_like(x, 100.0))   # eager: its own code
+    finally:
+        sys.path.remove(str(tmp_path))
+        for m in [m for m in sys.modules if m == "forgetting_transformer" or m.startswith("forgetting_transformer.")]:
+            del sys.modules[m]
