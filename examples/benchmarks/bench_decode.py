@@ -25,37 +25,39 @@ def main():
     ap.add_argument("--T", type=int, nargs="+", default=[4096, 32768, 131072])
     ap.add_argument("--B", type=int, default=8)
     ap.add_argument("--out", default="/tmp")
+    ap.add_argument("--warps", type=int, nargs="+", default=[4], help="warps of the split kernel, each measured")
     a = ap.parse_args()
+    from acp_compile.kernels.fox_triton import decode as decode_kernels
     rows = [{"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")}]
     print(json.dumps(rows[0]), flush=True)
     H, D = 16, 128
-    for Hkv in (16, 4):
-        for T in a.T:
-            try:
-                g = torch.Generator(device="cuda").manual_seed(0)
-                q = torch.randn(a.B, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
-                k = torch.randn(a.B, Hkv, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
-                v = torch.randn(a.B, Hkv, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
-                rate = torch.full((H,), 30.0 / 1024, device="cuda")
-                rate[12:] = 1e-6
-                c = torch.cumsum(-rate[None, :, None] * (0.5 + torch.rand(a.B, H, T, device="cuda", generator=g)), -1)
-                kmax = torch.linalg.vector_norm(k.float(), dim=-1).amax(-1)
-                t = {}
-                t["sdpa"] = triton.testing.do_bench(
-                    lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=Hkv != H), warmup=10, rep=50)
-                t["ours_dense"] = triton.testing.do_bench(
-                    lambda: acp_compile.fox_decode(q, k, v, c, log_eps=None), warmup=10, rep=50)
-                t["ours_certified"] = triton.testing.do_bench(
-                    lambda: acp_compile.fox_decode(q, k, v, c, log_eps=-10.0, k_norm_max=kmax), warmup=10, rep=50)
-                row = {"Hkv": Hkv, "T": T, **{f"{n}_ms": x for n, x in t.items()},
-                       **{f"{n}_over_sdpa": x / t["sdpa"] for n, x in t.items() if n != "sdpa"}}
-                del q, k, v, c
-            except Exception as e:  # one case must not lose the others (OOM at 128k, ...)
-                row = {"Hkv": Hkv, "T": T, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-            torch.cuda.empty_cache()
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+    for warps, Hkv, T in [(w, h, t) for w in a.warps for h in (16, 4) for t in a.T]:
+        decode_kernels.SPLIT_WARPS = warps
+        try:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(a.B, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            k = torch.randn(a.B, Hkv, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            v = torch.randn(a.B, Hkv, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            rate = torch.full((H,), 30.0 / 1024, device="cuda")
+            rate[12:] = 1e-6
+            c = torch.cumsum(-rate[None, :, None] * (0.5 + torch.rand(a.B, H, T, device="cuda", generator=g)), -1)
+            kmax = torch.linalg.vector_norm(k.float(), dim=-1).amax(-1)
+            t = {}
+            t["sdpa"] = triton.testing.do_bench(
+                lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=Hkv != H), warmup=10, rep=50)
+            t["ours_dense"] = triton.testing.do_bench(
+                lambda: acp_compile.fox_decode(q, k, v, c, log_eps=None), warmup=10, rep=50)
+            t["ours_certified"] = triton.testing.do_bench(
+                lambda: acp_compile.fox_decode(q, k, v, c, log_eps=-10.0, k_norm_max=kmax), warmup=10, rep=50)
+            row = {"Hkv": Hkv, "T": T, "warps": warps, **{f"{n}_ms": x for n, x in t.items()},
+                   **{f"{n}_over_sdpa": x / t["sdpa"] for n, x in t.items() if n != "sdpa"}}
+            del q, k, v, c
+        except Exception as e:  # one case must not lose the others (OOM at 128k, ...)
+            row = {"Hkv": Hkv, "T": T, "warps": warps, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        torch.cuda.empty_cache()
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     Path(a.out, "decode.json").write_text(json.dumps(rows, indent=1))
 
 

@@ -3,7 +3,8 @@
 # ALiBi, and the FoX authors' model. Each step has its own time limit so that one slow step cannot
 # lose the others; results go to $OUT.
 #   bash examples/benchmarks/final_round_h200.sh suite bench decode alibi authors
-#   (bench needs .before/ = the tree before issue 10; authors needs .fox_src/ = their repository and .whl/)
+#   (bench needs .before/ = the tree before issue 10; authors needs .fox_src/ = their repository and .whl/;
+#    authors_generate needs .whl444/ = transformers 4.44.0, tokenizers 0.19.1, huggingface_hub 0.36.2)
 set -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/final_round}
@@ -74,7 +75,8 @@ PY
                      > "$OUT/generate.log" 2>&1; echo "generate rc $?"; tail -8 "$OUT/generate.log" ;;
         w1) bench old 16384 ours_acp30 sdpa_cudnn --
             bench new 16384 ours_dense ours_acp30 ours_online sdpa_cudnn -- ;;
-        decode) timeout 70 python3 examples/benchmarks/bench_decode.py --out "$OUT" > "$OUT/decode.log" 2>&1; tail -7 "$OUT/decode.log" ;;
+        decode) timeout 100 python3 examples/benchmarks/bench_decode.py --warps ${DECODE_WARPS:-4} --out "$OUT" > "$OUT/decode.log" 2>&1
+                grep '^{' "$OUT/decode.log" | python3 -c "import json,sys; [print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in json.loads(l).items()}) for l in sys.stdin]" ;;
         alibi) [ -f examples/benchmarks/bench_alibi.py ] && timeout ${ALIBI_S:-120} python3 examples/benchmarks/bench_alibi.py --out "$OUT" > "$OUT/alibi.log" 2>&1
                tail -8 "$OUT/alibi.log" ;;
         packed) timeout ${PACKED_S:-120} python3 examples/benchmarks/bench_packed.py --out "$OUT" > "$OUT/packed.log" 2>&1
@@ -83,6 +85,11 @@ PY
                    && PYTHONPATH=/tmp/site timeout ${AUTHORS_S:-150} python3 examples/benchmarks/fox_authors_model.py --src .fox_src/src \
                       --T 16384 --steps 8 --out "$OUT" > "$OUT/authors_model.log" 2>&1
                  tail -5 "$OUT/authors_model.log" ;;
+        authors_generate)   # their pinned transformers 4.44 (4.57's Cache API no longer takes their FgateDynamicCache)
+                 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site444 .whl444/*.whl \
+                   && PYTHONPATH=/tmp/site444 timeout ${GENERATE_S:-200} python3 examples/benchmarks/fox_authors_model.py --src .fox_src/src \
+                      --generate ${NEW_TOKENS:-64} --prompt ${PROMPT:-2048} --out "$OUT" > "$OUT/authors_generate.log" 2>&1
+                 grep '^{' "$OUT/authors_generate.log" | cut -c1-400 ;;
         *) echo "unknown step $what" ;;
     esac
 done

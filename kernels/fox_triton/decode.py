@@ -37,6 +37,7 @@ MAX_DECODE_QUERIES = 16
 BLOCK_N = 64
 BLOCKS_PER_SPLIT = 16         # key blocks one program walks at most (default_splits)
 MAX_SPLITS = 1024
+SPLIT_WARPS = 4               # warps of the split kernels (bench_decode.py --warps compares)
 
 
 @triton.jit
@@ -205,7 +206,7 @@ def decode(q, k, v, c, sm_scale: float, delta=None, splits: int | None = None):
         *q.stride(), *k.stride(), *v.stride(), *c.stride(),
         Hkv, Tq, Tk, S, keys_per_split, sm_scale * math.log2(math.e),
         GROUP=G, HEAD_DIM=D, D_PAD=padded_head_dim(D), HEAD_DIM_V=Dv, DV_PAD=dv_pad,
-        BLOCK_R=block_r, BLOCK_N=BLOCK_N, PRUNE=prune, num_warps=4, num_stages=2,
+        BLOCK_R=block_r, BLOCK_N=BLOCK_N, PRUNE=prune, num_warps=SPLIT_WARPS, num_stages=2,
     )
     o = torch.empty((B, Hq, Tq, Dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, Tq), **f32)

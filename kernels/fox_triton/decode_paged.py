@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from acp_compile.kernels.fox_triton.configs import padded_head_dim
+from acp_compile.kernels.fox_triton import decode as _decode
 from acp_compile.kernels.fox_triton.decode import (
     BLOCKS_PER_SPLIT, MAX_SPLITS, attend_keys, block_kept, fox_decode_combine_kernel,
 )
@@ -136,7 +137,7 @@ def decode_paged(q, k_pool, v_pool, c_pool, table, first, length, sm_scale: floa
         *q.stride(), *k_pool.stride(), *v_pool.stride(), *c_pool.stride(), *table.stride(),
         Hkv, Tq, S, pps, sm_scale * math.log2(math.e),
         GROUP=G, HEAD_DIM=D, D_PAD=padded_head_dim(D), HEAD_DIM_V=Dv, DV_PAD=dv_pad,
-        BLOCK_R=max(16, triton.next_power_of_2(G * Tq)), PAGE=P, PRUNE=prune, num_warps=4, num_stages=2,
+        BLOCK_R=max(16, triton.next_power_of_2(G * Tq)), PAGE=P, PRUNE=prune, num_warps=_decode.SPLIT_WARPS, num_stages=2,
     )
     o = torch.empty((B, Hq, Tq, Dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, Tq), **f32)
