@@ -13,6 +13,7 @@ and their attention becomes our op. Their log_pruning_tolerance stays None (thei
 
   python examples/benchmarks/fox_authors_model.py --src .fox_src/src --T 16384 4096 --out $OUT
   python examples/benchmarks/fox_authors_model.py --src .fox_src/src --smoke      # CPU, tiny, acp only
+  python examples/benchmarks/fox_authors_model.py --src .fox_src/src --generate 64 --prompt 2048 --out $OUT
 """
 from __future__ import annotations
 
@@ -108,6 +109,66 @@ def run(args, T, mode, device):
     return row
 
 
+@torch.no_grad()
+def greedy(model, ids, n_new):
+    """Greedy decoding with their cache, by hand (their model class does not inherit Hugging Face's
+    GenerationMixin under transformers >= 4.50): a prefill, then one token per forward."""
+    out = model(input_ids=ids, use_cache=True)
+    tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+    for _ in range(n_new - 1):
+        out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True)
+        tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat([ids] + tokens, dim=1)
+
+
+def generate(args, device):
+    """Greedy decoding of their model (W2 gates, bf16 autocast as in training, their FgateDynamicCache through
+    a greedy loop, greedy()): eager, then model.forward under torch.compile(backend="acp", dynamic=True), same prompt. The
+    tokens of both and the time per new token (prefill included, compile excluded by a first run)."""
+    import acp_compile
+    model = build(args, args.prompt + args.generate, device)
+    model.config.use_cache = True
+    model = model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=gen).to(device)
+    rows = []
+    eager_forward = model.forward
+    for mode in args.modes:
+        if mode == "acp":
+            torch._dynamo.reset()
+            acp_compile.clear_compilations()
+            model.forward = torch.compile(eager_forward, backend="acp", dynamic=True)
+        row = {"mode": mode, "prompt": args.prompt, "new_tokens": args.generate}
+        try:
+            times = []
+            for _ in range(2):                  # the first run compiles (acp) or warms up (eager)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with torch.autocast(device, dtype=torch.bfloat16):
+                    out = greedy(model, ids, args.generate)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            row.update(tokens=out[0, args.prompt:].tolist(), first_run_s=times[0],
+                       ms_per_token=1e3 * times[1] / args.generate)
+            if mode == "acp":
+                from acp_compile._torch_private import acp_counters
+                row["redirected_calls"] = int(acp_counters()["fox_substituted"])
+                row["near_misses"] = [str(m)[:200] for r in acp_compile.compilations() for m in r.near_misses][:6]
+        except Exception as e:  # noqa: BLE001 - report it, keep the other mode's row
+            row.update(error=f"{type(e).__name__}: {str(e)[:400]}", trace=traceback.format_exc()[-1500:])
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("tokens", "trace")}), flush=True)
+    model.forward = eager_forward
+    if all("tokens" in r for r in rows):
+        a, b = rows[0]["tokens"], rows[1]["tokens"]
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        print(json.dumps({"identical_prefix_tokens": same, "of": len(a)}), flush=True)
+        rows.append({"identical_prefix_tokens": same, "of": len(a)})
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", required=True, help="the authors' src/ folder (holds forgetting_transformer/)")
@@ -118,6 +179,8 @@ def main():
     ap.add_argument("--modes", nargs="+", default=["eager", "acp"])
     ap.add_argument("--their-acp", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, backend acp only")
+    ap.add_argument("--generate", type=int, default=0, help="greedy-decode this many tokens instead of training")
+    ap.add_argument("--prompt", type=int, default=512, help="prompt length for --generate")
     ap.add_argument("--out", default="/tmp")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(args.src).resolve()))
@@ -133,6 +196,10 @@ def main():
         pass
     print(json.dumps(meta), flush=True)
     rows = [meta]
+    if args.generate:
+        rows += generate(args, device)
+        Path(args.out, "fox_authors_generate.json").write_text(json.dumps(rows, indent=1))
+        return
     for T in args.T:
         for mode in args.modes:
             try:
