@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from acp_compile.kernels.blocks import block_max, block_min
+
 # Norms are rounded up by this factor: fp32 rounding of a sum of D squares never makes a norm smaller
 # than the exact one by more than about D * 2^-24 relative (D <= 256: 2^-16); 2^-12 leaves a margin.
 NORM_SLACK = 1.0 + 2.0 ** -12
@@ -52,14 +54,6 @@ class CertStats:
     block_n: int
 
 
-def _block_reduce(x: Tensor, block: int, pad_value: float, reduce: str) -> Tensor:
-    """(B, H, T) -> (B, H, ceil(T / block)); padding never wins."""
-    T = x.shape[-1]
-    nb = -(-T // block)
-    x = torch.nn.functional.pad(x, (0, nb * block - T), value=pad_value).view(*x.shape[:-1], nb, block)
-    return x.amax(dim=-1) if reduce == "max" else x.amin(dim=-1)
-
-
 def cert_stats(q: Tensor, k: Tensor, c: Tensor, sm_scale: float, block_n: int,
                q_norm: Tensor | None = None, k_norm: Tensor | None = None,
                never_prune: Tensor | None = None) -> CertStats:
@@ -74,10 +68,10 @@ def cert_stats(q: Tensor, k: Tensor, c: Tensor, sm_scale: float, block_n: int,
     if never_prune is not None:
         a = a + torch.where(never_prune, float("nan"), 0.0).to(device=a.device, dtype=dt)[..., None]
     a_hi = a.amax(dim=-1) if a.shape[-1] else a.new_zeros((B, Hq))          # (B, Hq)
-    k_blk = _block_reduce(kn.to(dt), block_n, float("-inf"), "max")          # (B, Hkv, Nk)
+    k_blk = block_max(kn.to(dt), block_n)          # (B, Hkv, Nk)
     Nk = k_blk.shape[-1]
     k_blk = k_blk[:, :, None].expand(B, Hkv, Hq // Hkv, Nk).reshape(B, Hq, Nk)
-    c_blk = _block_reduce(c.to(dt), block_n, float("inf"), "min")            # (B, Hq, Nk)
+    c_blk = block_min(c.to(dt), block_n)            # (B, Hq, Nk)
     cmin = torch.cummin(c_blk, dim=-1).values
     phi = torch.cummax(a_hi[..., None] * k_blk - c_blk, dim=-1).values
     return CertStats(a, a_hi, cmin, phi, block_n)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from acp_compile.kernels.blocks import block_max, block_min
 from acp_compile.kernels.recorded import causal_last_key_block, covering_indices
 from acp_compile.kernels.segments import Segments, anchor_c, first_document_block
 from acp_compile.kernels.threshold import pruning_enabled, threshold_delta
@@ -83,21 +84,12 @@ def head_delta(q: Tensor, k: Tensor, sm_scale: float, log_eps: float | None, u_b
     return threshold_delta(log_eps, Tk, u)
 
 
-def _block_reduce(x: Tensor, block: int, pad_value: float, reduce: str) -> Tensor:
-    """(B, H, T) -> (B, H, ceil(T/block)) max or min over each block; padding never wins."""
-    T = x.shape[-1]
-    nb = -(-T // block)
-    x = torch.nn.functional.pad(x, (0, nb * block - T), value=pad_value)
-    x = x.view(*x.shape[:-1], nb, block)
-    return x.amax(dim=-1) if reduce == "max" else x.amin(dim=-1)
-
-
 def block_extrema(c: Tensor, Tq: int, block_m: int, block_n: int, seg: Segments | None = None) -> tuple[Tensor, Tensor]:
     """Max of c at the rows' anchors over each query block (B, Hq, Mq) and min of c over each key
     block (B, Hq, Nk)."""
     c = c.float()
-    c_max_q = _block_reduce(anchor_c(c, seg, Tq), block_m, float("-inf"), "max")
-    c_min_k = _block_reduce(c, block_n, float("inf"), "min")
+    c_max_q = block_max(anchor_c(c, seg, Tq), block_m)
+    c_min_k = block_min(c, block_n)
     return c_max_q, c_min_k
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from acp_compile.kernels.blocks import block_max, block_min
+
 
 def causal_last_key_block(Tq: int, Tk: int, block_m: int, block_n: int, device=None) -> Tensor:
     """n_hi (Mq,) int32: the key block of the last position of each query block."""
@@ -30,9 +32,8 @@ def causal_last_key_block(Tq: int, Tk: int, block_m: int, block_n: int, device=N
 def covering_indices(keep_from: Tensor, Tk: int, block_m: int, block_n: int) -> tuple[Tensor, Tensor, Tensor]:
     """(start (B, Hq, Mq), end (B, Hq, Nk), n_hi (Mq,)), int32 contiguous; see the module header."""
     B, Hq, Tq = keep_from.shape
-    Mq, Nk = -(-Tq // block_m), -(-Tk // block_n)
-    kf = torch.nn.functional.pad(keep_from.to(torch.int64), (0, Mq * block_m - Tq), value=2 ** 40)
-    start = kf.view(B, Hq, Mq, block_m).amin(dim=-1) // block_n                       # (B, Hq, Mq)
+    Nk = -(-Tk // block_n)
+    start = block_min(keep_from.to(torch.int64), block_m) // block_n                  # (B, Hq, Mq)
     n_hi = causal_last_key_block(Tq, Tk, block_m, block_n, keep_from.device)
     start = torch.minimum(start, n_hi.to(torch.int64))                    # the diagonal is always kept
     # end[n] = 1 + max{m : start[m] <= n}: with the suffix minimum smin[m] = min_{m' >= m} start[m']
@@ -47,11 +48,8 @@ def covering_indices(keep_from: Tensor, Tk: int, block_m: int, block_n: int) -> 
 def whole_from(keep_from: Tensor, block_m: int, block_n: int) -> Tensor:
     """whole (B, Hq, Mq) int32 contiguous: the first key block that every row of query block m keeps
     whole, ceil(max_{i in m} keep_from[i] / block_n). Tiles (m, n) with n >= whole[m] hold no entry
-    j < keep_from[i], so the kernels skip the per-entry mask there (rows past Tq count as 0)."""
-    B, Hq, Tq = keep_from.shape
-    Mq = -(-Tq // block_m)
-    kf = torch.nn.functional.pad(keep_from.to(torch.int64), (0, Mq * block_m - Tq), value=0)
-    return ((kf.view(B, Hq, Mq, block_m).amax(dim=-1) + block_n - 1) // block_n).to(torch.int32).contiguous()
+    j < keep_from[i], so the kernels skip the per-entry mask there (rows past Tq do not count)."""
+    return ((block_max(keep_from.to(torch.int64), block_m) + block_n - 1) // block_n).to(torch.int32).contiguous()
 
 
 def recorded_aligned(keep_from: Tensor, block_m: int, block_n: int) -> Tensor:
@@ -59,10 +57,7 @@ def recorded_aligned(keep_from: Tensor, block_m: int, block_n: int) -> Tensor:
     multiple of block_n: then the covering tiles of this partition are exactly the recorded set (a tile
     is kept whole or not at all) and no entry needs a mask. True for the Triton forward's own sets when
     the partition nests in its tiles (its keep_from is start * its block_n over block_m rows)."""
-    B, Hq, Tq = keep_from.shape
-    Mq = -(-Tq // block_m)
     kf = keep_from.to(torch.int64)
-    hi = torch.nn.functional.pad(kf, (0, Mq * block_m - Tq), value=-1).view(B, Hq, Mq, block_m).amax(dim=-1)
-    lo = torch.nn.functional.pad(kf, (0, Mq * block_m - Tq), value=2 ** 40).view(B, Hq, Mq, block_m).amin(dim=-1)
+    hi, lo = block_max(kf, block_m), block_min(kf, block_m)
     ok = (hi == lo) & (hi % block_n == 0)
     return ok.all().to(torch.int32).reshape(1)

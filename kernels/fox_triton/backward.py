@@ -62,6 +62,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from acp_compile.kernels.blocks import block_spread
 from acp_compile.kernels.fox_triton.backward_dkdv import fox_bwd_dkdv_kernel
 from acp_compile.kernels.fox_triton.backward_dq import fox_bwd_dq_kernel
 from acp_compile.kernels.fox_triton.common import LOG2E
@@ -204,15 +205,6 @@ class ExactModes:
     q_any: torch.Tensor
 
 
-def _block_spread(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, H, T) -> (B, H, ceil(T / block)): max - min over each block (padding never counts; NaN stays)."""
-    nb = -(-x.shape[-1] // block)
-    pad = nb * block - x.shape[-1]
-    hi = torch.nn.functional.pad(x, (0, pad), value=float("-inf")).view(*x.shape[:-1], nb, block).amax(dim=-1)
-    lo = torch.nn.functional.pad(x, (0, pad), value=float("inf")).view(*x.shape[:-1], nb, block).amin(dim=-1)
-    return hi - lo
-
-
 def exact_modes(c: torch.Tensor, Tq: int, Hkv: int, cfg: BackwardConfig) -> ExactModes:
     """A program is exact when c spreads by more than configs.C_SPAN_LIMIT over its fixed block (dk/dv:
     the key block, in any query head of the kv group; dq: the block's query rows), or the spread is
@@ -222,9 +214,9 @@ def exact_modes(c: torch.Tensor, Tq: int, Hkv: int, cfg: BackwardConfig) -> Exac
     B, Hq, Tk = c.shape
     limit = c_span_limit()
     cf = c.to(torch.float32)
-    kv_spread = _block_spread(cf, cfg.kv_block_n)                                   # (B, Hq, Nk)
+    kv_spread = block_spread(cf, cfg.kv_block_n)                                   # (B, Hq, Nk)
     kv_spread = kv_spread.view(B, Hkv, Hq // Hkv, -1).amax(dim=2)                   # (B, Hkv, Nk)
-    q_spread = _block_spread(cf[..., Tk - Tq:], cfg.q_block_m)                      # (B, Hq, Mq)
+    q_spread = block_spread(cf[..., Tk - Tq:], cfg.q_block_m)                      # (B, Hq, Mq)
     kv = (~(kv_spread <= limit)).to(torch.int8).contiguous()                        # NaN: exact
     q = (~(q_spread <= limit)).to(torch.int8).contiguous()
     return ExactModes(kv, kv.amax().to(torch.int32).reshape(1), q, q.amax().to(torch.int32).reshape(1))
