@@ -164,11 +164,55 @@ def _validator(ctx: MatchContext):
             if written:
                 raise NotProven(f"the operand {x.name} is written in place by {written[0].name} before the "
                                 "attention reads it; the op would read it at another point")
+        _check_skipped_steps(ctx, reads, at)
         try:
             tp.propagate_fake_values(inserted, ctx.example_inputs)
         except Exception as err:  # noqa: BLE001 - the op's checks and shape errors alike
             raise NotProven(f"the operands do not fit the op: {type(err).__name__}: {err}") from None
     return validate
+
+
+_PRODUCTS = ("matmul", "bmm", "baddbmm", "einsum", "__matmul__", "mm")
+
+
+def _check_skipped_steps(ctx, reads: set, at: fx.Node) -> None:
+    """The op reads q, k, v and the gate where the proof found them, which may be a few steps before the
+    original products read them (a GQA repeat, a reshape, a scale, a transpose): those steps are re-done by
+    the op. A write in place into the result of such a step (`v = repeat(v); v.add_(1)`: the repeat copied, so
+    the write is not in v's own storage) would be skipped with it: refused. Checked on every node between a
+    read and the products (the operand side); the logits chain after the products is the decomposition's to
+    check (patterns/logits.py)."""
+    pos = ctx.position
+    upstream: set = set()
+    stack = [at]
+    while stack:                                   # ancestors of the replaced node, back to the reads
+        n = stack.pop()
+        if n in upstream or n in reads or pos.get(n, -1) < 0:
+            continue
+        upstream.add(n)
+        stack.extend(a for a in n.all_input_nodes if a in pos)
+    products = [n for n in upstream if any(gu.is_op(n, p) for p in _PRODUCTS)]
+    feeds_product: set = set()                     # nodes the products read, directly or through steps
+    stack = [a for n in products for a in n.all_input_nodes]
+    while stack:
+        n = stack.pop()
+        if n in feeds_product or n not in upstream:
+            continue
+        feeds_product.add(n)
+        stack.extend(n.all_input_nodes)
+    after_product: set = set()                     # the logits / probabilities chain: the decomposition's
+    for n in sorted(upstream, key=pos.__getitem__):
+        if n in products or any(a in after_product for a in n.all_input_nodes):
+            after_product.add(n)
+    reach: set = {x for x in reads if not gu.is_scalar_value(x)}
+    for n in sorted(upstream, key=pos.__getitem__):
+        if n not in feeds_product or n in after_product or not any(a in reach for a in n.all_input_nodes):
+            continue
+        reach.add(n)
+        written = ctx.storages.writers(n, after=pos[n], before=pos[at])
+        if written:
+            raise NotProven(f"{n.name}, a step between an operand and the attention's product, is written in "
+                            f"place by {written[0].name}; the op would skip that write")
 
 
 def _ddp_split_note(found: NearMiss, ctx: MatchContext) -> NearMiss:

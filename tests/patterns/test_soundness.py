@@ -277,6 +277,64 @@ def w_v_after_pv(q, k, v, fg):                       # v written after p @ v: th
     return o, v
 
 
+def w_v_repeated_then_written(q, k, v, fg):          # GQA repeat copies v; the copy is written: the op reads v
+    g = 2
+    B, Hkv, T, D = v.shape
+    k = k[:, :, None].expand(B, Hkv, g, T, D).reshape(B, Hkv * g, T, D)
+    v = v[:, :, None].expand(B, Hkv, g, T, D).reshape(B, Hkv * g, T, D)
+    c = gate(fg)
+    s = q @ k.transpose(-2, -1) / math.sqrt(D) + c[..., :, None] - c[..., None, :]
+    p = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), NEG).softmax(-1)
+    v.add_(1.0)
+    return p @ v
+
+
+def w_k_interleaved_then_written(q, k, v, fg):        # repeat_interleave, then one head of the copy zeroed
+    k = k.repeat_interleave(2, dim=1)
+    v = v.repeat_interleave(2, dim=1)
+    k[:, 0].zero_()
+    c = gate(fg)
+    T = q.shape[-2]
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + c[..., :, None] - c[..., None, :]
+    return s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), NEG).softmax(-1) @ v
+
+
+def w_q_scaled_copy_written(q, k, v, fg):             # q * scale (a new tensor) edited before the product
+    qs = q * (1.0 / math.sqrt(q.shape[-1]))
+    qs[..., 0] = 0.0
+    c = gate(fg)
+    T = q.shape[-2]
+    s = qs @ k.transpose(-2, -1) + c[..., :, None] - c[..., None, :]
+    return s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), NEG).softmax(-1) @ v
+
+
+def w_v_reshaped_copy_written(q, k, v, fg):           # (B*H, T, D) products; the flattened v copy is written
+    B, H, T, D = q.shape
+    c = gate(fg)
+    s = (torch.bmm(q.reshape(B * H, T, D), k.transpose(-2, -1).reshape(B * H, D, T)) / math.sqrt(D)).view(B, H, T, T)
+    s = s + c[..., :, None] - c[..., None, :]
+    p = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), NEG).softmax(-1)
+    v3 = v.transpose(-2, -1).contiguous().transpose(-2, -1).reshape(B * H, T, D)
+    v3.mul_(2.0)
+    return torch.bmm(p.reshape(B * H, T, T), v3).view(B, H, T, D)
+
+
+SKIPPED_STEP_WRITES = [w_v_repeated_then_written, w_k_interleaved_then_written, w_q_scaled_copy_written,
+                       w_v_reshaped_copy_written]
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("fn", SKIPPED_STEP_WRITES, ids=lambda f: f.__name__)
+def test_writes_into_a_step_the_op_redoes_keep_eager_result(fn, dynamic):
+    """The op reads an operand a few steps before the original product (a GQA repeat, a scale, a reshape that
+    copies) and redoes those steps itself; a write into such a step's result must not be skipped (found by the
+    large fuzzer: `v.add_(1)` after Llama's repeat_kv changed the output)."""
+    grouped = fn in (w_v_repeated_then_written, w_k_interleaved_then_written)
+    calls = [inputs(T, Hq=4, Hkv=2 if grouped else None) for T in (24, 13)]
+    out = run_and_compare(lambda: fn, calls, dynamic=dynamic, log_eps=None, grad_argnums=())
+    check(out, "1-inplace-writes", fn.__name__, fn, f"dynamic={dynamic}, log_eps=None, T=24,13")
+
+
 # (program, differentiable): programs that write a tensor autograd saved cannot be differentiated in eager
 INPLACE = [
     (w_prefix_item, True), (w_masked_fill_inplace_on_mask, True), (w_view_fill, True),
