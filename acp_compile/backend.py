@@ -27,37 +27,28 @@ from acp_compile import compilations
 from acp_compile.config import ACPConfig
 from acp_compile.patterns.rewrite import NearMissError, copy_graph_module, rewrite_graph
 from acp_compile.import_hook import call_after_import
-from acp_compile.third_party import KNOWN_FOX_FUNCTIONS, register_known_fox_functions
-from acp_compile.third_party_layers import KNOWN_LAYER_FUNCTIONS, register_known_layer_functions
+from acp_compile.third_party import KNOWN_FOX_FUNCTIONS
+from acp_compile.third_party_layers import KNOWN_LAYER_FUNCTIONS, register_known_third_party
 
 tp.register_torch_log()
 # Known third-party FoX functions (fla, the FoX authors') already imported by the model's code are
 # redirected to our op while Dynamo traces for this backend; torch.compile resolves the backend
 # (importing this module) before it traces. Their fused helper layers (norms, GLU linears, ...) are
 # traced as plain PyTorch the same way (third_party_layers.py).
-register_known_fox_functions()
-register_known_layer_functions()
-
-
-def _register_third_party() -> None:
-    register_known_fox_functions()
-    register_known_layer_functions()
-
-
+register_known_third_party()
 # A FoX library imported after this module (acp_compile imported first, then the model built, then
 # torch.compile) is registered as soon as it is imported: registering in the backend entry below comes
 # too late for the first frame, which Dynamo has traced by then (its fused norms then graph-break into
 # their own kernels).
 call_after_import({k.module for k in KNOWN_FOX_FUNCTIONS} | {k.module for k in KNOWN_LAYER_FUNCTIONS},
-                  _register_third_party)
+                  register_known_third_party)
 log = tp.logger()
 
 def acp(gm: fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | None = None,
         mode: str | None = None) -> Callable:
     """Dynamo backend entry point (declared under the torch_dynamo_backends entry-point group)."""
     config = options if isinstance(options, ACPConfig) else ACPConfig.from_options(options)
-    register_known_fox_functions()   # idempotent; catches a FoX library imported after this module
-    register_known_layer_functions()
+    register_known_third_party()     # idempotent; catches a FoX library the import hook did not see
     return compile_graph(gm, example_inputs, config, mode)
 
 

@@ -89,7 +89,5 @@ def _compile_class(cls: type, backend: ACPBackend, compile_kwargs: dict) -> type
 
 def _register_known_functions() -> None:
     """Third-party FoX functions already imported become our op under this backend (cheap, idempotent)."""
-    from acp_compile.third_party import register_known_fox_functions
-    from acp_compile.third_party_layers import register_known_layer_functions
-    register_known_fox_functions()
-    register_known_layer_functions()
+    from acp_compile.third_party_layers import register_known_third_party
+    register_known_third_party()

@@ -230,6 +230,14 @@ KNOWN_LAYER_FUNCTIONS = (
 _registered: dict[int, Callable] = {}      # id(substituted function) -> its polyfill
 
 
+def register_known_third_party() -> None:
+    """Both registrations, the attention functions (third_party.py) and these layers: what backend "acp" and the
+    decorator call where they are set up, and what acp_compile/import_hook.py calls after a late import."""
+    from acp_compile.third_party import register_known_fox_functions
+    register_known_fox_functions()
+    register_known_layer_functions()
+
+
 def register_known_layer_functions() -> list[str]:
     """Registers every known fused helper whose module is already imported; returns their names."""
     names = []

@@ -18,8 +18,8 @@ Notation (one batch element b, kv head hk, its G = Hq / Hkv query heads):
 Grid (B * Hkv, S): program (bhk, s) walks the key blocks of split s (flash-decoding: the keys are
 divided among S programs per kv head so the GPU is busy whichever heads are global), newest first,
 down to the oldest kept block of the split (found in a first pass over c alone; the walk itself has no
-branch, so its loads pipeline), and writes its partial row maximum M, sum L (exp of s - M) and accumulator ACC (unnormalised) to a
-workspace; fox_decode_combine_kernel then merges the S partials of each row. Splits with no kept
+branch, so its loads pipeline), and writes its partial row maximum M, sum L (exp of s - M) and
+accumulator ACC (unnormalised) to a workspace; fox_decode_combine_kernel then merges the S partials of each row. Splits with no kept
 block write M = -inf, L = 0, ACC = 0. Offsets: batch and head offsets are int64.
 """
 from __future__ import annotations

@@ -13,7 +13,8 @@ Notation (batch element b, kv head hk, its G = Hq / Hkv query heads, rows r = g 
   delta (B, Hq, Tq) fp32: the ACP threshold of each row, as in decode.py (-inf: dense).
 
 Grid (B * Hkv, S), static: split s covers logical pages [s * pps, (s + 1) * pps) and walks those that are
-live (>= first, <= the page of length - 1), newest first, down to the oldest kept one (two passes, as decode.py), so the launch depends on the cache's capacity,
+live (>= first, <= the page of length - 1), newest first, down to the oldest kept one (two passes, as
+decode.py), so the launch depends on the cache's capacity,
 never on its current length (CUDA graphs replay it as it is). Partials merge in decode.py's combine kernel.
 """
 from __future__ import annotations
@@ -137,7 +138,8 @@ def decode_paged(q, k_pool, v_pool, c_pool, table, first, length, sm_scale: floa
         *q.stride(), *k_pool.stride(), *v_pool.stride(), *c_pool.stride(), *table.stride(),
         Hkv, Tq, S, pps, sm_scale * math.log2(math.e),
         GROUP=G, HEAD_DIM=D, D_PAD=padded_head_dim(D), HEAD_DIM_V=Dv, DV_PAD=dv_pad,
-        BLOCK_R=max(16, triton.next_power_of_2(G * Tq)), PAGE=P, PRUNE=prune, num_warps=_decode.SPLIT_WARPS, num_stages=2,
+        BLOCK_R=max(16, triton.next_power_of_2(G * Tq)), PAGE=P, PRUNE=prune,
+        num_warps=_decode.SPLIT_WARPS, num_stages=2,
     )
     o = torch.empty((B, Hq, Tq, Dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, Tq), **f32)
