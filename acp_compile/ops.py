@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from acp_compile import step_stats
 from acp_compile.checks import (
     check_attention_inputs, check_backward_inputs, check_certificate, check_keep_from, check_norm_stats, check_scale,
     check_segment_inputs, check_u_bound_values, normalize_log_eps,
@@ -53,6 +54,7 @@ from acp_compile.checks import (
 from acp_compile.kernels import dispatch
 from acp_compile.kernels.certificate import row_norms  # noqa: F401  (the pass emits it: patterns/norm_stats.py)
 from acp_compile.kernels.layout import empty_like_last
+from acp_compile.kernels.threshold import default_scale
 
 DEFAULT_LOG_EPS = -10.0
 DEFAULT_CERTIFICATE = "online"
@@ -90,7 +92,11 @@ def fox_attention_fwd(
     check_certificate(certificate)
     check_norm_stats(q, k, q_norm, k_norm)
     check_u_bound_values(u_bound)
-    return dispatch.forward(q, k, v, c, sm_scale, log_eps, u_bound, key_mask, doc_ids, certificate, q_norm, k_norm)
+    out = dispatch.forward(q, k, v, c, sm_scale, log_eps, u_bound, key_mask, doc_ids, certificate, q_norm, k_norm)
+    recorder = step_stats.active()
+    if recorder is not None and q.numel() and k.shape[2]:
+        recorder.add(q, k, c, default_scale(q.shape[-1]) if sm_scale is None else sm_scale, log_eps, out[3])
+    return out
 
 
 @fox_attention_fwd.register_fake

@@ -113,3 +113,37 @@ def plot_w2(results: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_w2_steps(results: list[dict], path: Path) -> Path:
+    """A long W2 run step by step: tokens/s of each run (top), and for the acp run the skipped fraction of the
+    causal keys and the paper's bound U (bottom; acp_compile.step_stats), at the longest T recorded."""
+    T = max(r["seq_len"] for r in results if r.get("per_step_stats"))
+    fig, (ax, stats_ax) = plt.subplots(2, 1, figsize=(7.5, 6), sharex=True)
+    for r in results:
+        if r["seq_len"] != T or not r.get("step_s_all"):
+            continue
+        color, style = RUN_STYLE.get(r["run"], (None, "-"))
+        steps = range(1, len(r["step_s_all"]) + 1)
+        tps = [32768 / t / 1e3 if t > 0 else float("nan") for t in r["step_s_all"]]
+        ax.plot(list(steps)[2:], tps[2:], color=color, linestyle=style, label=r["run"])   # step 1-2: compiling
+    ax.set(ylabel="k tokens/s", title=f"W2 step by step at T={T}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    acp = next(r for r in results if r["seq_len"] == T and r.get("per_step_stats"))
+    stats = acp["per_step_stats"]
+    steps = list(range(1, len(stats) + 1))
+    stats_ax.plot(steps, [100 * s.get("skipped_fraction", float("nan")) for s in stats], color="tab:blue",
+                  label="skipped causal keys (%)")
+    stats_ax.set(xlabel="training step", ylabel="skipped (%)")
+    u_ax = stats_ax.twinx()
+    u_ax.plot(steps, [s.get("u_paper_max", float("nan")) for s in stats], color="tab:red", linestyle="--",
+              label="paper's U (max over layers, heads)")
+    u_ax.set(ylabel="U (nats)")
+    lines = stats_ax.get_lines() + u_ax.get_lines()
+    stats_ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8)
+    stats_ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -25,6 +25,7 @@ written after every configuration, so a time limit still leaves the finished one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -41,6 +42,8 @@ EXAMPLES = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(EXAMPLES))
 from corpus import BatchSampler, load_corpus  # noqa: E402
 from fox_model import CONFIGS, FoxLM  # noqa: E402
+
+from acp_compile import step_stats  # noqa: E402
 
 RUN_OPTIONS = {  # run -> (backend, acp options)
     "acp": ("acp", {}),
@@ -96,21 +99,25 @@ def measure_one(run: str, T: int, a) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
+    times, losses, per_step = [], [], []
+    record = a.per_step_stats and run == "acp"
     t_start = time.perf_counter()
     try:
         for step in range(a.warmup + a.steps):
             x, y = batches.next_batch(device)
             sync(device)
             t0 = time.perf_counter()
-            with autocast:
-                loss = compiled(x, y)           # the loss is computed inside the compiled model
-            loss.backward()
+            with step_stats.recording() if record else contextlib.nullcontext() as rec:
+                with autocast:
+                    loss = compiled(x, y)           # the loss is computed inside the compiled model
+                loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sync(device)
             times.append(time.perf_counter() - t0)
             losses.append(loss.item())
+            if record:
+                per_step.append(rec.summary())
             if step == 0:
                 out["first_step_s"] = round(times[0], 2)          # includes compilation
     except torch.OutOfMemoryError as err:
@@ -125,11 +132,26 @@ def measure_one(run: str, T: int, a) -> dict:
         out["step_s_median"] = statistics.median(timed)
         out["step_s_all"] = [round(t, 4) for t in times]
         out["tokens_per_s"] = round(a.tokens_per_step / out["step_s_median"])
+        out["tokens_per_s_windows"] = step_windows(times, a.tokens_per_step)
+    if per_step:
+        out["per_step_stats"] = per_step
         if run.startswith("acp") and out["acp_counters"].get("fox_attention", 0) == 0:
             out["status"] = "pass did not fire (no attention rewritten): the number is not an acp measurement"
     if run == "acp" and out["status"] == "ok" and a.report_skips and (not a.report_T or T in a.report_T):
         out["skipped"] = skipped_fractions(model, batches.next_batch(device)[0], autocast)
     out["wall_s"] = round(time.perf_counter() - t_start, 1)
+    return out
+
+
+WINDOWS = {"steps 3-8": (3, 8), "steps 40-50": (40, 50)}     # issue 13's targets, 1-based inclusive
+
+
+def step_windows(times: list[float], tokens_per_step: int) -> dict:
+    """tokens/s from the mean step time of each window of WINDOWS that the run covers."""
+    out = {}
+    for name, (lo, hi) in WINDOWS.items():
+        if len(times) >= hi:
+            out[name] = round(tokens_per_step / statistics.fmean(times[lo - 1:hi]))
     return out
 
 
@@ -199,8 +221,10 @@ def write_results(results: list[dict], env: dict, args: dict, out_dir: Path) -> 
         f"W2 on {env.get('gpu', 'cpu')}, torch {env['torch']}, triton {env['triton']}, {env['date_utc']}\n\n"
         f"{table}\n\n{ratio_lines}\n")
     try:
-        from plots import plot_w2
+        from plots import plot_w2, plot_w2_steps
         plot_w2(results, out_dir / "w2_throughput.png")
+        if any(r.get("per_step_stats") for r in results):
+            plot_w2_steps(results, out_dir / "w2_per_step.png")
     except ImportError as err:
         print(f"plot skipped ({err})")
 
@@ -254,6 +278,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--corpus-bytes", type=int, default=4_000_000)
     p.add_argument("--no-report-skips", dest="report_skips", action="store_false")
+    p.add_argument("--per-step-stats", action="store_true",
+                   help="acp run: record the skipped fraction and the paper's bound U every step (acp_compile.step_stats; "
+                        "a few reductions per attention call, inside the timed step)")
     p.add_argument("--report-T", type=int, nargs="*", default=None, help="report skipped tiles only at these T")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting configurations after this")
     p.add_argument("--per-config-estimate-s", type=float, default=45.0)
@@ -265,6 +292,8 @@ def parse_args(argv=None):
                      "--device", a.device, "--corpus-bytes", str(a.corpus_bytes)]
     if not a.report_skips:
         a.passthrough.append("--no-report-skips")
+    if a.per_step_stats:
+        a.passthrough.append("--per-step-stats")
     if a.report_T:
         a.passthrough += ["--report-T"] + [str(t) for t in a.report_T]
     return a

@@ -73,6 +73,11 @@ PY
                ;;
         generate) timeout ${GENERATE_S:-200} python3 examples/benchmarks/bench_generate.py --out "$OUT/generate" --budget-s $(( ${GENERATE_S:-200} - 15 )) \
                      > "$OUT/generate.log" 2>&1; echo "generate rc $?"; tail -8 "$OUT/generate.log" ;;
+        w2long)   # issue 13: 50 steps at 16k, acp (skipped fraction and U per step) against pruning off
+              timeout ${W2_S:-330} python3 examples/benchmarks/bench_w2.py --T 16384 --runs acp acp-no-prune --warmup 2 \
+                  --steps ${W2_STEPS:-48} --per-step-stats --no-report-skips --budget-s $(( ${W2_S:-330} - 20 )) \
+                  --per-config-estimate-s 100 --out "$OUT/w2long" > "$OUT/w2long.log" 2>&1; echo "w2long rc $?"
+              tail -12 "$OUT/w2long.log" ;;
         w1) bench old 16384 ours_acp30 sdpa_cudnn --
             bench new 16384 ours_dense ours_acp30 ours_online sdpa_cudnn -- ;;
         decode) timeout 100 python3 examples/benchmarks/bench_decode.py --warps ${DECODE_WARPS:-4} --out "$OUT" > "$OUT/decode.log" 2>&1
