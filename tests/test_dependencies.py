@@ -4,7 +4,7 @@
                         kernels/fox_triton/* never imports the torch plan (kernels/plan.py): what both
                         plans share (threshold, pruning on/off, default scale) is in kernels/threshold.py
     foundation          _torch_private, config, checks: nothing of the package but each other
-    op layer            ops, report_op: kernels and the foundation
+    op layer            ops, report_op, step_stats: kernels and the foundation
     patterns/ (pass)    patterns, the op layer and the foundation; never kernels, the API, the report,
                         the backend or the decorator
     top                 api, generation, backend, decorator, report, module_names, pruning_map, compilations, third_party, import_hook: anything
@@ -20,7 +20,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FOLDERS = {"acp_compile": "acp_compile", "patterns": "acp_compile.patterns", "kernels": "acp_compile.kernels"}
 FOUNDATION = {"acp_compile._torch_private", "acp_compile.config", "acp_compile.checks"}
-OP_LAYER = {"acp_compile.ops", "acp_compile.report_op"}
+OP_LAYER = {"acp_compile.ops", "acp_compile.report_op", "acp_compile.step_stats"}
 TOP = {"acp_compile", "acp_compile.api", "acp_compile.backend", "acp_compile.decorator", "acp_compile.report",
        "acp_compile.pruning_map", "acp_compile.compilations", "acp_compile.third_party",
        "acp_compile.third_party_layers", "acp_compile.import_hook", "acp_compile.module_names", "acp_compile.generation",
