@@ -2,7 +2,8 @@
 
 bound:    U for the threshold, computed once per forward (the Triton norm pass on covered inputs,
           torch otherwise) and returned with the output, so the backward reuses it.
-forward:  the Triton forward (kernels/fox_triton/forward.py) when kernels/fox_triton/support.py
+forward:  the Triton forward (kernels/fox_triton/forward.py), or for a few queries against many keys
+          the split-key decode kernels, dense (kernels/short_queries.py), when kernels/fox_triton/support.py
           says the call is covered: CUDA tensors of a covered dtype and head dim on compute
           capability >= 8.0, or CPU tensors when the interpreter switch ACP_TRITON_ON_CPU=1 together
           with TRITON_INTERPRET=1 is set; the blocked PyTorch path otherwise.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from acp_compile.kernels import blocked, blocked_certified
+from acp_compile.kernels import blocked, blocked_certified, short_queries
 from acp_compile.kernels.certificate import cert_stats, keep_from_rows
 from acp_compile.kernels.fox_triton import support
 from acp_compile.kernels.layout import empty_like_last
@@ -80,8 +81,10 @@ def pruning_bound(q, k, scale, log_eps, u_bound, triton: bool):
     return torch_qk_bound(q, k, scale)
 
 
-def _poison(q, v, u_bound, triton: bool):
+def _poison(q, v, u_bound, triton: bool, scan_v: bool = True):
     """bad (B, Hq, Dv) fp32, added to every output row: NaN where the output must be NaN on every path.
+    scan_v False: the caller's kernel reads every value of v into every row's product itself (the dense
+    short-query path), so the NaN of the first rule arises there without a pass over v.
 
     - v[b, hk, :, d] holds a NaN or an infinity at any position: eager attention gives a non-finite
       o[..., d] in every row (0 x NaN = NaN for the masked and the negligible entries alike), so every
@@ -89,7 +92,10 @@ def _poison(q, v, u_bound, triton: bool):
     - a u_bound that is NaN or negative (checked here without a host sync; the op raises for CPU
       tensors before it gets here): NaN rows for that head rather than a silently wrong answer.
     """
-    bad = nonfinite_flag(v, q.shape[1], triton=triton)
+    if scan_v:
+        bad = nonfinite_flag(v, q.shape[1], triton=triton)
+    else:
+        bad = torch.zeros((q.shape[0], q.shape[1], v.shape[-1]), device=q.device, dtype=torch.float32)
     if u_bound is not None:
         ub = u_bound.to(device=q.device, dtype=torch.float32).expand(q.shape[:2])
         bad = bad + torch.where(ub >= 0, 0.0, float("nan"))[:, :, None]
@@ -102,8 +108,8 @@ def _dense_keep_from(q) -> Tensor:
 
 def forward(q, k, v, c, sm_scale, log_eps, u_bound, key_mask=None, doc_ids=None, certificate="online",
             q_norm=None, k_norm=None):
-    """(o, lse, u, keep_from). u: the paper's bound U the plan used ("paper"), zeros ("online"); NaN for
-    a head that `_poison` marks. keep_from (B, Hq, Tq) int32: the recorded kept set (module header); 0
+    """(o, lse, u, keep_from). u: the paper's bound U the plan used ("paper"), zeros ("online", and on the
+    dense short-query path); NaN for a head that `_poison` marks. keep_from (B, Hq, Tq) int32: the recorded kept set (module header); 0
     for a poisoned head, so its backward prunes nothing (its gradients are NaN as in eager).
     Under "online", u_bound = +inf turns pruning off for that head; other u_bound values are not read
     by the certificate (it reads the norms q_norm (B, Hq, Tq) and k_norm (B, Hkv, Tk), computed here
@@ -115,15 +121,19 @@ def forward(q, k, v, c, sm_scale, log_eps, u_bound, key_mask=None, doc_ids=None,
     scale = _scale(q, sm_scale)
     reason = support.unsupported_reason(q, k, v, c)
     seg = make_segments(key_mask, doc_ids, q.shape[2], k.shape[2])
+    short = reason is None and short_queries.covers(q, k, seg)      # dense whatever log_eps (its header)
     online = certificate == "online" and pruning_enabled(log_eps)
-    if online:
+    if online or short:
         u = q.new_zeros(q.shape[:2], dtype=torch.float32)
     else:
         u = pruning_bound(q, k, scale, log_eps, u_bound, triton=reason is None)
-    bad = _poison(q, v, u_bound, triton=reason is None)
+    bad = _poison(q, v, u_bound, triton=reason is None, scan_v=not short)
     poisoned = torch.isnan(bad.sum(dim=-1))                              # (B, Hq)
     u = u + bad.sum(dim=-1)                       # NaN for a poisoned head
-    if reason is None:
+    if short:
+        o, lse, keep_from = short_queries.forward(q, k, v, c, scale)
+        o.add_(bad[:, :, None, :].to(o.dtype))
+    elif reason is None:
         from acp_compile.kernels.fox_triton import forward as triton_forward
         o, lse, keep_from = triton_forward.forward_recorded(
             q, k, v, c, scale, log_eps, u, bad=bad, certificate=certificate, q_norm=q_norm, k_norm=k_norm,

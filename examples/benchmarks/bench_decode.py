@@ -1,7 +1,8 @@
 """Decode benchmark (issue 14): one new token (or a few) against a KV cache, bf16, B = 8, 16 query heads
 of 128, W1 gates (12 decaying heads at -(30/1024) u, 4 global), MHA and GQA 16:4, against SDPA
 without a gate in the same run. Ours: acp_compile.fox_decode dense (log_eps=None) and certified
-(log_eps=-10 with the cache's running key-norm maxima, as a cache keeps them). Medians of
+(log_eps=-10 with the cache's running key-norm maxima, as a cache keeps them); the general op at
+Tq = 1 as a compiled model calls it (op_dense, op_online computing its own key norms, op_online_knorm given them). Medians of
 triton.testing.do_bench; JSON lines and decode.json under --out.
 
   python examples/benchmarks/bench_decode.py --T 4096 32768 131072 --out $OUT
@@ -26,6 +27,8 @@ def main():
     ap.add_argument("--B", type=int, default=8)
     ap.add_argument("--out", default="/tmp")
     ap.add_argument("--warps", type=int, nargs="+", default=[4], help="warps of the split kernel, each measured")
+    ap.add_argument("--blocks-per-split", type=int, nargs="*", default=[4, 8, 32],
+                    help="at the longest T: fox_decode certified and dense with these BLOCKS_PER_SPLIT too")
     a = ap.parse_args()
     from acp_compile.kernels.fox_triton import decode as decode_kernels
     rows = [{"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -50,6 +53,22 @@ def main():
                 lambda: acp_compile.fox_decode(q, k, v, c, log_eps=None), warmup=10, rep=50)
             t["ours_certified"] = triton.testing.do_bench(
                 lambda: acp_compile.fox_decode(q, k, v, c, log_eps=-10.0, k_norm_max=kmax), warmup=10, rep=50)
+            # the general op, as a model compiled with backend="acp" calls it at Tq = 1 (kernels/short_queries.py)
+            op = torch.ops.acp.fox_attention_fwd
+            kn = torch.linalg.vector_norm(k.float(), dim=-1)
+            t["op_dense"] = triton.testing.do_bench(lambda: op(q, k, v, c, None, None, None), warmup=10, rep=50)
+            t["op_online"] = triton.testing.do_bench(lambda: op(q, k, v, c, None, -10.0, None), warmup=10, rep=50)
+            t["op_online_knorm"] = triton.testing.do_bench(
+                lambda: op(q, k, v, c, None, -10.0, None, None, None, "online", None, kn), warmup=10, rep=50)
+            if T == max(a.T):
+                default_bps = decode_kernels.BLOCKS_PER_SPLIT
+                for bps in a.blocks_per_split:
+                    decode_kernels.BLOCKS_PER_SPLIT = bps
+                    t[f"ours_dense_bps{bps}"] = triton.testing.do_bench(
+                        lambda: acp_compile.fox_decode(q, k, v, c, log_eps=None), warmup=10, rep=50)
+                    t[f"ours_certified_bps{bps}"] = triton.testing.do_bench(
+                        lambda: acp_compile.fox_decode(q, k, v, c, log_eps=-10.0, k_norm_max=kmax), warmup=10, rep=50)
+                decode_kernels.BLOCKS_PER_SPLIT = default_bps
             row = {"Hkv": Hkv, "T": T, "warps": warps, **{f"{n}_ms": x for n, x in t.items()},
                    **{f"{n}_over_sdpa": x / t["sdpa"] for n, x in t.items() if n != "sdpa"}}
             del q, k, v, c

@@ -80,7 +80,7 @@ PY
               tail -12 "$OUT/w2long.log" ;;
         w1) bench old 16384 ours_acp30 sdpa_cudnn --
             bench new 16384 ours_dense ours_acp30 ours_online sdpa_cudnn -- ;;
-        decode) timeout 100 python3 examples/benchmarks/bench_decode.py --warps ${DECODE_WARPS:-4} --out "$OUT" > "$OUT/decode.log" 2>&1
+        decode) timeout 150 python3 examples/benchmarks/bench_decode.py --warps ${DECODE_WARPS:-4} --out "$OUT" > "$OUT/decode.log" 2>&1
                 grep '^{' "$OUT/decode.log" | python3 -c "import json,sys; [print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in json.loads(l).items()}) for l in sys.stdin]" ;;
         alibi) [ -f examples/benchmarks/bench_alibi.py ] && timeout ${ALIBI_S:-120} python3 examples/benchmarks/bench_alibi.py --out "$OUT" > "$OUT/alibi.log" 2>&1
                tail -8 "$OUT/alibi.log" ;;

@@ -183,9 +183,10 @@ def default_splits(B: int, Hkv: int, Tk: int, device: torch.device) -> int:
     return int(max(1, min(max(fill, short), blocks, MAX_SPLITS)))
 
 
-def decode(q, k, v, c, sm_scale: float, delta=None, splits: int | None = None):
+def decode(q, k, v, c, sm_scale: float, delta=None, splits: int | None = None, out=None):
     """(o (B, Hq, Tq, Dv) in q's dtype, lse (B, Hq, Tq) fp32 natural log). delta (B, Hq, Tq) fp32 nats or
-    None (dense). Shapes are the caller's to check (acp_compile/generation.py)."""
+    None (dense). out: o's storage (any strides), or None for a new contiguous tensor. Shapes are the
+    caller's to check (acp_compile/generation.py, kernels/short_queries.py)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
@@ -208,7 +209,7 @@ def decode(q, k, v, c, sm_scale: float, delta=None, splits: int | None = None):
         GROUP=G, HEAD_DIM=D, D_PAD=padded_head_dim(D), HEAD_DIM_V=Dv, DV_PAD=dv_pad,
         BLOCK_R=block_r, BLOCK_N=BLOCK_N, PRUNE=prune, num_warps=SPLIT_WARPS, num_stages=2,
     )
-    o = torch.empty((B, Hq, Tq, Dv), device=q.device, dtype=q.dtype)
+    o = torch.empty((B, Hq, Tq, Dv), device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty((B, Hq, Tq), **f32)
     fox_decode_combine_kernel[(B * Hq * Tq,)](
         m_part, l_part, acc, o, lse, *o.stride(), Hq, Tq, S,
