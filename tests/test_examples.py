@@ -155,6 +155,30 @@ def test_w2_table_and_ratios():
     assert "out of memory" in table
 
 
+def test_w2_step_windows_and_per_step_stats_on_cpu(tmp_path):
+    """bench_w2 --per-step-stats on a tiny CPU run: one statistics record per step of the acp run, the
+    step windows of issue 13 from the mean step time, and the per-step plot."""
+    import bench_w2
+    assert bench_w2.step_windows([1.0] * 2 + [0.5] * 6, 1000) == {"steps 3-8": 2000}
+    assert set(bench_w2.step_windows([0.25] * 50, 1000)) == {"steps 3-8", "steps 40-50"}
+    a = bench_w2.parse_args(["--device", "cpu", "--config", "tiny", "--tokens-per-step", "256", "--warmup", "1",
+                             "--steps", "2", "--per-step-stats", "--no-report-skips", "--out", str(tmp_path)])
+    r = bench_w2.measure_one("acp", 128, a)
+    assert r["status"] == "ok" and len(r["per_step_stats"]) == 3
+    assert all(s["calls"] >= 1 and 0.0 <= s["skipped_fraction"] <= 1.0 and s["u_paper_max"] > 0
+               for s in r["per_step_stats"])
+    bench_w2.write_results([r], bench_w2.environment("cpu"), {}, tmp_path)
+    assert (tmp_path / "w2_per_step.png").exists() or not _has_matplotlib()
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def test_generate_cli_compares_paged_eviction_and_the_dense_baseline(capsys):
     """The CI version of `python examples/generate.py --compare`: three runs, tokens/s and cache bytes
     printed; eviction never holds more pages than the cache without it."""
