@@ -109,8 +109,9 @@ def _dense_keep_from(q) -> Tensor:
 def forward(q, k, v, c, sm_scale, log_eps, u_bound, key_mask=None, doc_ids=None, certificate="online",
             q_norm=None, k_norm=None):
     """(o, lse, u, keep_from). u: the paper's bound U the plan used ("paper"), zeros ("online", and on the
-    dense short-query path); NaN for a head that `_poison` marks. keep_from (B, Hq, Tq) int32: the recorded kept set (module header); 0
-    for a poisoned head, so its backward prunes nothing (its gradients are NaN as in eager).
+    dense short-query path); NaN for a head that `_poison` marks. keep_from (B, Hq, Tq) int32: the
+    recorded kept set (module header); 0 for a poisoned head, so its backward prunes nothing (its
+    gradients are NaN as in eager).
     Under "online", u_bound = +inf turns pruning off for that head; other u_bound values are not read
     by the certificate (it reads the norms q_norm (B, Hq, Tq) and k_norm (B, Hkv, Tk), computed here
     when None). key_mask / doc_ids (B, Tk): padded and packed batches (kernels/segments.py)."""
