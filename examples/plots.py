@@ -130,12 +130,19 @@ def plot_w2_steps(results: list[dict], path: Path) -> Path:
     ax.set(ylabel="k tokens/s", title=f"W2 step by step at T={T}")
     ax.grid(alpha=0.3)
     ax.legend()
-    acp = next(r for r in results if r["seq_len"] == T and r.get("per_step_stats"))
+    acp = next((r for r in results if r["seq_len"] == T and r["run"] == "acp" and r.get("per_step_stats")),
+               next(r for r in results if r["seq_len"] == T and r.get("per_step_stats")))
     stats = acp["per_step_stats"]
     steps = list(range(1, len(stats) + 1))
     stats_ax.plot(steps, [100 * s.get("skipped_fraction", float("nan")) for s in stats], color="tab:blue",
-                  label="skipped causal keys (%)")
-    stats_ax.set(xlabel="training step", ylabel="skipped (%)")
+                  label=f"{acp['run']}: skipped causal keys (%)")
+    for r in results:                     # the backward's exact-form dk/dv programs, when a Triton backward ran
+        fractions = [s.get("exact_kv_fraction") for s in r.get("per_step_stats") or []]
+        if r["seq_len"] == T and any(f is not None for f in fractions):
+            color, style = RUN_STYLE.get(r["run"], (None, "-"))
+            stats_ax.plot(range(1, len(fractions) + 1), [100 * f if f is not None else float("nan") for f in fractions],
+                          color=color, linestyle="-.", label=f"{r['run']}: exact dk/dv programs (%)")
+    stats_ax.set(xlabel="training step", ylabel="%")
     u_ax = stats_ax.twinx()
     u_ax.plot(steps, [s.get("u_paper_max", float("nan")) for s in stats], color="tab:red", linestyle="--",
               label="paper's U (max over layers, heads)")

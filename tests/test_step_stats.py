@@ -42,7 +42,8 @@ def test_dense_records_nothing_skipped_and_nesting_restores():
     assert step_stats.active() is None
     assert inner.summary()["calls"] == 1 and outer.summary()["calls"] == 1
     assert outer.summary()["skipped_fraction"] == 0.0 and outer.summary()["skipped_decay_max"] is None
-    assert step_stats.Recorder().summary() == {"calls": 0}
+    assert step_stats.Recorder().summary() == {"calls": 0, "exact_kv_fraction": None, "exact_q_fraction": None}
+    assert outer.summary()["exact_kv_fraction"] is None          # the blocked backward has no exact form
 
 
 def test_records_the_calls_of_a_compiled_model():
@@ -57,3 +58,17 @@ def test_records_the_calls_of_a_compiled_model():
     s = rec.summary()
     assert s["calls"] == 2 and s["skipped_fraction"] > 0.05
     assert torch.isfinite(o).all()
+
+
+def test_exact_mode_fractions_come_from_the_kernels_observer():
+    """The Triton backward emits its exact-mode flags (kernels/observe.py); a recorder averages them. Here
+    the emission is driven directly, as the CPU test process runs the blocked backward."""
+    from acp_compile.kernels import observe
+    with step_stats.recording() as rec:
+        observe.emit("backward_exact_modes", kv=torch.tensor([[[1, 0, 0, 0]]], dtype=torch.int8),
+                     q=torch.zeros(1, 2, 3, dtype=torch.int8))
+        observe.emit("something_else", kv=torch.ones(1))
+    s = rec.summary()
+    assert s["exact_kv_fraction"] == 0.25 and s["exact_q_fraction"] == 0.0
+    observe.emit("backward_exact_modes", kv=torch.ones(1), q=torch.ones(1))      # after the block: not seen
+    assert len(rec.exact) == 1

@@ -100,7 +100,7 @@ def measure_one(run: str, T: int, a) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, losses, per_step = [], [], []
-    record = a.per_step_stats and run == "acp"
+    record = a.per_step_stats and run.startswith("acp")     # both acp runs: the exact-mode fractions too
     t_start = time.perf_counter()
     try:
         for step in range(a.warmup + a.steps):
@@ -279,8 +279,9 @@ def parse_args(argv=None):
     p.add_argument("--corpus-bytes", type=int, default=4_000_000)
     p.add_argument("--no-report-skips", dest="report_skips", action="store_false")
     p.add_argument("--per-step-stats", action="store_true",
-                   help="acp run: record the skipped fraction and the paper's bound U every step (acp_compile.step_stats; "
-                        "a few reductions per attention call, inside the timed step)")
+                   help="acp runs: record the skipped fraction, the paper's bound U and the backward's exact-mode "
+                        "fractions every step (acp_compile.step_stats; a few reductions per attention call, inside "
+                        "the timed step)")
     p.add_argument("--report-T", type=int, nargs="*", default=None, help="report skipped tiles only at these T")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting configurations after this")
     p.add_argument("--per-config-estimate-s", type=float, default=45.0)

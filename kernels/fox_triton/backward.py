@@ -62,6 +62,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from acp_compile.kernels import observe
 from acp_compile.kernels.blocks import block_spread
 from acp_compile.kernels.fox_triton.backward_dkdv import fox_bwd_dkdv_kernel
 from acp_compile.kernels.fox_triton.backward_dq import fox_bwd_dq_kernel
@@ -363,6 +364,7 @@ def _backward(do, q, k, v, c, o, lse, sm_scale: float, log_eps, u_bound, cfg: Ba
     # launch would be idle and is not made.
     forms = (True,) if c_span_limit() < 0 else (False, True)
     modes = exact_modes(c, q.shape[2], k.shape[1], cfg)
+    observe.emit("backward_exact_modes", kv=modes.kv, q=modes.q)
     for exact in forms:
         args = (q, k, v, c, do, row, delta, kv_start, kv_end, dk, dv, dc, sm_scale, cfg, exact, seg, keep_from, whole,
                 modes)
