@@ -29,9 +29,8 @@ from torch import Tensor
 
 import acp_compile.ops  # noqa: F401  (registers torch.ops.acp.*)
 from acp_compile.checks import check_scale, normalize_log_eps
+from acp_compile.kernels.short_queries import MAX_QUERIES as MAX_DECODE_QUERIES
 from acp_compile.ops import DEFAULT_LOG_EPS
-
-MAX_DECODE_QUERIES = 16
 
 
 def fox_decode(q: Tensor, k: Tensor, v: Tensor, c: Tensor, *, sm_scale: float | None = None,

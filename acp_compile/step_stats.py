@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from acp_compile.kernels import observe
+from acp_compile.kernels.plan import torch_qk_bound
 
 _active: list["Recorder"] = []            # the recorders of nested recording() blocks, innermost last
 
@@ -54,10 +55,7 @@ class Recorder:
             skipped = torch.minimum(kf, visible).sum().double()
             causal = visible.sum().double() * q.shape[0] * q.shape[1]
             self.rows.append(torch.stack([skipped, causal.expand_as(skipped)]))
-            qn = torch.linalg.vector_norm(q.float(), dim=-1).amax(-1)                      # (B, Hq)
-            kn = torch.linalg.vector_norm(k.float(), dim=-1).amax(-1)                      # (B, Hkv)
-            kn = kn.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            self.u_paper.append((scale * qn * kn).amax())
+            self.u_paper.append(torch_qk_bound(q, k, scale).amax())
             c_row = c[:, :, Tk - Tq:].float()                                             # (B, Hq, Tq)
             c_old = c.float().gather(2, (kf - 1).clamp(min=0))                            # newest skipped key
             d = torch.where(kf > 0, c_row - c_old, float("-inf"))

@@ -125,7 +125,8 @@ def plot_w2_steps(results: list[dict], path: Path) -> Path:
             continue
         color, style = RUN_STYLE.get(r["run"], (None, "-"))
         steps = range(1, len(r["step_s_all"]) + 1)
-        tps = [32768 / t / 1e3 if t > 0 else float("nan") for t in r["step_s_all"]]
+        tokens = r["batch"] * r["seq_len"]
+        tps = [tokens / t / 1e3 if t > 0 else float("nan") for t in r["step_s_all"]]
         ax.plot(list(steps)[2:], tps[2:], color=color, linestyle=style, label=r["run"])   # step 1-2: compiling
     ax.set(ylabel="k tokens/s", title=f"W2 step by step at T={T}")
     ax.grid(alpha=0.3)

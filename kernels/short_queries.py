@@ -28,7 +28,8 @@ from torch import Tensor
 
 from acp_compile.kernels.layout import empty_like_last
 
-MAX_QUERIES = 16          # Tq up to this many (a decode step, or a speculative block being verified)
+MAX_QUERIES = 16          # Tq up to this many (a decode step, or a speculative block being verified): the
+                          # one limit of the decode kernels, fox_decode and FoxKVCache.step
 MIN_KEYS = 256            # below this the general forward is as fast (one or two key blocks per program)
 
 

@@ -40,11 +40,11 @@ from torch import Tensor, nn
 from acp_compile.api import fox_attention
 from acp_compile.cache.paged_decode import fox_decode_paged  # noqa: F401  (registers torch.ops.acp.fox_decode_paged)
 from acp_compile.checks import normalize_log_eps
+from acp_compile.kernels.short_queries import MAX_QUERIES as MAX_STEP_TOKENS
 from acp_compile.ops import DEFAULT_LOG_EPS
 
 logger = logging.getLogger("acp_compile")
 
-MAX_STEP_TOKENS = 16
 DEFAULT_PAGE_SIZE = 64
 # Margin of the eviction test (nats). The test compares fl(c_last - c_j), computed in fp32 on the stored c,
 # with delta_e; fl(d) is within |d| 2^-24 of d, under 1e-4 nats for the |d| < 1000 nats where the test can

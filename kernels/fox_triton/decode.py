@@ -3,7 +3,8 @@
   decode(q, k, v, c, sm_scale, delta, splits=None) -> (o, lse)
 
 Notation (one batch element b, kv head hk, its G = Hq / Hkv query heads):
-  q (B, Hq, Tq, D) with Tq <= MAX_DECODE_QUERIES (one token, or a speculative block being verified);
+  q (B, Hq, Tq, D) with Tq <= MAX_QUERIES of kernels/short_queries.py (one token, or a speculative block
+  being verified);
   k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv): the cache; query token t sits at position p_t = Tk - Tq + t.
   c (B, Hq, Tk) fp32, c_t = cumsum(log f) (the query side reads c at p_t).
   rows r = g * Tq + t of one program: all G heads times all Tq tokens of the kv group, so that k and v
@@ -33,7 +34,6 @@ import triton.language as tl
 from acp_compile.kernels.fox_triton.common import LOG2E, LN2
 from acp_compile.kernels.fox_triton.configs import padded_head_dim
 
-MAX_DECODE_QUERIES = 16
 BLOCK_N = 64
 BLOCKS_PER_SPLIT = 16         # key blocks one program walks at most (default_splits)
 MAX_SPLITS = 1024
